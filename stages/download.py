@@ -1,0 +1,30 @@
+"""DVC stage `download`: the selected corpus -> data/raw/corpus.txt (normalised) + corpus.json."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from lstm_textgen.cli import run_main
+from lstm_textgen.corpora import acquire
+from lstm_textgen.files import write_json, write_text
+from lstm_textgen.params import load_params
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--out", type=Path, default=Path("data/raw"))
+    args = parser.parse_args()
+
+    params = load_params(args.params)
+    name, spec = params.corpus_spec()
+    corpus = acquire(name, spec, params.download, scratch_dir=args.out)
+    write_text(args.out / "corpus.txt", corpus.text)
+    summary = corpus.summary()
+    write_json(args.out / "corpus.json", summary)
+    print(f"download: {name}: {summary['characters']:,} characters from {corpus.source}")
+
+
+if __name__ == "__main__":
+    run_main(main)

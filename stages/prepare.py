@@ -1,0 +1,33 @@
+"""DVC stage `prepare`: data/raw/corpus.txt -> data/prepared/{vocab.json, train/val/test.npy, stats.json}."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from lstm_textgen.cli import run_main
+from lstm_textgen.dataset import build_dataset, save_dataset
+from lstm_textgen.files import read_json
+from lstm_textgen.params import load_params
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--raw", type=Path, default=Path("data/raw"))
+    parser.add_argument("--out", type=Path, default=Path("data/prepared"))
+    args = parser.parse_args()
+
+    params = load_params(args.params)
+    text = (args.raw / "corpus.txt").read_text(encoding="utf-8")
+    dataset = build_dataset(text, params.data, corpus_info=read_json(args.raw / "corpus.json"))
+    save_dataset(dataset, args.out)
+    stats = dataset.stats
+    print(
+        f"prepare: {stats['level']} level, vocabulary {stats['vocab_size']}, "
+        f"tokens train/val/test {stats['tokens']['train']:,}/{stats['tokens']['val']:,}/{stats['tokens']['test']:,}"
+    )
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -23,10 +23,8 @@ def main() -> None:
     dataset = build_dataset(text, params.data, corpus_info=read_json(args.raw / "corpus.json"))
     save_dataset(dataset, args.out)
     stats = dataset.stats
-    print(
-        f"prepare: {stats['level']} level, vocabulary {stats['vocab_size']}, "
-        f"tokens train/val/test {stats['tokens']['train']:,}/{stats['tokens']['val']:,}/{stats['tokens']['test']:,}"
-    )
+    counts = "/".join(f"{n:,}" for n in stats["tokens"].values())
+    print(f"prepare: {stats['level']} level, vocab {stats['vocab_size']}, tokens train/val/test {counts}")
 
 
 if __name__ == "__main__":

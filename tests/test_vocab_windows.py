@@ -1,0 +1,89 @@
+"""Tokenisers, vocabulary round trips, splits and windows."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from lstm_textgen.dataset import build_dataset, load_dataset, save_dataset
+from lstm_textgen.errors import UserError
+from lstm_textgen.params import DataParams
+from lstm_textgen.vocab import UNK, Vocabulary, VocabularyError, detokenize, tokenize
+from lstm_textgen.windows import split, window_views
+
+TEXT = "To be, or not to be: that is the question.\nWhether 'tis nobler in the mind to suffer\n"
+
+
+def test_char_vocabulary_round_trip() -> None:
+    vocab = Vocabulary.build(TEXT, "char", lowercase=False)
+    ids = vocab.encode(TEXT)
+    assert ids.dtype == np.uint8
+    assert vocab.decode(ids) == TEXT
+    assert list(vocab.tokens) == sorted(set(TEXT))
+    again = Vocabulary.from_dict(vocab.to_dict())
+    assert again == vocab and np.array_equal(again.encode(TEXT), ids)
+
+
+def test_unknown_character_is_named() -> None:
+    vocab = Vocabulary.build("abc", "char", lowercase=False)
+    with pytest.raises(VocabularyError, match=r"2 character\(s\) not in the vocabulary of 3: 'x', 'z'"):
+        vocab.encode("abzx")
+
+
+def test_word_tokens_and_readable_join() -> None:
+    tokens = tokenize("Don't stop, friend!\nNew line.", "word")
+    assert tokens == ["Don't", "stop", ",", "friend", "!", "\n", "New", "line", "."]
+    assert detokenize(tokens, "word") == "Don't stop, friend!\nNew line."
+
+
+def test_word_vocabulary_min_freq_max_size_and_unk() -> None:
+    tokens = tokenize("a a a b b c", "word")
+    vocab = Vocabulary.build(tokens, "word", lowercase=False, min_freq=2)
+    assert vocab.tokens == (UNK, "a", "b")
+    assert list(vocab.encode("a c b")) == [1, 0, 2]
+    assert Vocabulary.build(tokens, "word", False, max_size=2).tokens == (UNK, "a")
+
+
+def test_id_dtype_widens_with_vocabulary_size() -> None:
+    assert Vocabulary("word", tuple(str(i) for i in range(256))).dtype == np.uint8
+    assert Vocabulary("word", tuple(str(i) for i in range(257))).dtype == np.uint16
+    assert Vocabulary("word", tuple(str(i) for i in range(70_000))).dtype == np.uint32
+
+
+def test_splits_are_contiguous_and_disjoint() -> None:
+    ids = np.arange(1000)
+    parts = split(ids, 0.1, 0.05)
+    assert [len(parts[k]) for k in ("train", "val", "test")] == [850, 100, 50]
+    assert np.array_equal(np.concatenate([parts["train"], parts["val"], parts["test"]]), ids)
+    assert parts["train"][-1] < parts["val"][0] and parts["val"][-1] < parts["test"][0]
+
+
+def test_windows_are_shifted_views() -> None:
+    tokens = np.arange(20, dtype=np.uint8)
+    inputs, targets = window_views(tokens, seq_len=5)
+    assert inputs.shape == targets.shape == (15, 5)
+    assert inputs.dtype == np.uint8
+    assert np.array_equal(inputs[:, 1:], targets[:, :-1])
+    assert np.array_equal(inputs[3], np.arange(3, 8)) and np.array_equal(targets[3], np.arange(4, 9))
+    assert np.shares_memory(inputs, tokens) and np.shares_memory(targets, tokens)
+    strided, _ = window_views(tokens, seq_len=5, stride=5)
+    assert strided.shape == (3, 5)
+    with pytest.raises(UserError, match=r"data\.seq_len: 20 is too long"):
+        window_views(tokens, seq_len=20)
+
+
+@pytest.mark.parametrize("level", ["char", "word"])
+def test_dataset_save_load(tmp_path, level: str) -> None:
+    text = TEXT * 50
+    data = DataParams(level=level, lowercase=True, val_fraction=0.1, test_fraction=0.1)
+    dataset = build_dataset(text, data, {"name": "t", "source": "s", "text_sha256": "h"})
+    save_dataset(dataset, tmp_path)
+    loaded = load_dataset(tmp_path)
+    assert loaded.vocab == dataset.vocab
+    for name in ("train", "val", "test"):
+        assert isinstance(loaded.splits[name], np.memmap)
+        assert np.array_equal(loaded.splits[name], dataset.splits[name])
+    total = sum(loaded.stats["tokens"].values())
+    assert total == (len(text) if level == "char" else len(tokenize(text, "word")))
+    assert loaded.stats["corpus"]["name"] == "t"
+    assert all(t == t.lower() for t in loaded.vocab.tokens if t != UNK)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from lstm_textgen.cli import run_main
 from lstm_textgen.dataset import build_dataset, save_dataset
-from lstm_textgen.files import read_json
+from lstm_textgen.files import read_json, write_json
 from lstm_textgen.params import load_params
 
 
@@ -16,12 +16,14 @@ def main() -> None:
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--raw", type=Path, default=Path("data/raw"))
     parser.add_argument("--out", type=Path, default=Path("data/prepared"))
+    parser.add_argument("--metrics", type=Path, default=Path("metrics/prepare.json"))
     args = parser.parse_args()
 
     params = load_params(args.params)
     text = (args.raw / "corpus.txt").read_text(encoding="utf-8")
     dataset = build_dataset(text, params.data, corpus_info=read_json(args.raw / "corpus.json"))
     save_dataset(dataset, args.out)
+    write_json(args.metrics, dataset.stats)
     stats = dataset.stats
     counts = "/".join(f"{n:,}" for n in stats["tokens"].values())
     print(f"prepare: {stats['level']} level, vocab {stats['vocab_size']}, tokens train/val/test {counts}")

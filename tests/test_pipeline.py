@@ -1,4 +1,4 @@
-"""`dvc repro` end to end in a temporary copy of the repository."""
+"""`dvc repro` end to end in a temporary copy of the repository, with tiny training params."""
 
 from __future__ import annotations
 
@@ -6,18 +6,100 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import copy_repo, run
 
 pytestmark = pytest.mark.slow
 
+TINY_TRAIN = {"max_steps": 12, "eval_every": 6, "eval_batches": 2, "batch_size": 8, "warmup_steps": 2}
+TINY_MODEL = {"layers": 1, "hidden": 32, "embedding_dim": 16}
 
-def test_dvc_repro_download_and_prepare_then_nothing(tmp_path: Path) -> None:
-    repo = copy_repo(tmp_path / "repo")
-    first = run(["dvc", "repro", "prepare"], cwd=repo)
-    assert "Running stage 'download'" in first.stdout and "Running stage 'prepare'" in first.stdout
-    stats = json.loads((repo / "data/prepared/stats.json").read_text())
+
+def tiny_repo(dest: Path) -> Path:
+    """A repo copy whose params train in seconds: same code, same pipeline, smaller numbers."""
+    repo = copy_repo(dest)
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["train"].update(TINY_TRAIN)
+    params["model"].update(TINY_MODEL)
+    params["data"]["seq_len"] = 32
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "tiny params"], cwd=repo)
+    return repo
+
+
+@pytest.fixture(scope="module")
+def repro_repo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    repo = tiny_repo(tmp_path_factory.mktemp("pipeline") / "repo")
+    first = run(["dvc", "repro"], cwd=repo)
+    return repo, first.stdout
+
+
+def test_repro_runs_every_stage_then_nothing(repro_repo: tuple[Path, str]) -> None:
+    repo, first_output = repro_repo
+    for stage in ("download", "prepare", "train", "evaluate", "sample"):
+        assert f"Running stage '{stage}'" in first_output
+    stats = json.loads((repo / "metrics/prepare.json").read_text())
     assert stats["corpus"]["name"] == "shakespeare" and stats["vocab_size"] > 60
     assert (repo / "data/prepared/train.npy").stat().st_size > 4_000_000
-    second = run(["dvc", "repro", "prepare"], cwd=repo)
+    second = run(["dvc", "repro"], cwd=repo)
     assert "Running stage" not in second.stdout
     assert "didn't change, skipping" in second.stdout
+
+
+def test_train_outputs_and_dvc_metrics(repro_repo: tuple[Path, str]) -> None:
+    repo, _ = repro_repo
+    metrics = json.loads((repo / "metrics/train.json").read_text())
+    assert metrics["steps"] == TINY_TRAIN["max_steps"] and metrics["device"] == "cpu"
+    assert (repo / "data/model/model.pt").is_file()
+    history = (repo / "metrics/train_history.csv").read_text().splitlines()
+    assert history[0].startswith("step,train_loss,val_loss") and len(history) == 3
+    shown = json.loads(run(["dvc", "metrics", "show", "--json"], cwd=repo).stdout)
+    assert json.dumps(shown).count(metrics["mlflow_run_id"]) >= 1
+
+
+def test_one_mlflow_run_in_the_repository_store(repro_repo: tuple[Path, str]) -> None:
+    from mlflow.tracking import MlflowClient
+
+    repo, _ = repro_repo
+    run_id = json.loads((repo / "metrics/train.json").read_text())["mlflow_run_id"]
+    client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("lstm-textgen")
+    assert experiment.artifact_location == (repo / "mlruns").as_uri()
+    runs = client.search_runs([experiment.experiment_id])
+    assert [r.info.run_id for r in runs] == [run_id]
+    logged = runs[0]
+    assert logged.info.status == "FINISHED"
+    assert logged.data.params["model.hidden"] == "32" and logged.data.params["train.max_steps"] == "12"
+    assert logged.data.tags["corpus"] == "shakespeare" and logged.data.tags["device"] == "cpu"
+    assert len(logged.data.tags["git_commit"]) == 40
+    val_curve = client.get_metric_history(run_id, "val_loss")
+    assert [m.step for m in val_curve] == [6, 12]
+    for name in ("train_loss", "val_perplexity", "val_bits_per_token", "lr", "tokens_per_sec"):
+        assert len(client.get_metric_history(run_id, name)) == 2, name
+    artifacts = {a.path for a in client.list_artifacts(run_id)}
+    assert {"loss.png", "params.yaml", "vocab.json", "samples"} <= artifacts
+    assert {a.path for a in client.list_artifacts(run_id, "samples")} == {
+        "samples/samples.json",
+        "samples/samples.txt",
+    }
+    evaluated = json.loads((repo / "metrics/evaluate.json").read_text())
+    assert logged.data.metrics["eval.val.loss"] == pytest.approx(evaluated["val"]["loss"])
+    assert logged.data.metrics["eval.test.bits_per_character"] == pytest.approx(
+        evaluated["test"]["bits_per_token"]
+    )
+
+
+def test_evaluate_and_sample_outputs(repro_repo: tuple[Path, str]) -> None:
+    repo, _ = repro_repo
+    evaluated = json.loads((repo / "metrics/evaluate.json").read_text())
+    for split in ("val", "test"):
+        m = evaluated[split]
+        assert m["perplexity"] == pytest.approx(2.718281828 ** m["loss"], rel=1e-6)
+        assert m["bits_per_character"] == pytest.approx(m["loss"] / 0.69314718, rel=1e-6)
+        assert 0 < m["accuracy"] < 1 and m["tokens"] > 200_000
+    samples = json.loads((repo / "data/samples/samples.json").read_text())
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    assert [s["prompt"] for s in samples] == params["sample"]["prompts"]
+    assert all(len(s["text"]) == params["sample"]["length"] for s in samples)
+    assert samples[0]["settings"]["seed"] == params["sample"]["seed"]
+    assert (repo / "data/samples/samples.txt").read_text().startswith("=== prompt:")

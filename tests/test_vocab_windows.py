@@ -83,7 +83,7 @@ def test_dataset_save_load(tmp_path, level: str) -> None:
     for name in ("train", "val", "test"):
         assert isinstance(loaded.splits[name], np.memmap)
         assert np.array_equal(loaded.splits[name], dataset.splits[name])
-    total = sum(loaded.stats["tokens"].values())
+    total = sum(dataset.stats["tokens"].values())
     assert total == (len(text) if level == "char" else len(tokenize(text, "word")))
-    assert loaded.stats["corpus"]["name"] == "t"
+    assert dataset.stats["corpus"]["name"] == "t"
     assert all(t == t.lower() for t in loaded.vocab.tokens if t != UNK)

@@ -13,13 +13,13 @@ from typing import Any
 
 import numpy as np
 
+from lstm_textgen.errors import UserError
 from lstm_textgen.files import read_json, write_json
 from lstm_textgen.params import DataParams
 from lstm_textgen.vocab import Vocabulary, tokenize
 from lstm_textgen.windows import SPLITS, load_split, save_split, split, split_sizes
 
 VOCAB_FILE = "vocab.json"
-STATS_FILE = "stats.json"
 
 
 @dataclass(frozen=True)
@@ -59,10 +59,13 @@ def save_dataset(dataset: Dataset, out_dir: Path) -> None:
     for name, ids in dataset.splits.items():
         save_split(out_dir / f"{name}.npy", ids)
     write_json(out_dir / VOCAB_FILE, dataset.vocab.to_dict())
-    write_json(out_dir / STATS_FILE, dataset.stats)
 
 
 def load_dataset(prepared_dir: Path, mmap: bool = True) -> Dataset:
-    vocab = Vocabulary.from_dict(read_json(prepared_dir / VOCAB_FILE))
+    """Vocabulary and splits; the statistics live in the prepare stage's metrics file."""
+    vocab_path = prepared_dir / VOCAB_FILE
+    if not vocab_path.is_file():
+        raise UserError(f"{prepared_dir}: no prepared data (run `dvc repro prepare` first)")
+    vocab = Vocabulary.from_dict(read_json(vocab_path))
     splits = {name: load_split(prepared_dir / f"{name}.npy", mmap) for name in SPLITS}
-    return Dataset(vocab, splits, read_json(prepared_dir / STATS_FILE))
+    return Dataset(vocab, splits, {})

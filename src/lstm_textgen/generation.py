@@ -1,0 +1,174 @@
+"""Text generation: warm the recurrent state on the prompt once, then carry it forward one token at a
+time (no re-feeding the window), batched over prompts, on any device.
+
+Strategies: greedy (argmax), temperature sampling, top-k, top-p (nucleus) and "mode of N draws"
+(draw N tokens from the softmax and keep the most frequent, as the Tiny Shakespeare notebook does).
+One function serves the sample stage, the command line and the served model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from lstm_textgen.errors import UserError
+from lstm_textgen.model import RecurrentLM, State
+from lstm_textgen.params import SampleParams
+from lstm_textgen.vocab import Vocabulary, tokenize
+
+Strategy = Literal["greedy", "sample", "mode"]
+UnknownPolicy = Literal["error", "skip", "replace"]
+
+
+class PromptError(UserError):
+    """A prompt cannot be encoded with the model's vocabulary."""
+
+
+@dataclass(frozen=True)
+class Sampling:
+    strategy: Strategy = "sample"
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    draws: int = 80
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.temperature <= 0:
+            raise UserError(
+                f"temperature must be > 0, got {self.temperature} (use strategy greedy for argmax)"
+            )
+        if self.top_k is not None and self.top_k < 1:
+            raise UserError(f"top_k must be >= 1, got {self.top_k}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise UserError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.draws < 1:
+            raise UserError(f"draws must be >= 1, got {self.draws}")
+
+
+def filter_logits(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
+    """Temperature, then top-k, then top-p: tokens outside the allowed set get -inf."""
+    logits = logits.float() / sampling.temperature
+    if sampling.top_k is not None and sampling.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, sampling.top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if sampling.top_p is not None and sampling.top_p < 1:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
+        drop_sorted = (
+            cumulative - torch.softmax(sorted_logits, dim=-1) >= sampling.top_p
+        )  # keep the first crossing
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def next_tokens(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None) -> torch.Tensor:
+    """[B, V] logits -> [B] token ids."""
+    if sampling.strategy == "greedy":
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(filter_logits(logits, sampling), dim=-1)
+    if sampling.strategy == "mode":
+        draws = torch.multinomial(probs, sampling.draws, replacement=True, generator=generator)
+        return torch.mode(draws, dim=-1).values
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def encode_prompt(
+    prompt: str, vocab: Vocabulary, unknown: UnknownPolicy = "error", replacement: str | None = None
+) -> list[int]:
+    """Prompt -> ids; tokens outside the vocabulary follow `unknown` (error, skip or replace)."""
+    if not isinstance(prompt, str):
+        raise PromptError(f"a prompt must be a string, got {type(prompt).__name__}")
+    tokens = tokenize(vocab.normalise(prompt), vocab.level)
+    missing = sorted({t for t in tokens if t not in vocab})
+    if missing and unknown != "replace":
+        if unknown == "error":
+            sample = "".join(sorted(t for t in vocab.tokens if len(t) == 1 and t.isprintable()))
+            raise PromptError(
+                f"prompt has {len(missing)} token(s) not in the vocabulary: "
+                + ", ".join(repr(t) for t in missing[:20])
+                + f". The vocabulary has {len(vocab)} tokens"
+                + (f" ({sample[:100]})" if vocab.level == "char" else "")
+                + "; set sample.unknown to skip or replace"
+            )
+        if unknown == "skip":
+            tokens = [t for t in tokens if t in vocab]
+    if missing and unknown == "replace":
+        substitute = vocab.unk if vocab.level == "word" else replacement
+        if substitute is None or substitute not in vocab:
+            raise PromptError(f"sample.replacement {substitute!r} is not in the vocabulary")
+        tokens = [t if t in vocab else substitute for t in tokens]
+    if not tokens:
+        raise PromptError("the prompt is empty (after dropping unknown tokens)")
+    return [int(i) for i in vocab.encode_tokens(tokens)]
+
+
+def _cat_states(states: Sequence[State]) -> State:
+    if isinstance(states[0], tuple):
+        return tuple(torch.cat(parts, dim=1) for parts in zip(*states, strict=True))  # type: ignore[return-value]
+    return torch.cat(states, dim=1)  # type: ignore[arg-type]
+
+
+@torch.no_grad()
+def generate(
+    model: RecurrentLM,
+    vocab: Vocabulary,
+    prompt_ids: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    sampling: Sampling,
+    on_tokens: Callable[[torch.Tensor], None] | None = None,
+) -> list[list[int]]:
+    """New token ids for each prompt. The state is warmed on each prompt (its own length), then all
+    prompts advance together, one token per step. `on_tokens` sees each step's [B] ids (streaming)."""
+    model.eval()
+    device = next(model.parameters()).device
+    generator = None
+    if sampling.seed is not None:
+        generator = torch.Generator(device=device).manual_seed(sampling.seed)
+    last_logits, states = [], []
+    for ids in prompt_ids:
+        logits, state = model(torch.tensor([list(ids)], dtype=torch.long, device=device), last_only=True)
+        last_logits.append(logits)
+        states.append(state)
+    logits, state = torch.cat(last_logits), _cat_states(states)
+    out: list[torch.Tensor] = []
+    for _ in range(max_new_tokens):
+        token = next_tokens(logits, sampling, generator)
+        out.append(token)
+        if on_tokens is not None:
+            on_tokens(token)
+        logits, state = model(token[:, None], state, last_only=True)
+    if not out:
+        return [[] for _ in prompt_ids]
+    return torch.stack(out, dim=1).tolist()
+
+
+def sampling_from_params(sp: SampleParams) -> Sampling:
+    return Sampling(sp.strategy, sp.temperature, sp.top_k, sp.top_p, sp.draws, sp.seed)
+
+
+def sample_texts(
+    model: RecurrentLM,
+    vocab: Vocabulary,
+    prompts: Sequence[str],
+    length: int,
+    sampling: Sampling,
+    unknown: UnknownPolicy = "error",
+    replacement: str | None = None,
+) -> list[str]:
+    """Prompts -> generated continuations as readable text (words joined at word level)."""
+    ids = [encode_prompt(p, vocab, unknown, replacement) for p in prompts]
+    generated = generate(model, vocab, ids, length, sampling)
+    if vocab.level == "char":
+        return [vocab.decode(g) for g in generated]
+    # join with the prompt's last token so spacing after it is right, then drop that token's text
+    return [_continuation(vocab, prompt_ids[-1], g) for prompt_ids, g in zip(ids, generated, strict=True)]
+
+
+def _continuation(vocab: Vocabulary, last_prompt_id: int, generated: list[int]) -> str:
+    head = vocab.decode([last_prompt_id])
+    return vocab.decode([last_prompt_id, *generated])[len(head) :]

@@ -1,0 +1,7 @@
+"""MLflow models-from-code entry: MLflow runs this file to build the model object (no pickle)."""
+
+import mlflow.models
+
+from lstm_textgen.serving import TextGenerator
+
+mlflow.models.set_model(TextGenerator())

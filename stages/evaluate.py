@@ -1,0 +1,57 @@
+"""DVC stage `evaluate`: best checkpoint + val/test splits -> metrics/evaluate.json, logged to the
+training run in MLflow (loss, perplexity, bits per token, accuracy; stateful and stateless)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from lstm_textgen import tracking
+from lstm_textgen.checkpoint import load_model
+from lstm_textgen.cli import run_main
+from lstm_textgen.dataset import load_dataset
+from lstm_textgen.evaluation import evaluate_splits
+from lstm_textgen.files import read_json, write_json
+from lstm_textgen.params import flatten, load_params
+from lstm_textgen.training import resolve_device, resolve_dtype
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--model", type=Path, default=Path("data/model/model.pt"))
+    parser.add_argument("--prepared", type=Path, default=Path("data/prepared"))
+    parser.add_argument("--train-metrics", type=Path, default=Path("metrics/train.json"))
+    parser.add_argument("--out", type=Path, default=Path("metrics/evaluate.json"))
+    args = parser.parse_args()
+
+    params = load_params(args.params)
+    device = resolve_device(params.train.device)
+    loaded = load_model(args.model, device)
+    dataset = load_dataset(args.prepared)
+    results = evaluate_splits(
+        loaded.model,
+        dataset.splits,
+        params.evaluate.seq_len,
+        params.evaluate.batch_size,
+        resolve_dtype(params.train.dtype, device),
+    )
+    level = loaded.vocab.level
+    for split_metrics in results.values():
+        if level == "char":  # at char level bits per token are bits per character
+            split_metrics["bits_per_character"] = split_metrics["bits_per_token"]
+    write_json(args.out, results)
+    run_id = read_json(args.train_metrics)["mlflow_run_id"]
+    with tracking.active_run(run_id=run_id):
+        mlflow = tracking.configure()
+        mlflow.log_metrics({f"eval.{k}": v for k, v in flatten(results).items()})
+    for name, m in results.items():
+        print(
+            f"evaluate: {name}: loss {m['loss']:.4f} nats/token, perplexity {m['perplexity']:.2f}, "
+            f"{m['bits_per_token']:.3f} bits/token, accuracy {m['accuracy']:.3f} "
+            f"(stateless windows of {params.evaluate.seq_len}: loss {m['stateless_loss']:.4f})"
+        )
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,125 @@
+"""Generation: strategies, seeds, top-k/top-p sets, stateful == re-feeding, prompt policies."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lstm_textgen.errors import UserError
+from lstm_textgen.generation import PromptError, Sampling, encode_prompt, generate, next_tokens, sample_texts
+from lstm_textgen.model import RecurrentLM
+from lstm_textgen.params import ModelParams
+from lstm_textgen.vocab import Vocabulary, tokenize
+
+TEXT = "hello world, this is a tiny text.\n"
+
+
+def ids(vocab: Vocabulary, text: str) -> list[int]:
+    return [int(i) for i in vocab.encode(text)]
+
+
+@pytest.fixture(scope="module")
+def vocab() -> Vocabulary:
+    return Vocabulary.build(TEXT, "char", lowercase=False)
+
+
+@pytest.fixture(scope="module", params=["lstm", "gru"])
+def model(request, vocab: Vocabulary) -> RecurrentLM:
+    torch.manual_seed(0)
+    return RecurrentLM(
+        len(vocab), ModelParams(cell=request.param, layers=2, hidden=24, embedding_dim=8)
+    ).eval()
+
+
+def test_greedy_is_deterministic(model: RecurrentLM, vocab: Vocabulary) -> None:
+    prompts = [ids(vocab, "hello"), ids(vocab, "tiny te")]
+    first = generate(model, vocab, prompts, 30, Sampling("greedy"))
+    assert first == generate(model, vocab, prompts, 30, Sampling("greedy"))
+    assert [len(g) for g in first] == [30, 30]
+
+
+def test_seed_repeats_and_differs(model: RecurrentLM, vocab: Vocabulary) -> None:
+    prompts = [ids(vocab, "hello")] * 3
+    settings = Sampling("sample", temperature=1.5, seed=7)
+    first = generate(model, vocab, prompts, 40, settings)
+    assert first == generate(model, vocab, prompts, 40, settings)
+    assert first != generate(model, vocab, prompts, 40, Sampling("sample", temperature=1.5, seed=8))
+
+
+def test_top_k_stays_in_the_k_most_likely() -> None:
+    torch.manual_seed(1)
+    logits = torch.randn(500, 30)
+    allowed = torch.topk(logits, 4, dim=-1).indices
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        picked = next_tokens(logits, Sampling(top_k=4, temperature=2.0), generator)
+        assert (allowed == picked[:, None]).any(dim=1).all()
+
+
+def test_top_p_keeps_the_smallest_nucleus() -> None:
+    probs = torch.tensor([[0.5, 0.3, 0.1, 0.1]]).repeat(2000, 1)
+    generator = torch.Generator().manual_seed(0)
+    picked = next_tokens(probs.log(), Sampling(top_p=0.75), generator)
+    assert set(picked.tolist()) == {0, 1}
+    picked = next_tokens(probs.log(), Sampling(top_p=0.5), generator)
+    assert set(picked.tolist()) == {0}
+    picked = next_tokens(probs.log(), Sampling(top_p=1.0), generator)
+    assert set(picked.tolist()) == {0, 1, 2, 3}
+
+
+def test_mode_of_draws_picks_the_most_likely() -> None:
+    probs = torch.tensor([[0.1, 0.55, 0.35]]).repeat(200, 1)
+    picked = next_tokens(probs.log(), Sampling("mode", draws=400), torch.Generator().manual_seed(0))
+    assert (picked == 1).all()
+
+
+def test_stateful_generation_equals_refeeding(model: RecurrentLM, vocab: Vocabulary) -> None:
+    prompt = ids(vocab, "this is")
+    generated = generate(model, vocab, [prompt], 25, Sampling("greedy"))[0]
+    sequence = prompt + generated
+    # stateful: one step at a time from the warmed state
+    with torch.no_grad():
+        logits, state = model(torch.tensor([prompt]), last_only=True)
+        for i, token in enumerate(generated):
+            refed, _ = model(torch.tensor([sequence[: len(prompt) + i]]), last_only=True)
+            torch.testing.assert_close(logits, refed, atol=1e-5, rtol=0)
+            assert int(refed.argmax()) == token
+            logits, state = model(torch.tensor([[token]]), state, last_only=True)
+
+
+def test_batched_prompts_of_different_lengths_match_one_by_one(model: RecurrentLM, vocab: Vocabulary) -> None:
+    prompts = [ids(vocab, "a"), ids(vocab, "hello world, th")]
+    together = generate(model, vocab, prompts, 20, Sampling("greedy"))
+    alone = [generate(model, vocab, [p], 20, Sampling("greedy"))[0] for p in prompts]
+    assert together == alone
+
+
+def test_unknown_prompt_characters(vocab: Vocabulary) -> None:
+    with pytest.raises(PromptError, match=r"2 token\(s\) not in the vocabulary: 'Q', 'Z'.*sample\.unknown"):
+        encode_prompt("hello QZ", vocab)
+    assert encode_prompt("heQllo", vocab, "skip") == ids(vocab, "hello")
+    assert encode_prompt("heQllo", vocab, "replace", " ") == ids(vocab, "he llo")
+    with pytest.raises(PromptError, match="replacement 'Q' is not in the vocabulary"):
+        encode_prompt("heQ", vocab, "replace", "Q")
+    with pytest.raises(PromptError, match="empty"):
+        encode_prompt("QQ", vocab, "skip")
+    with pytest.raises(PromptError, match="must be a string"):
+        encode_prompt(123, vocab)  # type: ignore[arg-type]
+
+
+def test_word_level_generation_reads_as_text() -> None:
+    words = Vocabulary.build(tokenize("the cat sat on the mat .\n" * 5, "word"), "word", lowercase=True)
+    torch.manual_seed(0)
+    net = RecurrentLM(len(words), ModelParams(layers=1, hidden=16, embedding_dim=8)).eval()
+    assert encode_prompt("The dog", words, "replace") == [words.tokens.index("the"), 0]
+    with pytest.raises(PromptError, match="'dog'"):
+        encode_prompt("the dog", words)
+    (text,) = sample_texts(net, words, ["the cat"], 12, Sampling("greedy"))
+    assert text.startswith(" ") or text.startswith(".") or text.startswith("\n")
+    assert "  " not in text
+
+
+def test_bad_sampling_settings() -> None:
+    for bad in ({"temperature": 0.0}, {"top_k": 0}, {"top_p": 1.5}, {"top_p": 0.0}, {"draws": 0}):
+        with pytest.raises(UserError):
+            Sampling(**bad)

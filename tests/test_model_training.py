@@ -1,0 +1,166 @@
+"""The model, the training loop and the checkpoint: shapes, learning, determinism, exact resume."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lstm_textgen.checkpoint import load_checkpoint, load_model
+from lstm_textgen.errors import UserError
+from lstm_textgen.model import RecurrentLM
+from lstm_textgen.params import ModelParams, Params, parse_params
+from lstm_textgen.training import TrainingError, lr_at, train
+from lstm_textgen.vocab import Vocabulary
+from lstm_textgen.windows import split
+
+TEXT = "the quick brown fox jumps over the lazy dog. " * 200
+
+
+def tiny_params(**sections: dict) -> Params:
+    raw: dict = {
+        "data": {"seq_len": 16, "val_fraction": 0.1, "test_fraction": 0.1},
+        "model": {"layers": 1, "hidden": 32, "embedding_dim": 16},
+        "train": {
+            "batch_size": 8,
+            "max_steps": 30,
+            "eval_every": 10,
+            "eval_batches": 2,
+            "warmup_steps": 5,
+            "lr": 0.01,
+            "device": "cpu",
+            "dtype": "float32",
+            "threads": 1,
+        },
+    }
+    for name, values in sections.items():
+        raw.setdefault(name, {}).update(values)
+    return parse_params(raw)
+
+
+@pytest.fixture(scope="module")
+def data() -> tuple[dict[str, np.ndarray], Vocabulary]:
+    vocab = Vocabulary.build(TEXT, "char", lowercase=False)
+    return split(vocab.encode(TEXT), 0.1, 0.1), vocab
+
+
+@pytest.mark.parametrize(
+    ("cell", "encoding", "last_only"),
+    list(itertools.product(["lstm", "gru", "rnn"], ["embedding", "onehot", "scalar"], [False, True])),
+)
+def test_shapes_for_every_cell_input_and_objective(cell: str, encoding: str, last_only: bool) -> None:
+    model = RecurrentLM(
+        11, ModelParams(cell=cell, input=encoding, layers=2, hidden=12, embedding_dim=6, dropout=0.1)
+    )
+    tokens = torch.randint(0, 11, (3, 7))
+    logits, state = model(tokens, last_only=last_only)
+    assert logits.shape == ((3, 11) if last_only else (3, 7, 11))
+    states = state if isinstance(state, tuple) else (state,)
+    assert len(states) == (2 if cell == "lstm" else 1)
+    assert all(s.shape == (2, 3, 12) for s in states)
+    again, _ = model(tokens[:, -1:], state)  # the state carries forward
+    assert again.shape[-1] == 11
+
+
+def test_weight_tying_shares_the_matrix() -> None:
+    model = RecurrentLM(20, ModelParams(hidden=16, embedding_dim=16, tie_weights=True))
+    assert model.head.weight is model.embedding.weight
+
+
+def test_learning_rate_schedule() -> None:
+    tp = tiny_params(train={"lr": 1.0, "warmup_steps": 10, "max_steps": 110, "min_lr_ratio": 0.1}).train
+    assert lr_at(0, tp) == pytest.approx(0.1)
+    assert lr_at(9, tp) == pytest.approx(1.0)
+    assert lr_at(60, tp) == pytest.approx(0.55)
+    assert lr_at(110, tp) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {"train": {"objective": "last"}},
+        {"train": {"stateful": True}},
+        {"model": {"cell": "gru", "input": "onehot"}},
+        {"model": {"input": "scalar"}, "train": {"objective": "last"}},
+    ],
+    ids=["all", "last", "stateful", "gru-onehot", "scalar-last"],
+)
+def test_tiny_model_learns(data, tmp_path: Path, overrides: dict) -> None:
+    splits, vocab = data
+    steps = 300 if overrides.get("model", {}).get("input") == "scalar" else 60  # scalar input learns slowly
+    train_overrides = {"max_steps": steps, "eval_every": steps, "lr": 0.02, **overrides.get("train", {})}
+    params = tiny_params(**{**overrides, "train": train_overrides})
+    result = train(splits, vocab, params, tmp_path / "best.pt", tmp_path / "last.pt")
+    start = np.log(len(vocab))
+    limit = 0.8 if params.model.input == "scalar" else 0.6
+    assert result.final_train_loss < limit * start, (result.final_train_loss, start)
+    assert result.best_val_loss < limit * start
+
+
+def test_same_params_same_metrics(data, tmp_path: Path) -> None:
+    splits, vocab = data
+    params = tiny_params(model={"dropout": 0.1, "layers": 2})
+    first = train(splits, vocab, params, tmp_path / "a" / "best.pt", tmp_path / "a" / "last.pt")
+    second = train(splits, vocab, params, tmp_path / "b" / "best.pt", tmp_path / "b" / "last.pt")
+    assert [h["val_loss"] for h in first.history] == [h["val_loss"] for h in second.history]
+    assert first.final_train_loss == second.final_train_loss
+
+
+@pytest.mark.parametrize("stateful", [False, True])
+def test_resume_equals_uninterrupted(data, tmp_path: Path, stateful: bool) -> None:
+    splits, vocab = data
+    params = tiny_params(model={"dropout": 0.1, "layers": 2}, train={"stateful": stateful})
+    whole = train(splits, vocab, params, tmp_path / "w" / "best.pt", tmp_path / "w" / "last.pt")
+    best, last = tmp_path / "r" / "best.pt", tmp_path / "r" / "last.pt"
+    halted = train(splits, vocab, params, best, last, halt_at_step=20)
+    assert halted.stopped == "halted" and halted.steps == 20
+    best.unlink()  # DVC deletes stage outputs before re-running the stage
+    resumed_params = parse_params(
+        {**params.model_dump(), "train": {**params.train.model_dump(), "resume": True}}
+    )
+    resumed = train(splits, vocab, resumed_params, best, last)
+    assert resumed.steps == whole.steps == 30
+    assert resumed.final_train_loss == pytest.approx(whole.final_train_loss, abs=1e-6)
+    assert resumed.final_val_loss == pytest.approx(whole.final_val_loss, abs=1e-6)
+    assert resumed.best_val_loss == pytest.approx(whole.best_val_loss, abs=1e-6)
+    assert best.is_file()
+
+
+def test_checkpoint_round_trip_with_weights_only(data, tmp_path: Path) -> None:
+    splits, vocab = data
+    params = tiny_params()
+    train(splits, vocab, params, tmp_path / "best.pt", tmp_path / "last.pt")
+    raw = torch.load(tmp_path / "best.pt", map_location="cpu", weights_only=True)
+    assert {"model", "optimizer", "step", "best_val_loss", "params", "vocab"} <= set(raw)
+    assert load_checkpoint(tmp_path / "best.pt")["step"] == raw["step"]
+    loaded = load_model(tmp_path / "best.pt")
+    assert loaded.vocab == vocab and loaded.params == params
+    assert not loaded.model.training
+    tokens = torch.as_tensor(vocab.encode("the quick"), dtype=torch.long)[None]
+    logits, _ = loaded.model(tokens)
+    assert logits.shape == (1, 9, len(vocab))
+    assert {p.device.type for p in loaded.model.parameters()} == {"cpu"}
+
+
+def test_seq_len_longer_than_the_data_names_the_key(data, tmp_path: Path) -> None:
+    splits, vocab = data
+    with pytest.raises(UserError, match=r"data\.seq_len: 8000 is too long for the train split of 7200"):
+        train(splits, vocab, tiny_params(data={"seq_len": 8000}), tmp_path / "b.pt", tmp_path / "l.pt")
+
+
+def test_divergence_stops_with_step_and_advice(data, tmp_path: Path) -> None:
+    splits, vocab = data
+    params = tiny_params(
+        train={"lr": 10.0, "warmup_steps": 0, "grad_clip": 0.0, "schedule": "constant"}, model={"cell": "rnn"}
+    )
+    with pytest.raises(TrainingError, match=r"loss .* at step \d+ .*lower train\.lr \(now 10\)"):
+        train(splits, vocab, params, tmp_path / "b.pt", tmp_path / "l.pt")
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="checkpoint not found"):
+        load_checkpoint(tmp_path / "nope.pt")

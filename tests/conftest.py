@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CORPORA_DIR = Path(os.environ.get("LSTM_TEXTGEN_CORPORA", REPO_ROOT.parent / "shared" / "corpora"))
@@ -123,3 +124,26 @@ def run(
     if check and result.returncode != 0:
         raise AssertionError(f"{cmd} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result
+
+
+TINY_TRAIN = {"max_steps": 12, "eval_every": 6, "eval_batches": 2, "batch_size": 8, "warmup_steps": 2}
+TINY_MODEL = {"layers": 1, "hidden": 32, "embedding_dim": 16}
+
+
+def tiny_repo(dest: Path) -> Path:
+    """A repo copy whose params train in seconds: same code, same pipeline, smaller numbers."""
+    repo = copy_repo(dest)
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["train"].update(TINY_TRAIN)
+    params["model"].update(TINY_MODEL)
+    params["data"]["seq_len"] = 32
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "tiny params"], cwd=repo)
+    return repo
+
+
+@pytest.fixture(scope="session")
+def repro_repo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    repo = tiny_repo(tmp_path_factory.mktemp("pipeline") / "repo")
+    first = run(["dvc", "repro"], cwd=repo)
+    return repo, first.stdout

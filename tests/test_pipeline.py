@@ -7,36 +7,14 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import copy_repo, run
+from conftest import TINY_TRAIN, run
 
 pytestmark = pytest.mark.slow
-
-TINY_TRAIN = {"max_steps": 12, "eval_every": 6, "eval_batches": 2, "batch_size": 8, "warmup_steps": 2}
-TINY_MODEL = {"layers": 1, "hidden": 32, "embedding_dim": 16}
-
-
-def tiny_repo(dest: Path) -> Path:
-    """A repo copy whose params train in seconds: same code, same pipeline, smaller numbers."""
-    repo = copy_repo(dest)
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["train"].update(TINY_TRAIN)
-    params["model"].update(TINY_MODEL)
-    params["data"]["seq_len"] = 32
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "tiny params"], cwd=repo)
-    return repo
-
-
-@pytest.fixture(scope="module")
-def repro_repo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
-    repo = tiny_repo(tmp_path_factory.mktemp("pipeline") / "repo")
-    first = run(["dvc", "repro"], cwd=repo)
-    return repo, first.stdout
 
 
 def test_repro_runs_every_stage_then_nothing(repro_repo: tuple[Path, str]) -> None:
     repo, first_output = repro_repo
-    for stage in ("download", "prepare", "train", "evaluate", "sample"):
+    for stage in ("download", "prepare", "train", "evaluate", "sample", "register"):
         assert f"Running stage '{stage}'" in first_output
     stats = json.loads((repo / "metrics/prepare.json").read_text())
     assert stats["corpus"]["name"] == "shakespeare" and stats["vocab_size"] > 60

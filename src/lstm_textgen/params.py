@@ -140,6 +140,10 @@ class SampleParams(_Section):
         return self
 
 
+class RegisterParams(_Section):
+    model_name: str | None = Field(default=None, description="null: lstm-textgen-<corpus>-<level>")
+
+
 class Params(_Section):
     data: DataParams = Field(default_factory=DataParams)
     corpora: dict[str, CorpusSpec] = Field(
@@ -150,6 +154,7 @@ class Params(_Section):
     train: TrainParams = Field(default_factory=TrainParams)
     evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
     sample: SampleParams = Field(default_factory=SampleParams)
+    register: RegisterParams = Field(default_factory=RegisterParams)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Params:

@@ -1,0 +1,138 @@
+"""Model registration: log the checkpoint as an MLflow pyfunc model (models-from-code, explicit
+signature, pinned requirements), register a new version, and move the `champion` alias only when the
+new version's validation loss beats the current champion's on the same corpus and tokenisation."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from lstm_textgen import tracking
+from lstm_textgen.serving import DEFAULTS
+
+CHAMPION = "champion"
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+@dataclass(frozen=True)
+class Registration:
+    model_name: str
+    version: int
+    model_uri: str
+    champion_version: int
+    promoted: bool
+    reason: str
+
+
+def default_model_name(corpus: str, level: str) -> str:
+    return f"lstm-textgen-{corpus}-{level}"
+
+
+def signature() -> Any:
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
+
+    inputs = Schema(
+        [
+            ColSpec("string", "prompt"),
+            ColSpec("long", "max_new_tokens", required=False),
+            ColSpec("double", "temperature", required=False),
+            ColSpec("long", "top_k", required=False),
+            ColSpec("double", "top_p", required=False),
+            ColSpec("long", "seed", required=False),
+            ColSpec("string", "strategy", required=False),
+        ]
+    )
+    kinds = {
+        "max_new_tokens": "long",
+        "temperature": "double",
+        "top_k": "long",
+        "top_p": "double",
+        "seed": "long",
+        "strategy": "string",
+    }
+    params = ParamSchema([ParamSpec(name, kinds[name], DEFAULTS[name]) for name in kinds])
+    return ModelSignature(inputs=inputs, outputs=Schema([ColSpec("string", "text")]), params=params)
+
+
+def pip_requirements() -> list[str]:
+    """Pinned explicitly: inference would pin a local `+cpu` torch or pull in unneeded packages."""
+    from importlib.metadata import version
+
+    return [
+        f"torch=={version('torch').split('+')[0]}",
+        f"mlflow=={version('mlflow')}",
+        f"numpy=={version('numpy')}",
+        f"pandas=={version('pandas')}",
+        f"pydantic=={version('pydantic')}",
+        f"pyyaml=={version('pyyaml')}",
+    ]
+
+
+def register(
+    checkpoint: Path,
+    run_id: str,
+    model_name: str,
+    example_prompt: str,
+    val_loss: float,
+    version_tags: dict[str, str],
+) -> Registration:
+    """Log + register; promote to champion only on improvement. `version_tags` must hold
+    `corpus` and `level` (what makes two versions comparable)."""
+    mlflow = tracking.configure()
+    from mlflow.tracking import MlflowClient
+
+    with tracking.active_run(run_id=run_id):
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=str(PACKAGE_DIR / "pyfunc_entry.py"),
+            artifacts={"checkpoint": str(checkpoint)},
+            code_paths=[str(PACKAGE_DIR)],
+            signature=signature(),
+            input_example=pd.DataFrame({"prompt": [example_prompt], "max_new_tokens": [8]}),
+            pip_requirements=pip_requirements(),
+            registered_model_name=model_name,
+        )
+    client = MlflowClient()
+    version = int(info.registered_model_version)
+    for key, value in {**version_tags, "val_loss": f"{val_loss:.6f}", "run_id": run_id}.items():
+        client.set_model_version_tag(model_name, str(version), key, value)
+
+    promoted, reason, champion_version = _decide(client, model_name, version, val_loss, version_tags)
+    if promoted:
+        client.set_registered_model_alias(model_name, CHAMPION, str(version))
+        champion_version = version
+    return Registration(
+        model_name, version, f"models:/{model_name}/{version}", champion_version, promoted, reason
+    )
+
+
+def _decide(
+    client: Any, name: str, version: int, val_loss: float, tags: dict[str, str]
+) -> tuple[bool, str, int]:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        current = client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        return True, "first version with a validation loss: it becomes the champion", version
+    old_loss = float(current.tags.get("val_loss", "inf"))
+    comparable = all(current.tags.get(k) == tags.get(k) for k in ("corpus", "level", "lowercase"))
+    if not comparable:
+        return (
+            False,
+            f"champion v{current.version} was trained on another corpus or tokenisation "
+            f"({current.tags.get('corpus')}, {current.tags.get('level')}); it stays",
+            int(current.version),
+        )
+    versus = f"validation loss {val_loss:.4f} vs champion v{current.version}'s {old_loss:.4f}"
+    if val_loss < old_loss:
+        return True, f"{versus}: better, it becomes the champion", version
+    return False, f"{versus}: does not beat it, the champion stays", int(current.version)
+
+
+def registration_summary(registration: Registration) -> dict[str, Any]:
+    return asdict(registration)

@@ -1,0 +1,171 @@
+"""Registration in the MLflow Model Registry and serving with the real `mlflow models serve`."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+from conftest import tool_env
+
+pytestmark = pytest.mark.slow
+MODEL_NAME = "lstm-textgen-shakespeare-char"
+
+
+@pytest.fixture()
+def store(repro_repo: tuple[Path, str], monkeypatch: pytest.MonkeyPatch) -> Path:
+    repo, _ = repro_repo
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{repo / 'mlflow.db'}")
+    monkeypatch.chdir(repo)
+    return repo
+
+
+def test_registered_champion_loads_and_predicts(store: Path) -> None:
+    import mlflow.pyfunc
+    import pandas as pd
+
+    registered = json.loads((store / "metrics/register.json").read_text())
+    assert registered["model_name"] == MODEL_NAME and registered["promoted"] is True
+    model = mlflow.pyfunc.load_model(f"models:/{MODEL_NAME}@champion")
+    frame = pd.DataFrame({"prompt": ["ROMEO:\n", "To be"], "max_new_tokens": [15, 7], "seed": [1, 1]})
+    out = model.predict(frame)
+    assert [len(t) for t in out["text"]] == [15, 7]
+    again = model.predict(frame)
+    assert list(out["text"]) == list(again["text"])  # seeded
+
+
+def test_champion_moves_only_on_improvement(store: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from lstm_textgen.registry import register
+
+    run_id = json.loads((store / "metrics/train.json").read_text())["mlflow_run_id"]
+    client = MlflowClient()
+    champion = client.get_model_version_by_alias(MODEL_NAME, "champion")
+    old_loss = float(champion.tags["val_loss"])
+    tags = {"corpus": "shakespeare", "level": "char", "lowercase": "false"}
+    checkpoint = store / "data/model/model.pt"
+
+    worse = register(checkpoint, run_id, MODEL_NAME, "ROMEO:", old_loss + 0.5, tags)
+    assert not worse.promoted and "does not beat it" in worse.reason
+    assert client.get_model_version_by_alias(MODEL_NAME, "champion").version == champion.version
+
+    other_corpus = register(
+        checkpoint, run_id, MODEL_NAME, "ROMEO:", old_loss - 1.0, {**tags, "corpus": "anna"}
+    )
+    assert not other_corpus.promoted and "another corpus" in other_corpus.reason
+
+    better = register(checkpoint, run_id, MODEL_NAME, "ROMEO:", old_loss - 0.5, tags)
+    assert better.promoted and better.version == worse.version + 2
+    assert int(client.get_model_version_by_alias(MODEL_NAME, "champion").version) == better.version
+    version = client.get_model_version(MODEL_NAME, str(better.version))
+    assert float(version.tags["val_loss"]) == pytest.approx(old_loss - 0.5, abs=1e-5)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture()
+def server(store: Path) -> Iterator[str]:
+    port = _free_port()
+    env = tool_env(store)
+    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{store / 'mlflow.db'}"
+    process = subprocess.Popen(
+        [
+            "mlflow",
+            "models",
+            "serve",
+            "-m",
+            f"models:/{MODEL_NAME}@champion",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(port),
+            "--env-manager",
+            "local",
+        ],
+        cwd=store,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise AssertionError(f"server exited:\n{process.stdout.read()}")
+            try:
+                if requests.get(f"{url}/ping", timeout=2).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                time.sleep(0.5)
+        else:
+            raise AssertionError("server did not answer /ping within 90 s")
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def _post(url: str, body: dict) -> requests.Response:
+    return requests.post(f"{url}/invocations", json=body, timeout=60)
+
+
+def test_served_model_answers_every_request_format(server: str) -> None:
+    split = _post(
+        server,
+        {
+            "dataframe_split": {
+                "columns": ["prompt", "max_new_tokens"],
+                "data": [["ROMEO:\n", 12], ["JULIET:\n", 5]],
+            }
+        },
+    )
+    assert split.status_code == 200, split.text
+    assert [len(p["text"]) for p in split.json()["predictions"]] == [12, 5]
+    records = _post(
+        server,
+        {"dataframe_records": [{"prompt": "KING:\n", "temperature": 0.5, "seed": 3, "max_new_tokens": 9}]},
+    )
+    assert records.status_code == 200 and len(records.json()["predictions"][0]["text"]) == 9
+    inputs = _post(
+        server,
+        {"inputs": {"prompt": ["To be", "Now"]}, "params": {"max_new_tokens": 6, "strategy": "greedy"}},
+    )
+    assert inputs.status_code == 200
+    texts = [p["text"] for p in inputs.json()["predictions"]]
+    assert len(texts) == 2 and all(len(t) == 6 for t in texts)
+
+
+@pytest.mark.parametrize(
+    ("record", "message"),
+    [
+        ({"prompt": 123}, "prompt must be a string"),
+        ({"prompt": ""}, "prompt must not be empty"),
+        ({"prompt": "h\u00e9llo\u20ac"}, "not in the vocabulary"),
+        ({"prompt": "a", "max_new_tokens": -5}, "max_new_tokens must be between 1 and 2000"),
+        ({"prompt": "a", "max_new_tokens": 10**6}, "max_new_tokens must be between 1 and 2000"),
+        ({"prompt": "a", "temperature": 0}, "temperature must be > 0"),
+        ({"prompt": "a", "top_p": 1.5}, "top_p must be in (0, 1]"),
+        ({"prompt": "a", "top_p": 0.0}, "top_p must be in (0, 1]"),
+        ({"max_new_tokens": 5}, "prompt"),
+    ],
+)
+def test_bad_requests_get_400_and_the_server_keeps_serving(server: str, record: dict, message: str) -> None:
+    response = _post(server, {"dataframe_records": [record]})
+    assert response.status_code == 400, response.text
+    assert message in response.json()["message"]
+    assert _post(server, {"dataframe_records": [{"prompt": "a", "max_new_tokens": 2}]}).status_code == 200

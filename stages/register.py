@@ -29,7 +29,7 @@ def main() -> None:
     registration = register(
         checkpoint=args.model,
         run_id=read_json(args.train_metrics)["mlflow_run_id"],
-        model_name=params.register.model_name or default_model_name(Path(corpus).stem, level),
+        model_name=params.register_.model_name or default_model_name(Path(corpus).stem, level),
         example_prompt=params.sample.prompts[0],
         val_loss=evaluated["loss"],
         version_tags={

@@ -164,3 +164,35 @@ def test_divergence_stops_with_step_and_advice(data, tmp_path: Path) -> None:
 def test_missing_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="checkpoint not found"):
         load_checkpoint(tmp_path / "nope.pt")
+
+
+def test_sample_command_streams_and_repeats_with_a_seed(data, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from conftest import tool_env
+
+    splits, vocab = data
+    train(splits, vocab, tiny_params(), tmp_path / "best.pt", tmp_path / "last.pt")
+    command = [
+        sys.executable,
+        "-m",
+        "lstm_textgen.sample_cli",
+        "--checkpoint",
+        str(tmp_path / "best.pt"),
+        "--prompt",
+        "the ",
+        "--length",
+        "40",
+        "--seed",
+        "3",
+    ]
+    first = subprocess.run(command, capture_output=True, text=True, env=tool_env(), cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.startswith("the ") and len(first.stdout) == len("the ") + 40 + 1
+    again = subprocess.run(command, capture_output=True, text=True, env=tool_env(), cwd=tmp_path)
+    assert again.stdout == first.stdout
+    bad = subprocess.run(
+        [*command[:-6], "--prompt", "XYZ"], capture_output=True, text=True, env=tool_env(), cwd=tmp_path
+    )
+    assert bad.returncode == 2 and "not in the vocabulary: 'X', 'Y', 'Z'" in bad.stderr

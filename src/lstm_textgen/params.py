@@ -154,7 +154,17 @@ class Params(_Section):
     train: TrainParams = Field(default_factory=TrainParams)
     evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
     sample: SampleParams = Field(default_factory=SampleParams)
-    register: RegisterParams = Field(default_factory=RegisterParams)
+    # `register` is a method of BaseModel's metaclass, so the field carries the name as an alias
+    register_: RegisterParams = Field(default_factory=RegisterParams, alias="register")
+
+    model_config = ConfigDict(
+        extra="forbid",
+        frozen=True,
+        strict=True,
+        validate_by_name=True,
+        validate_by_alias=True,
+        serialize_by_alias=True,
+    )
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Params:
@@ -247,10 +257,10 @@ def _keys_at(model: type[BaseModel], loc: list[str]) -> list[str]:
     annotation: Any = model
     for part in loc:
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            field = annotation.model_fields.get(part)
-            if field is None:
+            fields = {f.alias or name: f for name, f in annotation.model_fields.items()}
+            if part not in fields:
                 return []
-            annotation = field.annotation
+            annotation = fields[part].annotation
         elif typing.get_origin(annotation) is dict:
             annotation = typing.get_args(annotation)[1]
         else:
@@ -258,7 +268,7 @@ def _keys_at(model: type[BaseModel], loc: list[str]) -> list[str]:
         if typing.get_origin(annotation) in (typing.Union, types.UnionType):
             annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return list(annotation.model_fields)
+        return [f.alias or name for name, f in annotation.model_fields.items()]
     return []
 
 

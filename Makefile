@@ -7,7 +7,8 @@ STAMP := $(VENV)/.installed
 export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := 1
 
-.PHONY: install repro test lint clean
+.PHONY: install repro test lint ui compare preset presets clean
+UI_PORT ?= 5000
 
 install: $(STAMP)
 
@@ -26,6 +27,18 @@ repro: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check src stages tests
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q
+
+ui: $(STAMP)  ## the MLflow UI on the repository's store: http://127.0.0.1:$(UI_PORT)
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port $(UI_PORT) --workers 1
+
+compare: $(STAMP)  ## table of runs, as text and runs.md, plus val loss against time
+	$(BIN)/lstm-textgen-compare --markdown runs.md --plot runs.png
+
+presets: $(STAMP)
+	$(BIN)/python -m lstm_textgen.presets list
+
+preset: $(STAMP)  ## make preset NAME=anna-notebook [ARGS="-S train.max_steps=5000"]
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m lstm_textgen.presets run $(NAME) $(ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check src stages tests

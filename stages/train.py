@@ -37,7 +37,8 @@ def main() -> None:
         **flatten({"corpus": spec.model_dump(exclude_defaults=True)}),
         "vocab_size": len(dataset.vocab),
     }
-    with tracking.active_run(run_name=tracking.run_name(), tags=tracking.run_tags(corpus, device)) as run:
+    tags = {**tracking.run_tags(corpus, device), "mlflow.note.content": tracking.run_description()}
+    with tracking.active_run(run_name=tracking.run_name(), tags=tags) as run:
         mlflow = tracking.configure()
         mlflow.log_params({k: str(v) for k, v in logged.items()})
         result = train(
@@ -51,7 +52,9 @@ def main() -> None:
             ),
         )
         metrics = {**result.metrics(), "mlflow_run_id": run.info.run_id}
-        mlflow.log_metrics({f"final_{k}": v for k, v in metrics.items() if isinstance(v, float)})
+        numeric = {f"final_{k}": float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+        mlflow.log_metrics(numeric)
+        mlflow.log_metric("parameters", result.parameters)
         mlflow.set_tags({"dtype": result.dtype, "stopped": result.stopped})
 
         write_json(args.metrics / "train.json", metrics)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -86,9 +87,22 @@ def run_name() -> str | None:
     return os.environ.get("DVC_EXP_NAME") or None
 
 
+def run_description() -> str:
+    """What reproduces this run, shown as the run's description in the MLflow UI."""
+    commit = _git("rev-parse", "--short", "HEAD") or "the current commit"
+    experiment = os.environ.get("DVC_EXP_NAME")
+    if experiment:
+        return (
+            f"DVC experiment `{experiment}` (baseline {commit}). "
+            f"Reproduce: `dvc exp apply {experiment} && dvc repro`."
+        )
+    return f"Pipeline run at {commit}. Reproduce: `git checkout {commit} && dvc repro`."
+
+
 @contextmanager
 def active_run(run_id: str | None = None, **start_kwargs: Any) -> Iterator[Any]:
-    """Start (or reopen, by id) a run; an exception marks it FAILED with the error as a tag."""
+    """Start (or reopen, by id) a run; an exception marks it FAILED with the error as a tag and says
+    where to look."""
     mlflow = configure()
     with mlflow.start_run(run_id=run_id, **start_kwargs) as run:
         try:
@@ -96,4 +110,9 @@ def active_run(run_id: str | None = None, **start_kwargs: Any) -> Iterator[Any]:
         except BaseException as exc:
             mlflow.set_tag("error", f"{type(exc).__name__}: {exc}"[:5000])
             mlflow.end_run(status="FAILED")
+            print(
+                f"MLflow run {run.info.run_id} is marked FAILED with the error as its 'error' tag; "
+                "look at it with `make ui` (experiment lstm-textgen, status Failed)",
+                file=sys.stderr,
+            )
             raise

@@ -1,0 +1,235 @@
+"""Experiments as a user runs them: `dvc exp run -S`, queued sweeps, notebook presets over loopback
+HTTP, a failing experiment, the compare table and the MLflow UI's REST API, in a temporary repo copy."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import requests
+import yaml
+from conftest import run, tiny_repo, tool_env
+
+from lstm_textgen.presets import command, load_presets
+
+pytestmark = pytest.mark.slow
+
+SHARED_FILES = {
+    "tinyshakespeare": "tinyshakespeare.txt",
+    "wonderland": "wonderland.txt",
+    "anna": "anna.txt",
+    "reddit-cleanjokes": "reddit-cleanjokes.csv",
+    "ag_news": "ag_news_test.csv",
+}
+TINY_BUDGET = [
+    "-S",
+    "train.max_steps=2",
+    "-S",
+    "train.eval_every=1",
+    "-S",
+    "train.eval_batches=1",
+    "-S",
+    "sample.length=12",
+]
+
+
+@dataclass
+class Experiments:
+    repo: Path
+    env: dict[str, str]
+    outputs: dict[str, subprocess.CompletedProcess[str]] = field(default_factory=dict)
+
+    def client(self):
+        from mlflow.tracking import MlflowClient
+
+        return MlflowClient(tracking_uri=f"sqlite:///{self.repo / 'mlflow.db'}")
+
+    def runs(self) -> dict[str, object]:
+        client = self.client()
+        experiment = client.get_experiment_by_name("lstm-textgen")
+        return {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
+
+
+@pytest.fixture(scope="module")
+def experiments(tmp_path_factory: pytest.TempPathFactory, corpus_server: str) -> Experiments:
+    repo = tiny_repo(tmp_path_factory.mktemp("experiments") / "repo")
+    env = tool_env(repo)
+    done = Experiments(repo, env)
+    run(["dvc", "repro"], cwd=repo, env=env)
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "baseline results"], cwd=repo)
+    baseline_params = (repo / "params.yaml").read_text()
+
+    done.outputs["layers3"] = run(
+        ["dvc", "exp", "run", "-n", "layers3", "-S", "model.layers=3"], cwd=repo, env=env
+    )
+    (repo / "params.yaml").write_text(baseline_params)  # back to the baseline for what follows
+
+    for hidden in (16, 24):
+        run(
+            ["dvc", "exp", "run", "--queue", "-n", f"hidden{hidden}", "-S", f"model.hidden={hidden}"],
+            cwd=repo,
+            env=env,
+        )
+    done.outputs["run-all"] = run(["dvc", "exp", "run", "--run-all"], cwd=repo, env=env)
+
+    done.outputs["boom"] = run(
+        [
+            "dvc",
+            "exp",
+            "run",
+            "--temp",
+            "-n",
+            "boom",
+            "-S",
+            "train.lr=10",
+            "-S",
+            "train.grad_clip=0",
+            "-S",
+            "train.warmup_steps=0",
+            "-S",
+            "train.schedule=constant",
+        ],
+        cwd=repo,
+        env=env,
+        check=False,
+    )
+    done.outputs["params-after-boom"] = subprocess.CompletedProcess(
+        [], 0, (repo / "params.yaml").read_text(), ""
+    )
+
+    presets = load_presets(repo / "presets.yaml")
+    for name, settings in presets.items():
+        corpus = settings["data.corpus"]
+        source = ["-S", f"corpora.{corpus}.source={corpus_server}/files/{SHARED_FILES[corpus]}"]
+        cmd = command(name, presets, ["--temp", *source, *TINY_BUDGET])
+        done.outputs[name] = run(cmd, cwd=repo, env=env, check=False)
+    return done
+
+
+def test_set_param_experiment_gets_its_own_mlflow_run(experiments: Experiments) -> None:
+    assert experiments.outputs["layers3"].returncode == 0
+    run_ = experiments.runs()["layers3"]
+    assert run_.data.params["model.layers"] == "3"
+    assert run_.data.tags["dvc_experiment"] == "layers3"
+    assert "dvc exp apply layers3" in run_.data.tags["mlflow.note.content"]
+    shown = run(["dvc", "exp", "show", "--json"], cwd=experiments.repo, env=experiments.env).stdout
+    assert "layers3" in shown and run_.info.run_id in shown
+
+
+def test_queued_experiments_land_in_the_repository_store(experiments: Experiments) -> None:
+    runs = experiments.runs()
+    for name, hidden in (("hidden16", "16"), ("hidden24", "24")):
+        assert runs[name].info.status == "FINISHED"
+        assert runs[name].data.params["model.hidden"] == hidden
+        assert not str(runs[name].info.artifact_uri).count(".dvc/tmp")
+    shown = json.loads(
+        run(["dvc", "exp", "show", "--json"], cwd=experiments.repo, env=experiments.env).stdout
+    )
+    text = json.dumps(shown)
+    for name in ("hidden16", "hidden24"):
+        assert name in text and runs[name].info.run_id in text
+
+
+def test_failing_experiment_is_marked_failed_and_leaves_the_rest_intact(experiments: Experiments) -> None:
+    boom = experiments.outputs["boom"]
+    assert boom.returncode != 0
+    output = boom.stdout + boom.stderr
+    assert "training diverged" in output and "lower train.lr" in output
+    assert "marked FAILED" in output and "make ui" in output
+    failed = experiments.runs()["boom"]
+    assert failed.info.status == "FAILED" and "diverged" in failed.data.tags["error"]
+    params = yaml.safe_load(experiments.outputs["params-after-boom"].stdout)
+    assert params["train"]["lr"] == 0.003  # the workspace keeps the baseline's params
+    champion = experiments.client().get_model_version_by_alias("lstm-textgen-shakespeare-char", "champion")
+    assert champion.tags["run_id"] != failed.info.run_id
+
+
+@pytest.mark.parametrize("name", list(load_presets(Path(__file__).parents[1] / "presets.yaml")))
+def test_every_preset_runs_to_completion(experiments: Experiments, name: str) -> None:
+    result = experiments.outputs[name]
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    logged = experiments.runs()[name]
+    assert logged.info.status == "FINISHED"
+    assert "eval.val.loss" in logged.data.metrics
+    settings = load_presets(experiments.repo / "presets.yaml")[name]
+    assert logged.data.tags["corpus"] == settings["data.corpus"]
+    for key in ("model.layers", "model.hidden", "model.input", "train.objective"):
+        if key in settings:
+            assert logged.data.params[key] == str(settings[key]), key
+
+
+def test_compare_table_lists_the_runs(experiments: Experiments, tmp_path: Path) -> None:
+    env = {**experiments.env, "MLFLOW_TRACKING_URI": f"sqlite:///{experiments.repo / 'mlflow.db'}"}
+    out = tmp_path / "runs.md"
+    result = run(
+        [
+            "lstm-textgen-compare",
+            "--markdown",
+            str(out),
+            "--plot",
+            str(tmp_path / "runs.png"),
+            "--runs",
+            "hidden16,hidden24",
+        ],
+        cwd=tmp_path,
+        env=env,
+    )
+    table = out.read_text()
+    for name in ("layers3", "hidden16", "hidden24", "anna-notebook", "jokes-notebook", "boom"):
+        assert f"| {name} |" in table, name
+    assert table.splitlines()[0].startswith("| run_id | run | experiment | status | corpus | level | cell")
+    assert "FAILED" in table and "val_loss" in result.stdout
+    assert (tmp_path / "runs.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_mlflow_ui_serves_the_runs_over_rest(experiments: Experiments) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ui = subprocess.Popen(
+        [
+            "mlflow",
+            "ui",
+            "--backend-store-uri",
+            f"sqlite:///{experiments.repo / 'mlflow.db'}",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        cwd=experiments.repo,
+        env=experiments.env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            try:
+                if requests.get(f"{base}/health", timeout=2).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                time.sleep(0.5)
+        experiment = requests.get(
+            f"{base}/api/2.0/mlflow/experiments/get-by-name",
+            params={"experiment_name": "lstm-textgen"},
+            timeout=10,
+        ).json()["experiment"]
+        found = requests.post(
+            f"{base}/api/2.0/mlflow/runs/search",
+            json={"experiment_ids": [experiment["experiment_id"]], "max_results": 100},
+            timeout=10,
+        ).json()["runs"]
+        names = {r["info"]["run_name"] for r in found}
+        assert {"hidden16", "hidden24", "layers3"} <= names
+    finally:
+        ui.terminate()
+        ui.wait(timeout=20)

@@ -7,7 +7,8 @@ STAMP := $(VENV)/.installed
 export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := 1
 
-.PHONY: install repro test lint ui compare preset presets clean
+.PHONY: install repro test lint ui compare preset presets bench clean
+BENCH_CORPUS ?= tinyshakespeare
 UI_PORT ?= 5000
 
 install: $(STAMP)
@@ -25,7 +26,7 @@ repro: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
 
 test: $(STAMP)
-	$(BIN)/ruff check src stages tests
+	$(BIN)/ruff check src stages tests benchmarks
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q
 
 ui: $(STAMP)  ## the MLflow UI on the repository's store: http://127.0.0.1:$(UI_PORT)
@@ -40,9 +41,12 @@ presets: $(STAMP)
 preset: $(STAMP)  ## make preset NAME=anna-notebook [ARGS="-S train.max_steps=5000"]
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m lstm_textgen.presets run $(NAME) $(ARGS)
 
+bench: $(STAMP)  ## benchmarks/report.md: us vs the notebook (BENCH_CORPUS=path/or/url for a local copy)
+	$(BIN)/python benchmarks/bench.py --corpus $(BENCH_CORPUS) --out benchmarks
+
 lint: $(STAMP)
-	$(BIN)/ruff check src stages tests
-	$(BIN)/ruff format --check src stages tests
+	$(BIN)/ruff check src stages tests benchmarks
+	$(BIN)/ruff format --check src stages tests benchmarks
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -77,14 +77,34 @@ def test_stateful_generation_equals_refeeding(model: RecurrentLM, vocab: Vocabul
     prompt = ids(vocab, "this is")
     generated = generate(model, vocab, [prompt], 25, Sampling("greedy"))[0]
     sequence = prompt + generated
-    # stateful: one step at a time from the warmed state
+    # stateful: one step at a time from the warmed state, through the same `step` generation uses
     with torch.no_grad():
         logits, state = model(torch.tensor([prompt]), last_only=True)
         for i, token in enumerate(generated):
             refed, _ = model(torch.tensor([sequence[: len(prompt) + i]]), last_only=True)
             torch.testing.assert_close(logits, refed, atol=1e-5, rtol=0)
             assert int(refed.argmax()) == token
-            logits, state = model(torch.tensor([[token]]), state, last_only=True)
+            logits, state = model.step(torch.tensor([token]), state)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+@pytest.mark.parametrize("encoding", ["embedding", "onehot", "scalar"])
+def test_single_step_matches_the_sequence_kernel(cell: str, encoding: str) -> None:
+    torch.manual_seed(0)
+    net = RecurrentLM(13, ModelParams(cell=cell, input=encoding, layers=3, hidden=10, embedding_dim=5)).eval()
+    tokens = torch.randint(0, 13, (4, 9))
+    with torch.no_grad():
+        full, full_state = net(tokens)
+        state = None
+        for t in range(tokens.shape[1]):
+            logits, state = net.step(tokens[:, t], state)
+            torch.testing.assert_close(logits, full[:, t], atol=1e-5, rtol=0)
+    for mine, theirs in zip(
+        state if isinstance(state, tuple) else (state,),
+        full_state if isinstance(full_state, tuple) else (full_state,),
+        strict=True,
+    ):
+        torch.testing.assert_close(mine, theirs, atol=1e-5, rtol=0)
 
 
 def test_batched_prompts_of_different_lengths_match_one_by_one(model: RecurrentLM, vocab: Vocabulary) -> None:

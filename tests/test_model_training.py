@@ -196,3 +196,19 @@ def test_sample_command_streams_and_repeats_with_a_seed(data, tmp_path: Path) ->
         [*command[:-6], "--prompt", "XYZ"], capture_output=True, text=True, env=tool_env(), cwd=tmp_path
     )
     assert bad.returncode == 2 and "not in the vocabulary: 'X', 'Y', 'Z'" in bad.stderr
+
+
+def test_default_training_samples_well_from_a_short_prompt(tmp_path: Path) -> None:
+    """The pitfall of stateful training with rare resets: near-random text from a zero state and a
+    short prompt. Default training (random windows, each from a zero state) must not have it."""
+    from lstm_textgen.generation import Sampling, sample_texts
+
+    text = "the quick brown fox jumps over the lazy dog. " * 300
+    vocab = Vocabulary.build(text, "char", lowercase=False)
+    splits = split(vocab.encode(text), 0.1, 0.1)
+    params = tiny_params(train={"max_steps": 150, "eval_every": 150, "lr": 0.02})
+    assert params.train.stateful is False and Params().train.stateful is False  # the default
+    train(splits, vocab, params, tmp_path / "best.pt", tmp_path / "last.pt")
+    model = load_model(tmp_path / "best.pt").model
+    (text_out,) = sample_texts(model, vocab, ["the q"], 40, Sampling("greedy"))
+    assert text_out == "uick brown fox jumps over the lazy dog. the"

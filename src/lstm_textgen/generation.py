@@ -113,7 +113,7 @@ def _cat_states(states: Sequence[State]) -> State:
     return torch.cat(states, dim=1)  # type: ignore[arg-type]
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def generate(
     model: RecurrentLM,
     vocab: Vocabulary,
@@ -141,7 +141,7 @@ def generate(
         out.append(token)
         if on_tokens is not None:
             on_tokens(token)
-        logits, state = model(token[:, None], state, last_only=True)
+        logits, state = model.step(token, state)
     if not out:
         return [[] for _ in prompt_ids]
     return torch.stack(out, dim=1).tolist()

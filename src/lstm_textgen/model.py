@@ -58,6 +58,40 @@ class RecurrentLM(nn.Module):
             outputs = outputs[:, -1]
         return self.head(self.dropout(outputs)), state
 
+    def step(self, tokens: torch.Tensor, state: State | None) -> tuple[torch.Tensor, State]:
+        """One time step for generation: [B] ids -> ([B, V] logits, state), identical to `forward` on a
+        length-1 sequence. Calls the per-step cell kernels directly: at batch 1 the fused sequence
+        kernel (oneDNN/cuDNN) spends most of its time in per-call set-up."""
+        rnn = self.rnn
+        x = self.encode(tokens[:, None])[:, 0]
+        if state is None:
+            zeros = x.new_zeros(rnn.num_layers, x.shape[0], rnn.hidden_size)
+            state = (zeros, zeros) if isinstance(rnn, nn.LSTM) else zeros
+        hidden, cell = state if isinstance(state, tuple) else (state, None)
+        new_hidden, new_cell = [], []
+        for layer in range(rnn.num_layers):
+            weights = [
+                getattr(rnn, f"{name}_l{layer}") for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+            ]
+            if cell is not None:
+                h, c = torch.lstm_cell(x, (hidden[layer], cell[layer]), *weights)
+                new_cell.append(c)
+            elif isinstance(rnn, nn.GRU):
+                h = torch.gru_cell(x, hidden[layer], *weights)
+            elif rnn.nonlinearity == "tanh":
+                h = torch.rnn_tanh_cell(x, hidden[layer], *weights)
+            else:
+                h = torch.rnn_relu_cell(x, hidden[layer], *weights)
+            if self.training and layer < rnn.num_layers - 1:
+                h_in = F.dropout(h, rnn.dropout, training=True)
+            else:
+                h_in = h
+            new_hidden.append(h)
+            x = h_in
+        logits = self.head(self.dropout(x))
+        stacked = torch.stack(new_hidden)
+        return logits, (stacked, torch.stack(new_cell)) if cell is not None else stacked
+
 
 def detach_state(state: State) -> State:
     """Cut the graph between windows (truncated back-propagation through time)."""

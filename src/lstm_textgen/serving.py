@@ -112,22 +112,32 @@ class TextGenerator(mlflow.pyfunc.PythonModel):
             raise _bad_request("the request needs a 'prompt' column")
         rows = [request_settings(row, params or {}) for row in frame.to_dict(orient="records")]
         sample = self.loaded.params.sample
-        texts: list[str] = []
-        for row in rows:
+        groups: dict[tuple[Any, ...], list[int]] = {}  # rows with the same settings generate as one batch
+        for i, row in enumerate(rows):
+            groups.setdefault(tuple(v for k, v in row.items() if k != "prompt"), []).append(i)
+        texts: list[str] = [""] * len(rows)
+        for indices in groups.values():
+            first = rows[indices[0]]
             sampling = Sampling(
-                row["strategy"], row["temperature"], row["top_k"], row["top_p"], sample.draws, row["seed"]
+                first["strategy"],
+                first["temperature"],
+                first["top_k"],
+                first["top_p"],
+                sample.draws,
+                first["seed"],
             )
             try:
-                (text,) = sample_texts(
+                generated = sample_texts(
                     self.loaded.model,
                     self.loaded.vocab,
-                    [row["prompt"]],
-                    row["max_new_tokens"],
+                    [rows[i]["prompt"] for i in indices],
+                    first["max_new_tokens"],
                     sampling,
                     sample.unknown,
                     sample.replacement,
                 )
             except UserError as exc:
                 raise _bad_request(str(exc)) from None
-            texts.append(text)
+            for i, text in zip(indices, generated, strict=True):
+                texts[i] = text
         return pd.DataFrame({"text": texts})

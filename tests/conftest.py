@@ -113,6 +113,8 @@ def copy_repo(dest: Path) -> Path:
             shutil.copy2(src, dest / rel)
     git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.invalid"]
     subprocess.run([*git, "init", "-q", "-b", "main"], cwd=dest, check=True)
+    for key, value in (("user.name", "test"), ("user.email", "test@example.invalid")):  # dvc exp commits too
+        subprocess.run(["git", "config", key, value], cwd=dest, check=True)
     subprocess.run([*git, "add", "-A"], cwd=dest, check=True)
     subprocess.run([*git, "commit", "-q", "-m", "copy"], cwd=dest, check=True)
     return dest

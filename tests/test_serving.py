@@ -73,8 +73,10 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.fixture()
-def server(store: Path) -> Iterator[str]:
+@pytest.fixture(scope="module")
+def server(repro_repo: tuple[Path, str]) -> Iterator[str]:
+    """One real `mlflow models serve` for the module: the bad requests must not stop it serving."""
+    store, _ = repro_repo
     port = _free_port()
     env = tool_env(store)
     env["MLFLOW_TRACKING_URI"] = f"sqlite:///{store / 'mlflow.db'}"

@@ -51,6 +51,8 @@ def test_champion_moves_only_on_improvement(store: Path) -> None:
     tags = {"corpus": "shakespeare", "level": "char", "lowercase": "false"}
     checkpoint = store / "data/model/model.pt"
 
+    equal = register(checkpoint, run_id, MODEL_NAME, "ROMEO:", old_loss + 4e-7, tags)  # ties do not move it
+    assert not equal.promoted and "does not beat it" in equal.reason
     worse = register(checkpoint, run_id, MODEL_NAME, "ROMEO:", old_loss + 0.5, tags)
     assert not worse.promoted and "does not beat it" in worse.reason
     assert client.get_model_version_by_alias(MODEL_NAME, "champion").version == champion.version

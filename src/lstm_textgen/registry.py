@@ -129,7 +129,7 @@ def _decide(
             int(current.version),
         )
     versus = f"validation loss {val_loss:.4f} vs champion v{current.version}'s {old_loss:.4f}"
-    if val_loss < old_loss:
+    if round(val_loss, 6) < old_loss:  # the champion's loss is stored as a tag with 6 decimals
         return True, f"{versus}: better, it becomes the champion", version
     return False, f"{versus}: does not beat it, the champion stays", int(current.version)
 

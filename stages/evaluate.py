@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import mlflow
+
 from lstm_textgen import tracking
 from lstm_textgen.checkpoint import load_model
 from lstm_textgen.cli import run_main
@@ -43,7 +45,6 @@ def main() -> None:
     write_json(args.out, results)
     run_id = read_json(args.train_metrics)["mlflow_run_id"]
     with tracking.active_run(run_id=run_id):
-        mlflow = tracking.configure()
         mlflow.log_metrics({f"eval.{k}": v for k, v in flatten(results).items()})
     for name, m in results.items():
         print(

@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import mlflow
+
 from lstm_textgen import tracking
 from lstm_textgen.checkpoint import load_model
 from lstm_textgen.cli import run_main
@@ -42,7 +44,6 @@ def main() -> None:
     write_text(args.out / "samples.txt", readable + "\n")
     run_id = read_json(args.train_metrics)["mlflow_run_id"]
     with tracking.active_run(run_id=run_id):
-        mlflow = tracking.configure()
         mlflow.log_artifacts(str(args.out), artifact_path="samples")
     print(readable[:1500])
 

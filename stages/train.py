@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import mlflow
 import yaml
 
 from lstm_textgen import tracking
@@ -39,7 +40,6 @@ def main() -> None:
     }
     tags = {**tracking.run_tags(corpus, device), "mlflow.note.content": tracking.run_description()}
     with tracking.active_run(run_name=tracking.run_name(), tags=tags) as run:
-        mlflow = tracking.configure()
         mlflow.log_params({k: str(v) for k, v in logged.items()})
         result = train(
             dataset.splits,

@@ -82,10 +82,10 @@ def register(
 ) -> Registration:
     """Log + register; promote to champion only on improvement. `version_tags` must hold
     `corpus` and `level` (what makes two versions comparable)."""
-    mlflow = tracking.configure()
+    import mlflow
     from mlflow.tracking import MlflowClient
 
-    with tracking.active_run(run_id=run_id):
+    with tracking.active_run(run_id=run_id):  # configures the store, which MlflowClient() then uses
         info = mlflow.pyfunc.log_model(
             name="model",
             python_model=str(PACKAGE_DIR / "pyfunc_entry.py"),

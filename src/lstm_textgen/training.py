@@ -210,6 +210,7 @@ def train(
     check_fits(len(splits["val"]), seq_len, "val")
     device = resolve_device(tp.device)
     dtype = resolve_dtype(tp.dtype, device)
+    dtype_name = str(dtype).removeprefix("torch.")
     if device.type == "cpu":
         torch.set_num_threads(tp.threads or os.cpu_count() or 1)
     if device.type == "cuda":
@@ -231,6 +232,7 @@ def train(
     state: State | None = None  # carried across windows when train.stateful
     history: list[dict[str, float]] = []
     elapsed_train = 0.0
+    best_state: dict[str, torch.Tensor] | None = None  # kept in the last checkpoint for resume
     if tp.resume and last_path.is_file():
         saved = load_checkpoint(last_path)
         model.load_state_dict(saved["model"])
@@ -243,13 +245,10 @@ def train(
         carried = saved.get("carried_state")
         if carried:
             state = tuple(t.to(device) for t in carried) if len(carried) == 2 else carried[0].to(device)
-        print(f"train: resumed from {last_path} at step {step}")
-
-    best_state: dict[str, torch.Tensor] | None = None
-    if tp.resume and last_path.is_file():
         best_state = saved["best_model"]
         if not best_path.is_file():  # DVC deletes stage outputs before a run; restore the best so far
             save_checkpoint(best_path, {**saved, "model": best_state, "best_model": None})
+        print(f"train: resumed from {last_path} at step {step}")
 
     def checkpoint_dict() -> dict[str, Any]:
         return {
@@ -267,7 +266,7 @@ def train(
             "params": params.model_dump(),
             "vocab": vocab.to_dict(),
             "device": device.type,
-            "dtype": str(dtype).removeprefix("torch."),
+            "dtype": dtype_name,
         }
 
     explode_at = 4 * math.log(len(vocab)) + 10
@@ -368,7 +367,7 @@ def train(
         tokens_per_sec=step * tp.batch_size * seq_len / max(elapsed_train, 1e-9),
         train_seconds=elapsed_train,
         device=device.type,
-        dtype=str(dtype).removeprefix("torch."),
+        dtype=dtype_name,
         parameters=count_parameters(model),
         stopped=stopped,
         history=history,

@@ -36,7 +36,7 @@ def main() -> None:
         dataset.splits,
         params.evaluate.seq_len,
         params.evaluate.batch_size,
-        resolve_dtype(params.train.dtype, device),
+        resolve_dtype(params.train.dtype, device, params.model.cell),
     )
     level = loaded.vocab.level
     for split_metrics in results.values():

@@ -6,7 +6,16 @@ import pytest
 import torch
 
 from lstm_textgen.errors import UserError
-from lstm_textgen.generation import PromptError, Sampling, encode_prompt, generate, next_tokens, sample_texts
+from lstm_textgen.generation import (
+    PromptError,
+    Sampling,
+    draw_one,
+    encode_prompt,
+    generate,
+    invert_cdf,
+    next_tokens,
+    sample_texts,
+)
 from lstm_textgen.model import RecurrentLM
 from lstm_textgen.params import ModelParams
 from lstm_textgen.vocab import Vocabulary, tokenize
@@ -80,11 +89,12 @@ def test_stateful_generation_equals_refeeding(model: RecurrentLM, vocab: Vocabul
     # stateful: one step at a time from the warmed state, through the same `step` generation uses
     with torch.no_grad():
         logits, state = model(torch.tensor([prompt]), last_only=True)
+        step = model.stepper(state)
         for i, token in enumerate(generated):
             refed, _ = model(torch.tensor([sequence[: len(prompt) + i]]), last_only=True)
             torch.testing.assert_close(logits, refed, atol=1e-5, rtol=0)
             assert int(refed.argmax()) == token
-            logits, state = model.step(torch.tensor([token]), state)
+            logits = step(torch.tensor([token]))
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
@@ -94,11 +104,13 @@ def test_single_step_matches_the_sequence_kernel(cell: str, encoding: str) -> No
     net = RecurrentLM(13, ModelParams(cell=cell, input=encoding, layers=3, hidden=10, embedding_dim=5)).eval()
     tokens = torch.randint(0, 13, (4, 9))
     with torch.no_grad():
-        full, full_state = net(tokens)
-        state = None
-        for t in range(tokens.shape[1]):
-            logits, state = net.step(tokens[:, t], state)
-            torch.testing.assert_close(logits, full[:, t], atol=1e-5, rtol=0)
+        full, full_state = net(tokens[:, 1:], net(tokens[:, :1])[1])
+        _, warmed = net(tokens[:, :1])
+        step = net.stepper(warmed)
+        for t in range(1, tokens.shape[1]):
+            logits = step(tokens[:, t])
+            torch.testing.assert_close(logits, full[:, t - 1], atol=1e-5, rtol=0)
+        state = step.state
     for mine, theirs in zip(
         state if isinstance(state, tuple) else (state,),
         full_state if isinstance(full_state, tuple) else (full_state,),
@@ -143,3 +155,17 @@ def test_bad_sampling_settings() -> None:
     for bad in ({"temperature": 0.0}, {"top_k": 0}, {"top_p": 1.5}, {"top_p": 0.0}, {"draws": 0}):
         with pytest.raises(UserError):
             Sampling(**bad)
+
+
+def test_inverse_cdf_draws_follow_the_distribution_and_skip_zero_probabilities() -> None:
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.3, 0.2, 0.0]]).repeat(20_000, 1)
+    picked = draw_one(probs, torch.Generator().manual_seed(0))
+    counts = torch.bincount(picked, minlength=6).double() / len(picked)
+    assert counts[[0, 2, 5]].sum() == 0
+    torch.testing.assert_close(counts, probs[0].double(), atol=0.015, rtol=0)
+    # the ends of [0, 1) must still land on tokens that can occur
+    edge = torch.tensor([[0.0, 0.25, 0.75, 0.0]]).repeat(2, 1)
+    ends = torch.tensor([[0.0], [1.0 - 2**-24]])
+    assert invert_cdf(edge, ends).tolist() == [1, 2]
+    same = draw_one(probs[:50], torch.Generator().manual_seed(7))
+    assert torch.equal(same, draw_one(probs[:50], torch.Generator().manual_seed(7)))

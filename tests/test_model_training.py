@@ -13,7 +13,7 @@ from lstm_textgen.checkpoint import load_checkpoint, load_model
 from lstm_textgen.errors import UserError
 from lstm_textgen.model import RecurrentLM
 from lstm_textgen.params import ModelParams, Params, parse_params
-from lstm_textgen.training import TrainingError, lr_at, train
+from lstm_textgen.training import TrainingError, lr_at, resolve_dtype, train
 from lstm_textgen.vocab import Vocabulary
 from lstm_textgen.windows import split
 
@@ -212,3 +212,26 @@ def test_default_training_samples_well_from_a_short_prompt(tmp_path: Path) -> No
     model = load_model(tmp_path / "best.pt").model
     (text_out,) = sample_texts(model, vocab, ["the q"], 60, Sampling("greedy"))
     assert text_out == text[5:65]  # "uick brown fox jumps over the lazy dog. the quick brown fox j"
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_explicit_bf16_on_cpu_runs_or_fails_with_the_key_to_change(cell: str, data, tmp_path: Path) -> None:
+    """oneDNN has no bf16 LSTM on CPUs without AVX-512: the stage must say so and name train.dtype,
+    not crash in the first forward pass. Whichever this CPU is, the answer must match what a real
+    training step does."""
+    splits, vocab = data
+    params = tiny_params(train={"dtype": "bfloat16", "max_steps": 2, "eval_every": 2}, model={"cell": cell})
+    try:
+        with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+            RecurrentLM(len(vocab), params.model)(torch.zeros(2, 5, dtype=torch.long))
+        runs = True
+    except RuntimeError:
+        runs = False
+    if runs:
+        assert resolve_dtype("bfloat16", torch.device("cpu"), cell) == torch.bfloat16
+        assert train(splits, vocab, params, tmp_path / "b.pt", tmp_path / "l.pt").dtype == "bfloat16"
+    else:
+        with pytest.raises(TrainingError, match=r"train\.dtype: bfloat16 .*use train\.dtype auto or float32"):
+            train(splits, vocab, params, tmp_path / "b.pt", tmp_path / "l.pt")
+        assert not (tmp_path / "b.pt").exists()
+    assert resolve_dtype("auto", torch.device("cpu"), cell) in (torch.float32, torch.bfloat16)

@@ -74,7 +74,23 @@ def next_tokens(logits: torch.Tensor, sampling: Sampling, generator: torch.Gener
     if sampling.strategy == "mode":
         draws = torch.multinomial(probs, sampling.draws, replacement=True, generator=generator)
         return torch.mode(draws, dim=-1).values
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return draw_one(probs, generator)
+
+
+def draw_one(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One token per row by inverting the cumulative distribution: one uniform number per row where
+    `torch.multinomial` draws one per vocabulary entry (3-4x slower at batch 64)."""
+    u = torch.rand((probs.shape[0], 1), generator=generator, device=probs.device, dtype=torch.float32)
+    return invert_cdf(probs, u)
+
+
+def invert_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """[B, V] probabilities, [B, 1] uniforms in [0, 1) -> [B] ids. The point stays strictly below
+    the total mass, so a token of probability zero is never picked, even for u = 0 or u near 1."""
+    cdf = probs.float().cumsum(dim=-1)
+    total = cdf[:, -1:]
+    point = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, point, right=True).squeeze(-1)
 
 
 def encode_prompt(
@@ -134,14 +150,16 @@ def generate(
         logits, state = model(torch.tensor([list(ids)], dtype=torch.long, device=device), last_only=True)
         last_logits.append(logits)
         states.append(state)
-    logits, state = torch.cat(last_logits), _cat_states(states)
+    logits = torch.cat(last_logits).float()
+    step = model.stepper(_cat_states(states))
     out: list[torch.Tensor] = []
-    for _ in range(max_new_tokens):
+    for position in range(max_new_tokens):
         token = next_tokens(logits, sampling, generator)
         out.append(token)
         if on_tokens is not None:
             on_tokens(token)
-        logits, state = model.step(token, state)
+        if position < max_new_tokens - 1:
+            logits = step(token)
     if not out:
         return [[] for _ in prompt_ids]
     return torch.stack(out, dim=1).tolist()

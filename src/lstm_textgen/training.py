@@ -61,15 +61,36 @@ def cpu_has_native_bf16() -> bool:
     return False
 
 
-def resolve_dtype(preference: str, device: torch.device) -> torch.dtype:
-    """Autocast dtype: bf16 where the device runs it natively, else float32."""
+def resolve_dtype(preference: str, device: torch.device, cell: str = "lstm") -> torch.dtype:
+    """Autocast dtype: bf16 where the device runs it natively, else float32. An explicit reduced
+    precision on the CPU is tried once on a tiny `cell` first: oneDNN has no bf16/fp16 LSTM on CPUs
+    without AVX-512 and fails deep inside the first forward pass with an opaque message."""
     if preference != "auto":
-        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[preference]
+        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[preference]
+        if device.type == "cpu" and dtype != torch.float32:
+            _check_cpu_autocast(dtype, cell, preference)
+        return dtype
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
     if device.type == "cpu" and cpu_has_native_bf16():
         return torch.bfloat16
     return torch.float32
+
+
+def _check_cpu_autocast(dtype: torch.dtype, cell: str, name: str) -> None:
+    from lstm_textgen.model import CELLS
+
+    probe = CELLS[cell](4, 8, num_layers=2, batch_first=True)
+    try:
+        with torch.autocast(device_type="cpu", dtype=dtype):
+            outputs, _ = probe(torch.zeros(1, 2, 4, requires_grad=True))
+        outputs.float().sum().backward()
+    except RuntimeError as error:
+        raise TrainingError(
+            f"train.dtype: {name} does not run a {cell.upper()} on this CPU "
+            f"(native bf16: {cpu_has_native_bf16()}; PyTorch said: {str(error).splitlines()[0][:120]}); "
+            "use train.dtype auto or float32"
+        ) from None
 
 
 def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager[Any]:
@@ -209,7 +230,7 @@ def train(
     check_fits(len(splits["train"]), seq_len, "train")
     check_fits(len(splits["val"]), seq_len, "val")
     device = resolve_device(tp.device)
-    dtype = resolve_dtype(tp.dtype, device)
+    dtype = resolve_dtype(tp.dtype, device, params.model.cell)
     dtype_name = str(dtype).removeprefix("torch.")
     if device.type == "cpu":
         torch.set_num_threads(tp.threads or os.cpu_count() or 1)

@@ -41,8 +41,8 @@ presets: $(STAMP)
 preset: $(STAMP)  ## make preset NAME=anna-notebook [ARGS="-S train.max_steps=5000"]
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m lstm_textgen.presets run $(NAME) $(ARGS)
 
-bench: $(STAMP)  ## benchmarks/report.md: us vs the notebook (BENCH_CORPUS=path/or/url for a local copy)
-	$(BIN)/python benchmarks/bench.py --corpus $(BENCH_CORPUS) --out benchmarks
+bench: $(STAMP)  ## benchmarks/results/<machine>/report.md: us vs the notebook (BENCH_CORPUS=path/or/url)
+	$(BIN)/python benchmarks/bench.py --corpus $(BENCH_CORPUS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check src stages tests benchmarks

@@ -35,6 +35,7 @@ from lstm_textgen.files import atomic_path, write_text
 from lstm_textgen.generation import Sampling, generate
 from lstm_textgen.model import RecurrentLM
 from lstm_textgen.params import CorpusSpec, Params, load_params, parse_params
+from lstm_textgen.presets import load_presets
 from lstm_textgen.training import (
     Batcher,
     autocast,
@@ -80,6 +81,33 @@ def machine() -> dict[str, Any]:
         "python": platform.python_version(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
+
+
+def machine_slug(info: dict[str, Any]) -> str:
+    """A folder name per kind of machine (vendor, best vector unit, cores, GPU): reports from
+    different machines sit side by side instead of overwriting each other."""
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    vector = next(
+        (
+            name
+            for flag, name in (
+                ("amx_bf16", "amx"),
+                ("avx512_bf16", "avx512bf16"),
+                ("avx512f", "avx512"),
+                ("avx2", "avx2"),
+                ("asimd", "neon"),
+            )
+            if flag in flags
+        ),
+        platform.machine() or "cpu",
+    )
+    cpu = info["cpu"].lower()
+    vendor = next((v for v in ("xeon", "epyc", "ryzen", "core", "apple", "graviton") if v in cpu), "cpu")
+    vendor = {"xeon": "intel-xeon", "epyc": "amd-epyc", "ryzen": "amd-ryzen", "core": "intel-core"}.get(
+        vendor, vendor
+    )
+    gpu = "-" + "-".join(info["cuda"].lower().split()[-2:]) if info.get("cuda") else ""
+    return f"{vendor}-{vector}-{info['cores']}cores{gpu}".replace("/", "-")
 
 
 # -------------------------------------------------------------------------------------------------
@@ -203,16 +231,18 @@ def measure_quality(
     predictions_per_s: float,
     workdir: Path,
 ) -> dict[str, Any]:
+    """Train with a clock budget of `budget_s` training seconds: the cosine schedule decays by the
+    clock (train.max_minutes), so the run ends at the low learning rate on any machine."""
     tp, seq_len = params.train, params.data.seq_len
-    steps = max(10, int(budget_s * predictions_per_s / (tp.batch_size * seq_len)))
+    expected_steps = max(10, int(budget_s * predictions_per_s / (tp.batch_size * seq_len)))
     val_windows = math.ceil((len(splits["val"]) - 1) / seq_len)
     raw = params.model_dump()
     raw["train"].update(
-        max_steps=steps,
-        eval_every=max(1, steps // 12),
-        max_minutes=budget_s * 1.5 / 60,
+        max_steps=10**9,
+        eval_every=max(1, expected_steps // 12),
+        max_minutes=budget_s / 60,
         eval_batches=math.ceil(val_windows / tp.batch_size),
-        warmup_steps=min(tp.warmup_steps, steps // 10),
+        warmup_steps=min(tp.warmup_steps, expected_steps // 10),
     )
     run_params = parse_params(raw)
     result = train(splits, vocab, run_params, workdir / "best.pt", workdir / "last.pt")
@@ -270,29 +300,33 @@ def measure_generation(
 
 
 def measure_gpu(splits, vocab, params: Params, workdir: Path) -> dict[str, Any] | None:
+    """The `gpu-shakespeare` preset (presets.yaml) on the CUDA device: throughput and the training
+    seconds until the whole-split validation loss first reaches 1.50. None without a GPU."""
     if not torch.cuda.is_available():
         return None
     raw = params.model_dump()
+    for key, value in load_presets(REPO / "presets.yaml")["gpu-shakespeare"].items():
+        section, name = key.split(".", 1)
+        raw[section][name] = value
+    val_windows = math.ceil((len(splits["val"]) - 1) / params.data.seq_len)
     raw["train"].update(
         device="cuda",
-        dtype="auto",
-        batch_size=256,
-        max_steps=3000,
-        eval_every=100,
+        eval_every=50,
+        eval_batches=math.ceil(val_windows / raw["train"]["batch_size"]),
         max_minutes=5,
-        lr=0.004,
-        warmup_steps=100,
     )
-    raw["model"].update(hidden=512, layers=2, embedding_dim=128, dropout=0.1)
     run_params = parse_params(raw)
     result = train(splits, vocab, run_params, workdir / "gpu-best.pt", workdir / "gpu-last.pt")
     reached = next((h["train_seconds"] for h in result.history if h["val_loss"] <= 1.50), None)
     return {
         "device": torch.cuda.get_device_name(0),
+        "dtype": result.dtype,
         "tokens_per_sec": result.tokens_per_sec,
         "seconds_to_val_1.50": reached,
         "best_val_loss": result.best_val_loss,
-        "params": raw["model"] | raw["train"],
+        "steps": result.steps,
+        "train_seconds": result.train_seconds,
+        "params": {k: raw[k] for k in ("model", "train")},
     }
 
 
@@ -360,7 +394,7 @@ def report(results: dict[str, Any]) -> str:
         "",
         f"Default CPU settings (`{json.dumps(q['params']['model'])}`, batch {q['params']['train']['batch_size']}, "
         f"seq_len {q['params']['data.seq_len']}, lr {q['params']['train']['lr']}, {t['dtype']}), the cosine schedule "
-        f"sized to the budget ({q['steps']} steps). Validation loss in nats/char over windows covering the whole "
+        f"decaying by the clock (`train.max_minutes`; {q['steps']} steps here). Validation loss in nats/char over windows covering the whole "
         "validation split (last 10%), at training times that exclude the evaluations themselves.",
         "",
         "| training seconds | validation loss |",
@@ -382,9 +416,12 @@ def report(results: dict[str, Any]) -> str:
     if gpu is None:
         lines.append("Skipped: no CUDA device on this machine.")
     else:
+        reached = gpu["seconds_to_val_1.50"]
         lines.append(
-            f"{gpu['device']}: {f(gpu['tokens_per_sec'])} tokens/s, validation loss 1.50 reached after "
-            f"{gpu['seconds_to_val_1.50']} s of training, best {gpu['best_val_loss']:.4f}."
+            f"{gpu['device']}, preset `gpu-shakespeare` ({gpu['dtype']} autocast, cuDNN): "
+            f"{f(gpu['tokens_per_sec'])} tokens/s; validation loss 1.50 (whole split) "
+            + (f"reached after {reached:.1f} s of training" if reached is not None else "not reached")
+            + f"; best {gpu['best_val_loss']:.4f} after {gpu['steps']} steps ({gpu['train_seconds']:.0f} s)."
         )
     return "\n".join(lines) + "\n"
 
@@ -406,7 +443,9 @@ def main() -> None:
     parser.add_argument("--corpus", default="tinyshakespeare", help="corpora key, path or URL")
     parser.add_argument("--budget-s", type=float, default=180.0)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="default: benchmarks/results/<kind of machine>/"
+    )
     parser.add_argument("--quick", action="store_true", help="tiny budgets: a smoke run of every code path")
     args = parser.parse_args()
     if args.quick:
@@ -459,6 +498,7 @@ def main() -> None:
             nb_len=5 if args.quick else 40,
         )
         results["gpu"] = measure_gpu(dataset.splits, dataset.vocab, params, workdir)
+        args.out = args.out or REPO / "benchmarks" / "results" / machine_slug(results["machine"])
         args.out.mkdir(parents=True, exist_ok=True)
         plot(results["quality"], args.out / "bench.png")
     results["quality"].pop("checkpoint")

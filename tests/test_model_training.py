@@ -76,6 +76,18 @@ def test_learning_rate_schedule() -> None:
     assert lr_at(9, tp) == pytest.approx(1.0)
     assert lr_at(60, tp) == pytest.approx(0.55)
     assert lr_at(110, tp) == pytest.approx(0.1)
+    # with a clock budget the decay follows whichever budget is spent first
+    assert lr_at(20, tp, time_fraction=0.5) == pytest.approx(0.55)
+    assert lr_at(20, tp, time_fraction=1.0) == pytest.approx(0.1)
+    assert lr_at(60, tp, time_fraction=0.1) == pytest.approx(0.55)
+
+
+def test_a_clock_budget_stops_on_time_at_the_low_learning_rate(data, tmp_path: Path) -> None:
+    splits, vocab = data
+    params = tiny_params(train={"max_steps": 10**6, "max_minutes": 0.03, "eval_every": 10**5, "lr": 0.01})
+    result = train(splits, vocab, params, tmp_path / "best.pt", tmp_path / "last.pt")
+    assert result.stopped == "max_minutes" and result.steps < 10**6
+    assert result.history[-1]["lr"] < 0.01 * 0.1 * 1.05  # min_lr_ratio 0.1 reached by the deadline
 
 
 @pytest.mark.parametrize(

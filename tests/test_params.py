@@ -9,7 +9,7 @@ import pytest
 import yaml
 from conftest import REPO_ROOT, tool_env
 
-from lstm_textgen.params import ParamsError, flatten, load_params, parse_params
+from lstm_textgen.params import Params, ParamsError, flatten, load_params, parse_params
 
 
 def test_repository_params_validate() -> None:
@@ -110,3 +110,15 @@ def test_readme_preset_commands_match_presets_yaml() -> None:
     for name in presets:
         expected = shlex.join(command(name, presets, ["--temp"])).replace("|", "\\|")
         assert f"`{expected}`" in readme, name
+
+
+def test_params_yaml_holds_the_code_defaults() -> None:
+    """One default per knob: params.yaml spells out exactly the defaults in params.py (plus the
+    downloadable corpora), so a key left out of a user's file means what the shipped file says."""
+    shipped = load_params(REPO_ROOT / "params.yaml").model_dump()
+    defaults = Params().model_dump()
+    for section in defaults:
+        if section == "corpora":
+            assert defaults["corpora"].items() <= shipped["corpora"].items()
+        else:
+            assert shipped[section] == defaults[section], section

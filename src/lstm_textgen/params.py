@@ -63,7 +63,7 @@ class DataParams(_Section):
     lowercase: bool = False
     val_fraction: float = Field(default=0.05, gt=0, lt=0.5)
     test_fraction: float = Field(default=0.05, ge=0, lt=0.5)
-    seq_len: int = Field(default=128, ge=1, le=65536)
+    seq_len: int = Field(default=64, ge=1, le=65536)
     min_freq: int = Field(default=1, ge=1, description="word level: rarer words become <unk>")
     max_vocab: int | None = Field(default=None, ge=2, description="word level: keep the most frequent")
 
@@ -96,17 +96,23 @@ class ModelParams(_Section):
 class TrainParams(_Section):
     objective: Literal["all", "last"] = "all"
     stateful: bool = False
-    batch_size: int = Field(default=64, ge=1, le=65536)
-    lr: float = Field(default=3e-3, gt=0, le=10)
+    batch_size: int = Field(default=16, ge=1, le=65536)
+    lr: float = Field(default=5e-3, gt=0, le=10)
     weight_decay: float = Field(default=0.01, ge=0)
     schedule: Literal["cosine", "constant"] = "cosine"
     warmup_steps: int = Field(default=50, ge=0)
     min_lr_ratio: float = Field(default=0.1, ge=0, le=1)
     grad_clip: float = Field(default=1.0, ge=0, description="0 turns clipping off")
-    max_steps: int = Field(default=2000, ge=1)
-    max_minutes: float | None = Field(default=None, gt=0)
-    eval_every: int = Field(default=200, ge=1)
-    eval_batches: int = Field(default=40, ge=1, description="validation batches per periodic evaluation")
+    max_steps: int = Field(default=8000, ge=1)
+    max_minutes: float | None = Field(
+        default=None,
+        gt=0,
+        description="minutes of training (evaluations excluded); the schedule then decays by the clock",
+    )
+    eval_every: int = Field(default=1000, ge=1)
+    eval_batches: int = Field(
+        default=160, ge=1, description="validation batches per periodic evaluation (at most the whole split)"
+    )
     patience: int | None = Field(default=None, ge=1, description="evaluations without improvement")
     seed: int = 1337
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
@@ -122,7 +128,7 @@ class EvaluateParams(_Section):
 
 
 class SampleParams(_Section):
-    prompts: list[str] = Field(default_factory=lambda: ["ROMEO:\n"], min_length=1)
+    prompts: list[str] = Field(default_factory=lambda: ["ROMEO:\n", "To be, or not to be"], min_length=1)
     length: int = Field(default=500, ge=1, le=100_000, description="new tokens per prompt")
     strategy: Literal["greedy", "sample", "mode"] = "sample"
     temperature: float = Field(default=0.8, gt=0)

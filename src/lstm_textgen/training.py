@@ -99,14 +99,16 @@ def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractCon
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def lr_at(step: int, train: TrainParams) -> float:
-    """Linear warm-up, then cosine decay to lr * min_lr_ratio at max_steps (or constant)."""
+def lr_at(step: int, train: TrainParams, time_fraction: float = 0.0) -> float:
+    """Linear warm-up, then cosine decay to lr * min_lr_ratio (or constant). The decay follows
+    whichever budget runs out first: steps towards max_steps, or `time_fraction` of max_minutes
+    spent, so a run stopped by the clock still ends at the low learning rate, on any machine."""
     if step < train.warmup_steps:
         return train.lr * (step + 1) / train.warmup_steps
     if train.schedule == "constant":
         return train.lr
     span = max(1, train.max_steps - train.warmup_steps)
-    progress = min(1.0, (step - train.warmup_steps) / span)
+    progress = min(1.0, max((step - train.warmup_steps) / span, time_fraction))
     floor = train.lr * train.min_lr_ratio
     return floor + 0.5 * (train.lr - floor) * (1 + math.cos(math.pi * progress))
 
@@ -246,6 +248,8 @@ def train(
     train_tokens = to_device_tokens(splits["train"], device)
     val_tokens = to_device_tokens(splits["val"], device)
     batcher = Batcher(train_tokens, seq_len, tp.batch_size, tp.stateful, generator)
+    # evenly spaced validation windows; never more than it takes to cover the split once
+    val_windows = min(tp.eval_batches * tp.batch_size, math.ceil((len(val_tokens) - 1) / seq_len))
     last_only = tp.objective == "last"
     forward = torch.compile(model) if tp.compile else model
 
@@ -291,15 +295,21 @@ def train(
         }
 
     explode_at = 4 * math.log(len(vocab)) + 10
-    deadline = time.monotonic() + tp.max_minutes * 60 if tp.max_minutes else math.inf
+    started, evaluating_s = time.monotonic(), 0.0  # the clock budget counts training, not evaluations
+    budget_s = tp.max_minutes * 60 if tp.max_minutes else math.inf
+
+    def time_fraction() -> float:
+        return (time.monotonic() - started - evaluating_s) / budget_s
+
     loss_sum = torch.zeros((), device=device)
     loss_steps, tokens_since, stopped = 0, 0, "max_steps"
     window_start = time.perf_counter()
     bar = tqdm(total=tp.max_steps, initial=step, desc="train", unit="step", disable=None, dynamic_ncols=True)
     model.train()
     while step < tp.max_steps:
+        lr = lr_at(step, tp, time_fraction())
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, tp)
+            group["lr"] = lr
         chunk, reset = batcher.next()
         inputs = chunk[:, :-1]
         targets = chunk[:, -1] if last_only else chunk[:, 1:]
@@ -322,28 +332,27 @@ def train(
             if not math.isfinite(value) or value > explode_at:
                 bar.close()
                 raise TrainingError(
-                    f"training diverged: loss {value:.4g} at step {step} (lr {lr_at(step - 1, tp):.3g}); "
+                    f"training diverged: loss {value:.4g} at step {step} (lr {lr:.3g}); "
                     f"lower train.lr (now {tp.lr:g}) or keep train.grad_clip > 0"
                 )
             bar.set_postfix(loss=f"{value:.3f}", refresh=False)
         bar.update(1)
 
-        out_of_time = time.monotonic() >= deadline
+        out_of_time = time_fraction() >= 1.0
         if step % tp.eval_every == 0 or step == tp.max_steps or out_of_time or step == halt_at_step:
             if device.type == "cuda":
                 torch.cuda.synchronize()
+            eval_start = time.monotonic()
             window_seconds = time.perf_counter() - window_start
             elapsed_train += window_seconds
-            val = validation_loss(
-                model, val_tokens, seq_len, tp.eval_batches * tp.batch_size, tp.batch_size, last_only, dtype
-            )
+            val = validation_loss(model, val_tokens, seq_len, val_windows, tp.batch_size, last_only, dtype)
             record = {
                 "step": step,
                 "train_loss": (loss_sum / loss_steps).item(),
                 "val_loss": val,
                 "val_perplexity": math.exp(min(val, 50.0)),
                 "val_bits_per_token": val / math.log(2),
-                "lr": lr_at(step - 1, tp),
+                "lr": lr,
                 "tokens_per_sec": tokens_since / window_seconds,
                 "train_seconds": elapsed_train,
             }
@@ -361,6 +370,7 @@ def train(
             save_checkpoint(last_path, {**checkpoint_dict(), "best_model": best_state})
             if on_eval is not None:
                 on_eval(record)
+            evaluating_s += time.monotonic() - eval_start
             loss_sum.zero_()
             loss_steps, tokens_since = 0, 0
             if out_of_time:

@@ -1,5 +1,6 @@
 """`make bench`: lstm-textgen against the reference notebook's approach, measured in the same run, so
-the figures are ratios that survive a noisy shared machine. Writes benchmarks/report.md and a PNG.
+the figures are ratios that survive a noisy shared machine. Writes report.md, results.json and a PNG
+to benchmarks/results/<kind of machine>/.
 
     python benchmarks/bench.py --corpus ../shared/corpora/tinyshakespeare.txt
     python benchmarks/bench.py --quick --out /tmp/bench      # smoke run with tiny budgets

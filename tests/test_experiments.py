@@ -77,6 +77,9 @@ def experiments(tmp_path_factory: pytest.TempPathFactory, corpus_server: str) ->
         )
     done.outputs["run-all"] = run(["dvc", "exp", "run", "--run-all"], cwd=repo, env=env)
 
+    done.outputs["params-before-boom"] = subprocess.CompletedProcess(
+        [], 0, (repo / "params.yaml").read_text(), ""
+    )
     done.outputs["boom"] = run(
         [
             "dvc",
@@ -146,7 +149,8 @@ def test_failing_experiment_is_marked_failed_and_leaves_the_rest_intact(experime
     failed = experiments.runs()["boom"]
     assert failed.info.status == "FAILED" and "diverged" in failed.data.tags["error"]
     params = yaml.safe_load(experiments.outputs["params-after-boom"].stdout)
-    assert params["train"]["lr"] == 0.003  # the workspace keeps the baseline's params
+    assert params["train"]["lr"] != 10  # the workspace keeps the baseline's params
+    assert params == yaml.safe_load(experiments.outputs["params-before-boom"].stdout)
     champion = experiments.client().get_model_version_by_alias("lstm-textgen-shakespeare-char", "champion")
     assert champion.tags["run_id"] != failed.info.run_id
 

@@ -295,11 +295,12 @@ def train(
         }
 
     explode_at = 4 * math.log(len(vocab)) + 10
-    started, evaluating_s = time.monotonic(), 0.0  # the clock budget counts training, not evaluations
+    # the clock budget counts training (also before a resume), not evaluations
+    started, evaluating_s, trained_before = time.monotonic(), 0.0, elapsed_train
     budget_s = tp.max_minutes * 60 if tp.max_minutes else math.inf
 
     def time_fraction() -> float:
-        return (time.monotonic() - started - evaluating_s) / budget_s
+        return (trained_before + time.monotonic() - started - evaluating_s) / budget_s
 
     loss_sum = torch.zeros((), device=device)
     loss_steps, tokens_since, stopped = 0, 0, "max_steps"

@@ -78,8 +78,8 @@ class ModelParams(_Section):
     cell: Literal["lstm", "gru", "rnn"] = "lstm"
     input: Literal["embedding", "onehot", "scalar"] = "embedding"
     embedding_dim: int = Field(default=64, ge=1, le=65536)
-    layers: int = Field(default=2, ge=1, le=32)
-    hidden: int = Field(default=256, ge=1, le=65536)
+    layers: int = Field(default=1, ge=1, le=32)
+    hidden: int = Field(default=384, ge=1, le=65536)
     dropout: float = Field(default=0.0, ge=0, lt=1)
     tie_weights: bool = False
 

@@ -123,10 +123,31 @@ def encode_prompt(
     return [int(i) for i in vocab.encode_tokens(tokens)]
 
 
-def _cat_states(states: Sequence[State]) -> State:
-    if isinstance(states[0], tuple):
-        return tuple(torch.cat(parts, dim=1) for parts in zip(*states, strict=True))  # type: ignore[return-value]
-    return torch.cat(states, dim=1)  # type: ignore[arg-type]
+def warm_up(
+    model: RecurrentLM, prompt_ids: Sequence[Sequence[int]], device: torch.device
+) -> tuple[torch.Tensor, State]:
+    """[B, V] next-token logits and the state after each prompt. Prompts of equal length share one
+    call of the sequence kernel (a batch of 64 copies of a prompt is one call, not 64); the rows
+    come back in the prompts' order."""
+    by_length: dict[int, list[int]] = {}
+    for row, ids in enumerate(prompt_ids):
+        by_length.setdefault(len(ids), []).append(row)
+    logits = torch.empty(0)
+    state: list[torch.Tensor] = []
+    pair = False  # LSTM: (h, c); GRU/RNN: h
+    for rows in by_length.values():
+        tokens = torch.tensor([list(prompt_ids[r]) for r in rows], dtype=torch.long, device=device)
+        group_logits, group_state = model(tokens, last_only=True)
+        pair = isinstance(group_state, tuple)
+        parts = group_state if pair else (group_state,)
+        if not state:
+            logits = group_logits.new_empty((len(prompt_ids), group_logits.shape[-1]))
+            state = [p.new_empty((p.shape[0], len(prompt_ids), p.shape[2])) for p in parts]
+        index = torch.tensor(rows, device=device)
+        logits[index] = group_logits
+        for whole, part in zip(state, parts, strict=True):
+            whole[:, index] = part
+    return logits.float(), (tuple(state) if pair else state[0])
 
 
 @torch.inference_mode()
@@ -145,13 +166,8 @@ def generate(
     generator = None
     if sampling.seed is not None:
         generator = torch.Generator(device=device).manual_seed(sampling.seed)
-    last_logits, states = [], []
-    for ids in prompt_ids:
-        logits, state = model(torch.tensor([list(ids)], dtype=torch.long, device=device), last_only=True)
-        last_logits.append(logits)
-        states.append(state)
-    logits = torch.cat(last_logits).float()
-    step = model.stepper(_cat_states(states))
+    logits, state = warm_up(model, prompt_ids, device)
+    step = model.stepper(state)
     out: list[torch.Tensor] = []
     for position in range(max_new_tokens):
         token = next_tokens(logits, sampling, generator)

@@ -103,7 +103,10 @@ class TextGenerator(mlflow.pyfunc.PythonModel):
         device = "cuda" if torch.cuda.is_available() else "cpu"
         self.loaded = load_model(Path(context.artifacts["checkpoint"]), device)
 
-    def predict(self, context: Any, model_input: Any, params: dict[str, Any] | None = None) -> pd.DataFrame:
+    # pd.DataFrame: MLflow infers no request schema from it (and warns on no hint or on `Any`)
+    def predict(
+        self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None
+    ) -> pd.DataFrame:
         from lstm_textgen.errors import UserError
         from lstm_textgen.generation import Sampling, sample_texts
 

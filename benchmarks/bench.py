@@ -181,7 +181,9 @@ def measure_training(
     for repeat in range(repeats):
         torch.manual_seed(repeat)
         model = RecurrentLM(vocab_size, params.model).to(device)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=tp.lr)
+        optimizer = torch.optim.AdamW(
+            model.parameters(), lr=tp.lr, weight_decay=tp.weight_decay, betas=(tp.beta1, tp.beta2)
+        )
         batcher = Batcher(
             to_device_tokens(splits["train"], device),
             seq_len,

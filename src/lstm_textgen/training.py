@@ -243,7 +243,7 @@ def train(
 
     model = RecurrentLM(len(vocab), params.model).to(device)
     optimizer = torch.optim.AdamW(
-        model.parameters(), lr=tp.lr, weight_decay=tp.weight_decay, betas=(0.9, 0.99)
+        model.parameters(), lr=tp.lr, weight_decay=tp.weight_decay, betas=(tp.beta1, tp.beta2)
     )
     train_tokens = to_device_tokens(splits["train"], device)
     val_tokens = to_device_tokens(splits["val"], device)

@@ -99,7 +99,7 @@ class TrainParams(_Section):
     batch_size: int = Field(default=16, ge=1, le=65536)
     lr: float = Field(default=5e-3, gt=0, le=10)
     weight_decay: float = Field(default=0.1, ge=0)
-    beta1: float = Field(default=0.9, ge=0, lt=1, description="AdamW's first-moment decay")
+    beta1: float = Field(default=0.8, ge=0, lt=1, description="AdamW's first-moment decay")
     beta2: float = Field(default=0.95, ge=0, lt=1, description="AdamW's second-moment decay")
     schedule: Literal["cosine", "constant"] = "cosine"
     warmup_steps: int = Field(default=50, ge=0)

@@ -132,22 +132,20 @@ def warm_up(
     by_length: dict[int, list[int]] = {}
     for row, ids in enumerate(prompt_ids):
         by_length.setdefault(len(ids), []).append(row)
-    logits = torch.empty(0)
-    state: list[torch.Tensor] = []
-    pair = False  # LSTM: (h, c); GRU/RNN: h
-    for rows in by_length.values():
-        tokens = torch.tensor([list(prompt_ids[r]) for r in rows], dtype=torch.long, device=device)
-        group_logits, group_state = model(tokens, last_only=True)
-        pair = isinstance(group_state, tuple)
-        parts = group_state if pair else (group_state,)
-        if not state:
-            logits = group_logits.new_empty((len(prompt_ids), group_logits.shape[-1]))
-            state = [p.new_empty((p.shape[0], len(prompt_ids), p.shape[2])) for p in parts]
-        index = torch.tensor(rows, device=device)
-        logits[index] = group_logits
-        for whole, part in zip(state, parts, strict=True):
-            whole[:, index] = part
-    return logits.float(), (tuple(state) if pair else state[0])
+    outputs = [
+        model(
+            torch.tensor([list(prompt_ids[r]) for r in rows], dtype=torch.long, device=device), last_only=True
+        )
+        for rows in by_length.values()
+    ]
+    grouped_rows = torch.tensor([r for rows in by_length.values() for r in rows], device=device)
+    back = grouped_rows.argsort()  # from the grouped order to the prompts' order
+    logits = torch.cat([group_logits for group_logits, _ in outputs])[back]
+    states = [group_state for _, group_state in outputs]
+    if isinstance(states[0], tuple):  # LSTM: (h, c)
+        pairs = zip(*states, strict=True)
+        return logits.float(), tuple(torch.cat(parts, dim=1)[:, back] for parts in pairs)  # type: ignore[return-value]
+    return logits.float(), torch.cat(states, dim=1)[:, back]  # type: ignore[arg-type]
 
 
 @torch.inference_mode()

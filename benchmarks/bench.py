@@ -407,7 +407,9 @@ def report(results: dict[str, Any]) -> str:
         f"## Quality per second ({f(q['budget_s'])} s of training)",
         "",
         f"Default CPU settings (`{json.dumps(q['params']['model'])}`, batch {q['params']['train']['batch_size']}, "
-        f"seq_len {q['params']['data.seq_len']}, lr {q['params']['train']['lr']}, {t['dtype']}), the cosine schedule "
+        f"seq_len {q['params']['data.seq_len']}, lr {q['params']['train']['lr']}, "
+        f"weight decay {q['params']['train'].get('weight_decay')}, AdamW betas "
+        f"({q['params']['train'].get('beta1', 0.9)}, {q['params']['train'].get('beta2', 0.99)}), {t['dtype']}), the cosine schedule "
         f"decaying by the clock (`train.max_minutes`; {q['steps']} steps here). The curve is the periodic "
         f"estimate: evenly spaced {q['params']['data.seq_len']}-character windows covering the whole validation "
         "split (last 10%), each scored from a zero state, at training times that exclude the evaluations.",

@@ -455,6 +455,12 @@ def load_corpus(spec: str, workdir: Path) -> tuple[str, str]:
     return corpus.text, spec
 
 
+def write_report(results: dict[str, Any], out: Path) -> None:
+    """bench.png and report.md from the results (a fresh run's or a saved results.json)."""
+    plot(results["quality"], out / "bench.png")
+    write_text(out / "report.md", report(results))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -472,8 +478,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.render:
         results = json.loads(args.render.read_text())
-        plot(results["quality"], args.render.parent / "bench.png")
-        write_text(args.render.parent / "report.md", report(results))
+        write_report(results, args.render.parent)
         return
     if args.quick:
         args.budget_s, args.repeats = min(args.budget_s, 4.0), 1
@@ -526,10 +531,9 @@ def main() -> None:
         )
         results["gpu"] = measure_gpu(dataset.splits, dataset.vocab, params, workdir)
         args.out = args.out or REPO / "benchmarks" / "results" / results["machine"]["kind"]
-        args.out.mkdir(parents=True, exist_ok=True)
-        plot(results["quality"], args.out / "bench.png")
     results["quality"].pop("checkpoint")
-    write_text(args.out / "report.md", report(results))
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_report(results, args.out)
     write_text(args.out / "results.json", json.dumps(results, indent=2) + "\n")
     print((args.out / "report.md").read_text())
 

@@ -97,12 +97,12 @@ class TrainParams(_Section):
     objective: Literal["all", "last"] = "all"
     stateful: bool = False
     batch_size: int = Field(default=16, ge=1, le=65536)
-    lr: float = Field(default=5e-3, gt=0, le=10)
+    lr: float = Field(default=6.5e-3, gt=0, le=10)
     weight_decay: float = Field(default=0.1, ge=0)
     beta1: float = Field(default=0.8, ge=0, lt=1, description="AdamW's first-moment decay")
     beta2: float = Field(default=0.95, ge=0, lt=1, description="AdamW's second-moment decay")
     schedule: Literal["cosine", "constant"] = "cosine"
-    warmup_steps: int = Field(default=50, ge=0)
+    warmup_steps: int = Field(default=150, ge=0)
     min_lr_ratio: float = Field(default=0.1, ge=0, le=1)
     grad_clip: float = Field(default=1.0, ge=0, description="0 turns clipping off")
     max_steps: int = Field(default=8000, ge=1)

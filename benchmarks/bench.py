@@ -41,6 +41,7 @@ from lstm_textgen.training import (
     Batcher,
     autocast,
     cpu_has_native_bf16,
+    make_optimizer,
     resolve_device,
     resolve_dtype,
     to_device_tokens,
@@ -181,9 +182,7 @@ def measure_training(
     for repeat in range(repeats):
         torch.manual_seed(repeat)
         model = RecurrentLM(vocab_size, params.model).to(device)
-        optimizer = torch.optim.AdamW(
-            model.parameters(), lr=tp.lr, weight_decay=tp.weight_decay, betas=(tp.beta1, tp.beta2)
-        )
+        optimizer = make_optimizer(model, tp)
         batcher = Batcher(
             to_device_tokens(splits["train"], device),
             seq_len,

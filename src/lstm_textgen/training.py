@@ -113,6 +113,13 @@ def lr_at(step: int, train: TrainParams, time_fraction: float = 0.0) -> float:
     return floor + 0.5 * (train.lr - floor) * (1 + math.cos(math.pi * progress))
 
 
+def make_optimizer(model: torch.nn.Module, train: TrainParams) -> torch.optim.AdamW:
+    """AdamW as `train.*` configures it; the training loop and the benchmark share it so they cannot drift."""
+    return torch.optim.AdamW(
+        model.parameters(), lr=train.lr, weight_decay=train.weight_decay, betas=(train.beta1, train.beta2)
+    )
+
+
 # --------------------------------------------------------------------------------------------------
 # Batches
 
@@ -242,9 +249,7 @@ def train(
     generator = torch.Generator().manual_seed(tp.seed)
 
     model = RecurrentLM(len(vocab), params.model).to(device)
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=tp.lr, weight_decay=tp.weight_decay, betas=(tp.beta1, tp.beta2)
-    )
+    optimizer = make_optimizer(model, tp)
     train_tokens = to_device_tokens(splits["train"], device)
     val_tokens = to_device_tokens(splits["val"], device)
     batcher = Batcher(train_tokens, seq_len, tp.batch_size, tp.stateful, generator)

@@ -99,18 +99,27 @@ def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractCon
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def lr_at(step: int, train: TrainParams, time_fraction: float = 0.0) -> float:
+def lr_at(step: int, train: TrainParams, clock_progress: float = 0.0) -> float:
     """Linear warm-up, then cosine decay to lr * min_lr_ratio (or constant). The decay follows
-    whichever budget runs out first: steps towards max_steps, or `time_fraction` of max_minutes
-    spent, so a run stopped by the clock still ends at the low learning rate, on any machine."""
+    whichever budget runs out first: the steps after warm-up towards max_steps, or `clock_progress`,
+    the share of max_minutes left after warm-up that has been spent, so a run stopped by the clock
+    still ends at the low learning rate, on any machine, with the same shape as a run of steps."""
     if step < train.warmup_steps:
         return train.lr * (step + 1) / train.warmup_steps
     if train.schedule == "constant":
         return train.lr
     span = max(1, train.max_steps - train.warmup_steps)
-    progress = min(1.0, max((step - train.warmup_steps) / span, time_fraction))
+    progress = min(1.0, max((step - train.warmup_steps) / span, clock_progress))
     floor = train.lr * train.min_lr_ratio
     return floor + 0.5 * (train.lr - floor) * (1 + math.cos(math.pi * progress))
+
+
+def clock_progress(trained_s: float, warmup_s: float | None, budget_s: float) -> float:
+    """Share of the clock budget left after warm-up that has been spent (0 during warm-up or without a
+    budget): the cosine spans the time after warm-up as it spans the steps after it."""
+    if warmup_s is None or budget_s == math.inf:
+        return 0.0
+    return (trained_s - warmup_s) / max(budget_s - warmup_s, 1e-9)
 
 
 def make_optimizer(model: torch.nn.Module, train: TrainParams) -> torch.optim.AdamW:
@@ -263,12 +272,14 @@ def train(
     history: list[dict[str, float]] = []
     elapsed_train = 0.0
     best_state: dict[str, torch.Tensor] | None = None  # kept in the last checkpoint for resume
+    saved_warmup_s = 0.0  # training seconds the warm-up took, for the clock schedule after a resume
     if tp.resume and last_path.is_file():
         saved = load_checkpoint(last_path)
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         step, best_val, best_step = saved["step"], saved["best_val_loss"], saved["best_step"]
         bad_evals, history, elapsed_train = saved["bad_evals"], saved["history"], saved["train_seconds"]
+        saved_warmup_s = saved.get("warmup_train_seconds") or 0.0
         generator.set_state(saved["rng"]["batches"])
         torch.set_rng_state(saved["rng"]["torch"])
         batcher.position = saved["batcher_position"]
@@ -290,6 +301,7 @@ def train(
             "bad_evals": bad_evals,
             "history": history,
             "train_seconds": elapsed_train,
+            "warmup_train_seconds": warmup_s,
             "rng": {"batches": generator.get_state(), "torch": torch.get_rng_state()},
             "batcher_position": batcher.position,
             "carried_state": [] if state is None else list(state) if isinstance(state, tuple) else [state],
@@ -304,8 +316,10 @@ def train(
     started, evaluating_s, trained_before = time.monotonic(), 0.0, elapsed_train
     budget_s = tp.max_minutes * 60 if tp.max_minutes else math.inf
 
-    def time_fraction() -> float:
-        return (trained_before + time.monotonic() - started - evaluating_s) / budget_s
+    warmup_s: float | None = saved_warmup_s if step > tp.warmup_steps else None
+
+    def trained_s() -> float:
+        return trained_before + time.monotonic() - started - evaluating_s
 
     loss_sum = torch.zeros((), device=device)
     loss_steps, tokens_since, stopped = 0, 0, "max_steps"
@@ -313,7 +327,9 @@ def train(
     bar = tqdm(total=tp.max_steps, initial=step, desc="train", unit="step", disable=None, dynamic_ncols=True)
     model.train()
     while step < tp.max_steps:
-        lr = lr_at(step, tp, time_fraction())
+        if warmup_s is None and step >= tp.warmup_steps:
+            warmup_s = trained_s()
+        lr = lr_at(step, tp, clock_progress(trained_s(), warmup_s, budget_s))
         for group in optimizer.param_groups:
             group["lr"] = lr
         chunk, reset = batcher.next()
@@ -344,7 +360,7 @@ def train(
             bar.set_postfix(loss=f"{value:.3f}", refresh=False)
         bar.update(1)
 
-        out_of_time = time_fraction() >= 1.0
+        out_of_time = trained_s() >= budget_s
         if step % tp.eval_every == 0 or step == tp.max_steps or out_of_time or step == halt_at_step:
             if device.type == "cuda":
                 torch.cuda.synchronize()

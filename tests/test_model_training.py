@@ -14,7 +14,7 @@ from lstm_textgen.checkpoint import load_checkpoint, load_model
 from lstm_textgen.errors import UserError
 from lstm_textgen.model import RecurrentLM
 from lstm_textgen.params import ModelParams, Params, parse_params
-from lstm_textgen.training import TrainingError, clock_progress, lr_at, resolve_dtype, train
+from lstm_textgen.training import TrainingError, lr_at, progress_by_clock, resolve_dtype, train
 from lstm_textgen.vocab import Vocabulary
 from lstm_textgen.windows import split
 
@@ -82,10 +82,10 @@ def test_learning_rate_schedule() -> None:
     assert lr_at(20, tp, clock_progress=1.0) == pytest.approx(0.1)
     assert lr_at(60, tp, clock_progress=0.1) == pytest.approx(0.55)
     # the clock's cosine starts where warm-up ended, as the steps' one does
-    assert clock_progress(trained_s=12.0, warmup_s=None, budget_s=100.0) == 0.0
-    assert clock_progress(trained_s=12.0, warmup_s=12.0, budget_s=100.0) == 0.0
-    assert clock_progress(trained_s=56.0, warmup_s=12.0, budget_s=100.0) == pytest.approx(0.5)
-    assert clock_progress(trained_s=56.0, warmup_s=12.0, budget_s=math.inf) == 0.0
+    assert progress_by_clock(trained_s=12.0, warmup_s=None, budget_s=100.0) == 0.0
+    assert progress_by_clock(trained_s=12.0, warmup_s=12.0, budget_s=100.0) == 0.0
+    assert progress_by_clock(trained_s=56.0, warmup_s=12.0, budget_s=100.0) == pytest.approx(0.5)
+    assert progress_by_clock(trained_s=56.0, warmup_s=12.0, budget_s=math.inf) == 0.0
 
 
 def test_a_clock_budget_stops_on_time_at_the_low_learning_rate(data, tmp_path: Path) -> None:

@@ -114,7 +114,7 @@ def lr_at(step: int, train: TrainParams, clock_progress: float = 0.0) -> float:
     return floor + 0.5 * (train.lr - floor) * (1 + math.cos(math.pi * progress))
 
 
-def clock_progress(trained_s: float, warmup_s: float | None, budget_s: float) -> float:
+def progress_by_clock(trained_s: float, warmup_s: float | None, budget_s: float) -> float:
     """Share of the clock budget left after warm-up that has been spent (0 during warm-up or without a
     budget): the cosine spans the time after warm-up as it spans the steps after it."""
     if warmup_s is None or budget_s == math.inf:
@@ -279,14 +279,14 @@ def train(
     history: list[dict[str, float]] = []
     elapsed_train = 0.0
     best_state: dict[str, torch.Tensor] | None = None  # kept in the last checkpoint for resume
-    saved_warmup_s = 0.0  # training seconds the warm-up took, for the clock schedule after a resume
+    warmup_s: float | None = None  # training seconds when warm-up ended: where the clock's cosine starts
     if tp.resume and last_path.is_file():
         saved = load_checkpoint(last_path)
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         step, best_val, best_step = saved["step"], saved["best_val_loss"], saved["best_step"]
         bad_evals, history, elapsed_train = saved["bad_evals"], saved["history"], saved["train_seconds"]
-        saved_warmup_s = saved.get("warmup_train_seconds") or 0.0
+        warmup_s = saved.get("warmup_train_seconds", 0.0)  # None: resumed during warm-up
         generator.set_state(saved["rng"]["batches"])
         torch.set_rng_state(saved["rng"]["torch"])
         batcher.position = saved["batcher_position"]
@@ -323,8 +323,6 @@ def train(
     started, evaluating_s, trained_before = time.monotonic(), 0.0, elapsed_train
     budget_s = tp.max_minutes * 60 if tp.max_minutes else math.inf
 
-    warmup_s: float | None = saved_warmup_s if step > tp.warmup_steps else None
-
     def trained_s() -> float:
         return trained_before + time.monotonic() - started - evaluating_s
 
@@ -336,7 +334,7 @@ def train(
     while step < tp.max_steps:
         if warmup_s is None and step >= tp.warmup_steps:
             warmup_s = trained_s()
-        lr = lr_at(step, tp, clock_progress(trained_s(), warmup_s, budget_s))
+        lr = lr_at(step, tp, progress_by_clock(trained_s(), warmup_s, budget_s))
         for group in optimizer.param_groups:
             group["lr"] = lr
         chunk, reset = batcher.next()

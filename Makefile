@@ -27,7 +27,9 @@ repro: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check src stages tests benchmarks
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q
+	# Two workers on two cores, each module on one of them, longest first (see tests/conftest.py).
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q -n auto --maxprocesses 4 \
+		--dist loadfile --no-loadscope-reorder --durations 12
 
 ui: $(STAMP)  ## the MLflow UI on the repository's store: http://127.0.0.1:$(UI_PORT)
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port $(UI_PORT) --workers 1

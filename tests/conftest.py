@@ -17,6 +17,16 @@ import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CORPORA_DIR = Path(os.environ.get("LSTM_TEXTGEN_CORPORA", REPO_ROOT.parent / "shared" / "corpora"))
+# Longest first, so that `make test`'s pytest-xdist workers (--dist loadfile: a module's fixtures are
+# built once, on one worker) start on the pipeline runs and share out the quick tests at the end.
+# (--dist loadgroup would keep test_pipeline and test_serving's repro_repo on one worker, but xdist 3.8
+# cannot tag node ids under pytest 9.2, which renamed Node._nodeid, so every group was split.)
+LONGEST_FIRST = ("test_experiments.py", "test_presets.py", "test_pipeline.py", "test_serving.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order within
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,5 @@
-"""Experiments as a user runs them: `dvc exp run -S`, queued sweeps, notebook presets over loopback
-HTTP, a failing experiment, the compare table and the MLflow UI's REST API, in a temporary repo copy."""
+"""Experiments as a user runs them: `dvc exp run -S`, queued sweeps, a failing experiment, the compare
+table and the MLflow UI's REST API, in a temporary repo copy (the notebook presets: test_presets.py)."""
 
 from __future__ import annotations
 
@@ -15,27 +15,7 @@ import requests
 import yaml
 from conftest import run, tiny_repo, tool_env
 
-from lstm_textgen.presets import command, load_presets
-
 pytestmark = pytest.mark.slow
-
-SHARED_FILES = {
-    "tinyshakespeare": "tinyshakespeare.txt",
-    "wonderland": "wonderland.txt",
-    "anna": "anna.txt",
-    "reddit-cleanjokes": "reddit-cleanjokes.csv",
-    "ag_news": "ag_news_test.csv",
-}
-TINY_BUDGET = [
-    "-S",
-    "train.max_steps=2",
-    "-S",
-    "train.eval_every=1",
-    "-S",
-    "train.eval_batches=1",
-    "-S",
-    "sample.length=12",
-]
 
 
 @dataclass
@@ -56,7 +36,7 @@ class Experiments:
 
 
 @pytest.fixture(scope="module")
-def experiments(tmp_path_factory: pytest.TempPathFactory, corpus_server: str) -> Experiments:
+def experiments(tmp_path_factory: pytest.TempPathFactory) -> Experiments:
     repo = tiny_repo(tmp_path_factory.mktemp("experiments") / "repo")
     env = tool_env(repo)
     done = Experiments(repo, env)
@@ -105,14 +85,6 @@ def experiments(tmp_path_factory: pytest.TempPathFactory, corpus_server: str) ->
         [], 0, (repo / "params.yaml").read_text(), ""
     )
 
-    presets = load_presets(repo / "presets.yaml")
-    for name, settings in presets.items():
-        corpus = settings.get("data.corpus", "shakespeare")
-        source = []
-        if corpus in SHARED_FILES:  # served over loopback HTTP instead of the real URL
-            source = ["-S", f"corpora.{corpus}.source={corpus_server}/files/{SHARED_FILES[corpus]}"]
-        cmd = command(name, presets, ["--temp", *source, *TINY_BUDGET])
-        done.outputs[name] = run(cmd, cwd=repo, env=env, check=False)
     return done
 
 
@@ -155,20 +127,6 @@ def test_failing_experiment_is_marked_failed_and_leaves_the_rest_intact(experime
     assert champion.tags["run_id"] != failed.info.run_id
 
 
-@pytest.mark.parametrize("name", list(load_presets(Path(__file__).parents[1] / "presets.yaml")))
-def test_every_preset_runs_to_completion(experiments: Experiments, name: str) -> None:
-    result = experiments.outputs[name]
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    logged = experiments.runs()[name]
-    assert logged.info.status == "FINISHED"
-    assert "eval.val.loss" in logged.data.metrics
-    settings = load_presets(experiments.repo / "presets.yaml")[name]
-    assert logged.data.tags["corpus"] == settings.get("data.corpus", "shakespeare")
-    for key in ("model.layers", "model.hidden", "model.input", "train.objective"):
-        if key in settings:
-            assert logged.data.params[key] == str(settings[key]), key
-
-
 def test_compare_table_lists_the_runs(experiments: Experiments, tmp_path: Path) -> None:
     env = {**experiments.env, "MLFLOW_TRACKING_URI": f"sqlite:///{experiments.repo / 'mlflow.db'}"}
     out = tmp_path / "runs.md"
@@ -186,7 +144,7 @@ def test_compare_table_lists_the_runs(experiments: Experiments, tmp_path: Path) 
         env=env,
     )
     table = out.read_text()
-    for name in ("layers3", "hidden16", "hidden24", "anna-notebook", "jokes-notebook", "boom"):
+    for name in ("layers3", "hidden16", "hidden24", "boom"):
         assert f"| {name} |" in table, name
     assert table.splitlines()[0].startswith("| run_id | run | experiment | status | corpus | level | cell")
     assert "FAILED" in table and "val_loss" in result.stdout

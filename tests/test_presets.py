@@ -1,0 +1,62 @@
+"""Every notebook preset runs to completion as a user runs it (`dvc exp run --temp` with the preset's
+settings), its corpus served over loopback HTTP, in a repo copy of its own: apart from
+test_experiments.py so that the two slow modules can run on separate pytest-xdist workers."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+from conftest import run, tiny_repo, tool_env
+
+from lstm_textgen.presets import command, load_presets
+
+pytestmark = pytest.mark.slow
+
+PRESETS_FILE = Path(__file__).parents[1] / "presets.yaml"
+SHARED_FILES = {
+    "tinyshakespeare": "tinyshakespeare.txt",
+    "wonderland": "wonderland.txt",
+    "anna": "anna.txt",
+    "reddit-cleanjokes": "reddit-cleanjokes.csv",
+    "ag_news": "ag_news_test.csv",
+}
+TINY_BUDGET = ["-S", "train.max_steps=2", "-S", "train.eval_every=1", "-S", "train.eval_batches=1"]
+TINY_BUDGET += ["-S", "sample.length=12"]
+
+
+@pytest.fixture(scope="module")
+def preset_runs(
+    tmp_path_factory: pytest.TempPathFactory, corpus_server: str
+) -> tuple[Path, dict[str, subprocess.CompletedProcess[str]]]:
+    repo = tiny_repo(tmp_path_factory.mktemp("presets") / "repo")
+    env = tool_env(repo)
+    presets = load_presets(repo / "presets.yaml")
+    outputs = {}
+    for name, settings in presets.items():
+        corpus = settings.get("data.corpus", "shakespeare")
+        source = []
+        if corpus in SHARED_FILES:  # served over loopback HTTP instead of the real URL
+            source = ["-S", f"corpora.{corpus}.source={corpus_server}/files/{SHARED_FILES[corpus]}"]
+        outputs[name] = run(command(name, presets, ["--temp", *source, *TINY_BUDGET]), repo, env, check=False)
+    return repo, outputs
+
+
+@pytest.mark.parametrize("name", list(load_presets(PRESETS_FILE)))
+def test_every_preset_runs_to_completion(preset_runs, name: str) -> None:
+    from mlflow.tracking import MlflowClient
+
+    repo, outputs = preset_runs
+    result = outputs[name]
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("lstm-textgen")
+    logged = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}[name]
+    assert logged.info.status == "FINISHED"
+    assert "eval.val.loss" in logged.data.metrics
+    settings = load_presets(PRESETS_FILE)[name]
+    assert logged.data.tags["corpus"] == settings.get("data.corpus", "shakespeare")
+    for key in ("model.layers", "model.hidden", "model.input", "train.objective"):
+        if key in settings:
+            assert logged.data.params[key] == str(settings[key]), key

@@ -144,6 +144,20 @@ def run(
     return result
 
 
+def store_client(repo: Path):
+    """An MLflow client on a repo copy's own store (mlflow.db beside dvc.yaml)."""
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
+
+
+def runs_by_name(repo: Path) -> dict[str, object]:
+    """The runs of the repo copy's `lstm-textgen` experiment, by run name."""
+    client = store_client(repo)
+    experiment = client.get_experiment_by_name("lstm-textgen")
+    return {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
+
+
 TINY_TRAIN = {"max_steps": 12, "eval_every": 6, "eval_batches": 2, "batch_size": 8, "warmup_steps": 2}
 TINY_MODEL = {"layers": 1, "hidden": 32, "embedding_dim": 16}
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import requests
 import yaml
-from conftest import run, tiny_repo, tool_env
+from conftest import run, runs_by_name, store_client, tiny_repo, tool_env
 
 pytestmark = pytest.mark.slow
 
@@ -25,14 +25,10 @@ class Experiments:
     outputs: dict[str, subprocess.CompletedProcess[str]] = field(default_factory=dict)
 
     def client(self):
-        from mlflow.tracking import MlflowClient
-
-        return MlflowClient(tracking_uri=f"sqlite:///{self.repo / 'mlflow.db'}")
+        return store_client(self.repo)
 
     def runs(self) -> dict[str, object]:
-        client = self.client()
-        experiment = client.get_experiment_by_name("lstm-textgen")
-        return {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
+        return runs_by_name(self.repo)
 
 
 @pytest.fixture(scope="module")

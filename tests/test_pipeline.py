@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import TINY_TRAIN, run
+from conftest import TINY_TRAIN, run, store_client
 
 pytestmark = pytest.mark.slow
 
@@ -36,11 +36,9 @@ def test_train_outputs_and_dvc_metrics(repro_repo: tuple[Path, str]) -> None:
 
 
 def test_one_mlflow_run_in_the_repository_store(repro_repo: tuple[Path, str]) -> None:
-    from mlflow.tracking import MlflowClient
-
     repo, _ = repro_repo
     run_id = json.loads((repo / "metrics/train.json").read_text())["mlflow_run_id"]
-    client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
+    client = store_client(repo)
     experiment = client.get_experiment_by_name("lstm-textgen")
     assert experiment.artifact_location == (repo / "mlruns").as_uri()
     runs = client.search_runs([experiment.experiment_id])

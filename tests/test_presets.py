@@ -8,7 +8,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import run, tiny_repo, tool_env
+from conftest import run, runs_by_name, tiny_repo, tool_env
 
 from lstm_textgen.presets import command, load_presets
 
@@ -45,14 +45,10 @@ def preset_runs(
 
 @pytest.mark.parametrize("name", list(load_presets(PRESETS_FILE)))
 def test_every_preset_runs_to_completion(preset_runs, name: str) -> None:
-    from mlflow.tracking import MlflowClient
-
     repo, outputs = preset_runs
     result = outputs[name]
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
-    experiment = client.get_experiment_by_name("lstm-textgen")
-    logged = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}[name]
+    logged = runs_by_name(repo)[name]
     assert logged.info.status == "FINISHED"
     assert "eval.val.loss" in logged.data.metrics
     settings = load_presets(PRESETS_FILE)[name]

@@ -99,9 +99,12 @@ def test_stateful_generation_equals_refeeding(model: RecurrentLM, vocab: Vocabul
 
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
 @pytest.mark.parametrize("encoding", ["embedding", "onehot", "scalar"])
-def test_single_step_matches_the_sequence_kernel(cell: str, encoding: str) -> None:
+@pytest.mark.parametrize("layers", [1, 3])  # one layer: the head's product also gives layer 0's gates
+def test_single_step_matches_the_sequence_kernel(cell: str, encoding: str, layers: int) -> None:
     torch.manual_seed(0)
-    net = RecurrentLM(13, ModelParams(cell=cell, input=encoding, layers=3, hidden=10, embedding_dim=5)).eval()
+    net = RecurrentLM(
+        13, ModelParams(cell=cell, input=encoding, layers=layers, hidden=10, embedding_dim=5)
+    ).eval()
     tokens = torch.randint(0, 13, (4, 9))
     with torch.no_grad():
         full, full_state = net(tokens[:, 1:], net(tokens[:, :1])[1])
@@ -117,6 +120,17 @@ def test_single_step_matches_the_sequence_kernel(cell: str, encoding: str) -> No
         strict=True,
     ):
         torch.testing.assert_close(mine, theirs, atol=1e-5, rtol=0)
+
+
+def test_steps_record_no_graph_even_from_a_state_that_requires_grad() -> None:
+    # the stepper has no torch.no_grad() of its own: its tensors must be detached from the start
+    net = RecurrentLM(13, ModelParams(layers=2, hidden=10, embedding_dim=5))
+    _, state = net(torch.randint(0, 13, (2, 5)))
+    assert state[0].requires_grad
+    step = net.stepper(state)
+    logits = step(torch.tensor([1, 2]))
+    assert not logits.requires_grad and logits.grad_fn is None
+    assert not any(t.requires_grad for t in step.state)
 
 
 def test_batched_prompts_of_different_lengths_match_one_by_one(model: RecurrentLM, vocab: Vocabulary) -> None:

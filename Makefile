@@ -27,7 +27,7 @@ repro: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check src stages tests benchmarks
-	# Two workers on two cores, each module on one of them, longest first (see tests/conftest.py).
+	# pytest-xdist: a worker per core (up to four), each module on one of them, longest first (tests/conftest.py).
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q -n auto --maxprocesses 4 \
 		--dist loadfile --no-loadscope-reorder --durations 12
 

@@ -233,17 +233,22 @@ def measure_quality(
     budget_s: float,
     predictions_per_s: float,
     workdir: Path,
+    max_steps: int | None = None,
 ) -> dict[str, Any]:
     """Train with a clock budget of `budget_s` training seconds: the cosine schedule decays by the
-    clock (train.max_minutes), so the run ends at the low learning rate on any machine."""
+    clock (train.max_minutes), so the run ends at the low learning rate on any machine. About twelve
+    evaluations are spread over the budget at the measured throughput.
+
+    `max_steps` replaces the clock by a step budget (the smoke run: a loaded machine may manage
+    only a step or two in a few seconds, and the curve should still have its points)."""
     tp, seq_len = params.train, params.data.seq_len
-    expected_steps = max(10, int(budget_s * predictions_per_s / (tp.batch_size * seq_len)))
+    expected_steps = max_steps or max(10, int(budget_s * predictions_per_s / (tp.batch_size * seq_len)))
     val_windows = math.ceil((len(splits["val"]) - 1) / seq_len)
     raw = params.model_dump()
     raw["train"].update(
-        max_steps=10**9,
+        max_steps=max_steps or 10**9,
         eval_every=max(1, expected_steps // 12),
-        max_minutes=budget_s / 60,
+        max_minutes=None if max_steps else budget_s / 60,
         eval_batches=math.ceil(val_windows / tp.batch_size),
         warmup_steps=min(tp.warmup_steps, expected_steps // 10),
     )
@@ -256,7 +261,7 @@ def measure_quality(
     curve = [(h["train_seconds"], h["val_loss"]) for h in result.history]
     return {
         "steps": result.steps,
-        "budget_s": budget_s,
+        "budget_s": result.train_seconds if max_steps else budget_s,
         "train_seconds": result.train_seconds,
         "curve": curve,
         # the budget stops the run, so every evaluation is within it (the last one ends it, a step late)
@@ -519,6 +524,7 @@ def main() -> None:
             args.budget_s,
             results["training"]["ours"]["median"],
             workdir,
+            max_steps=24 if args.quick else None,
         )
         print("bench: generation ...", flush=True)
         results["generation"] = measure_generation(

@@ -99,7 +99,7 @@ def test_stateful_generation_equals_refeeding(model: RecurrentLM, vocab: Vocabul
 
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
 @pytest.mark.parametrize("encoding", ["embedding", "onehot", "scalar"])
-@pytest.mark.parametrize("layers", [1, 3])  # one layer: the head's product also gives layer 0's gates
+@pytest.mark.parametrize("layers", [1, 3])  # one layer: the default model
 def test_single_step_matches_the_sequence_kernel(cell: str, encoding: str, layers: int) -> None:
     torch.manual_seed(0)
     net = RecurrentLM(

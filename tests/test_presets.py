@@ -56,3 +56,15 @@ def test_every_preset_runs_to_completion(preset_runs, name: str) -> None:
     for key in ("model.layers", "model.hidden", "model.input", "train.objective"):
         if key in settings:
             assert logged.data.params[key] == str(settings[key]), key
+
+
+def test_compare_table_lists_every_preset_run(preset_runs, tmp_path: Path) -> None:
+    repo, _ = preset_runs
+    env = {**tool_env(repo), "MLFLOW_TRACKING_URI": f"sqlite:///{repo / 'mlflow.db'}"}
+    out = tmp_path / "runs.md"
+    run(["lstm-textgen-compare", "--markdown", str(out)], cwd=tmp_path, env=env)
+    table = out.read_text()
+    for name, settings in load_presets(PRESETS_FILE).items():
+        row = next((line for line in table.splitlines() if f"| {name} |" in line), None)
+        assert row is not None, name
+        assert f"| {settings.get('data.corpus', 'shakespeare')} |" in row, row

@@ -79,7 +79,7 @@ class ModelParams(_Section):
     input: Literal["embedding", "onehot", "scalar"] = "embedding"
     embedding_dim: int = Field(default=64, ge=1, le=65536)
     layers: int = Field(default=1, ge=1, le=32)
-    hidden: int = Field(default=384, ge=1, le=65536)
+    hidden: int = Field(default=320, ge=1, le=65536)
     dropout: float = Field(default=0.0, ge=0, lt=1)
     tie_weights: bool = False
 
@@ -105,7 +105,7 @@ class TrainParams(_Section):
     warmup_steps: int = Field(default=150, ge=0)
     min_lr_ratio: float = Field(default=0.1, ge=0, le=1)
     grad_clip: float = Field(default=1.0, ge=0, description="0 turns clipping off")
-    max_steps: int = Field(default=8000, ge=1)
+    max_steps: int = Field(default=10800, ge=1)
     max_minutes: float | None = Field(
         default=None,
         gt=0,

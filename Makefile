@@ -1,13 +1,16 @@
 # Two commands on a fresh clone: `make repro` and `make test`. Both create .venv when missing and
-# reinstall only when requirements.txt, constraints.txt or pyproject.toml changed.
+# reinstall only when the requirements, constraints or pyproject.toml changed.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+DEV_STAMP := $(VENV)/.installed-dev
+# the venv's tools first: DVC runs each stage's `python` from PATH
+WITH_VENV := PATH="$(CURDIR)/$(BIN):$$PATH"
 export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := 1
 
-.PHONY: install repro test lint ui compare preset presets bench clean
+.PHONY: install install-dev repro exp test lint ui compare preset presets bench clean
 BENCH_CORPUS ?= tinyshakespeare
 UI_PORT ?= 5000
 
@@ -22,13 +25,22 @@ $(STAMP): requirements.txt constraints.txt pyproject.toml
 	$(BIN)/python -m pip install -q --no-deps -e .
 	touch $(STAMP)
 
-repro: $(STAMP)
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
+install-dev: $(DEV_STAMP)
 
-test: $(STAMP)
+$(DEV_STAMP): $(STAMP) requirements-dev.txt
+	$(BIN)/python -m pip install -q -c constraints.txt -r requirements-dev.txt
+	touch $(DEV_STAMP)
+
+repro: $(STAMP)  ## the whole pipeline on params.yaml
+	$(WITH_VENV) $(BIN)/dvc repro
+
+exp: $(STAMP)  ## make exp ARGS="-S model.layers=4": a DVC experiment (ARGS go to `dvc exp run`)
+	$(WITH_VENV) $(BIN)/dvc exp run $(ARGS)
+
+test: $(DEV_STAMP)
 	$(BIN)/ruff check src stages tests benchmarks
 	# pytest-xdist: a worker per core (up to four), each module on one of them, longest first (tests/conftest.py).
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q -n auto --maxprocesses 4 \
+	$(WITH_VENV) $(BIN)/python -m pytest -q -n auto --maxprocesses 4 \
 		--dist loadfile --no-loadscope-reorder --durations 12
 
 ui: $(STAMP)  ## the MLflow UI on the repository's store: http://127.0.0.1:$(UI_PORT)
@@ -41,12 +53,12 @@ presets: $(STAMP)
 	$(BIN)/python -m lstm_textgen.presets list
 
 preset: $(STAMP)  ## make preset NAME=anna-notebook [ARGS="-S train.max_steps=5000"]
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m lstm_textgen.presets run $(NAME) $(ARGS)
+	$(WITH_VENV) $(BIN)/python -m lstm_textgen.presets run $(NAME) $(ARGS)
 
 bench: $(STAMP)  ## benchmarks/results/<machine>/report.md: us vs the notebook (BENCH_CORPUS=path/or/url)
-	$(BIN)/python benchmarks/bench.py --corpus $(BENCH_CORPUS)
+	$(BIN)/python -m benchmarks.bench --corpus $(BENCH_CORPUS)
 
-lint: $(STAMP)
+lint: $(DEV_STAMP)
 	$(BIN)/ruff check src stages tests benchmarks
 	$(BIN)/ruff format --check src stages tests benchmarks
 

@@ -21,7 +21,7 @@ def main() -> None:
     name, spec = params.corpus_spec()
     corpus = acquire(name, spec, params.download, scratch_dir=args.out)
     write_text(args.out / "corpus.txt", corpus.text)
-    summary = corpus.summary()
+    summary = {**corpus.summary(), "spec": spec.model_dump(exclude_defaults=True)}
     write_json(args.out / "corpus.json", summary)
     print(f"download: {name}: {summary['characters']:,} characters from {corpus.source}")
 

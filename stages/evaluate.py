@@ -12,10 +12,10 @@ from lstm_textgen import tracking
 from lstm_textgen.checkpoint import load_model
 from lstm_textgen.cli import run_main
 from lstm_textgen.dataset import load_dataset
+from lstm_textgen.devices import resolve_device, resolve_dtype
 from lstm_textgen.evaluation import evaluate_splits
 from lstm_textgen.files import read_json, write_json
 from lstm_textgen.params import flatten, load_params
-from lstm_textgen.training import resolve_device, resolve_dtype
 
 
 def main() -> None:
@@ -36,7 +36,7 @@ def main() -> None:
         dataset.splits,
         params.evaluate.seq_len,
         params.evaluate.batch_size,
-        resolve_dtype(params.train.dtype, device, params.model.cell),
+        resolve_dtype(params.train.dtype, device, loaded.params.model.cell),
     )
     level = loaded.vocab.level
     for split_metrics in results.values():

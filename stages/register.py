@@ -39,6 +39,7 @@ def main() -> None:
             "val_bits_per_token": f"{evaluated['bits_per_token']:.6f}",
             "val_accuracy": f"{evaluated['accuracy']:.6f}",
         },
+        sample=params.sample,  # the served model's defaults and unknown-token policy: today's sample.*
     )
     write_json(args.out, registration_summary(registration))
     print(f"register: {registration.model_uri}: {registration.reason}")

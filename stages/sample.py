@@ -11,10 +11,10 @@ import mlflow
 from lstm_textgen import tracking
 from lstm_textgen.checkpoint import load_model
 from lstm_textgen.cli import run_main
+from lstm_textgen.devices import resolve_device
 from lstm_textgen.files import read_json, write_json, write_text
-from lstm_textgen.generation import sample_texts, sampling_from_params
+from lstm_textgen.generation import sample_texts
 from lstm_textgen.params import load_params
-from lstm_textgen.training import resolve_device
 
 
 def main() -> None:
@@ -33,7 +33,7 @@ def main() -> None:
         loaded.vocab,
         sp.prompts,
         sp.length,
-        sampling_from_params(sp),
+        sp.sampling(),
         sp.unknown,
         sp.replacement,
     )

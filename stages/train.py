@@ -12,10 +12,16 @@ import yaml
 from lstm_textgen import tracking
 from lstm_textgen.cli import run_main
 from lstm_textgen.dataset import load_dataset
+from lstm_textgen.devices import resolve_device
 from lstm_textgen.files import atomic_path, read_json, write_json, write_text
 from lstm_textgen.params import flatten, load_params
 from lstm_textgen.plots import plot_losses
-from lstm_textgen.training import resolve_device, train
+from lstm_textgen.training import train
+
+
+def log_evaluation(record: dict[str, float]) -> None:
+    """Each periodic evaluation becomes a point of the run's curves in MLflow."""
+    mlflow.log_metrics({k: v for k, v in record.items() if k != "step"}, step=int(record["step"]))
 
 
 def main() -> None:
@@ -31,11 +37,10 @@ def main() -> None:
     params = load_params(args.params)
     dataset = load_dataset(args.prepared)
     corpus = read_json(args.corpus_info)
-    _, spec = params.corpus_spec()
     device = resolve_device(params.train.device).type
     logged = {
         **flatten(params.model_dump(include={"data", "model", "train"})),
-        **flatten({"corpus": spec.model_dump(exclude_defaults=True)}),
+        **flatten({"corpus": corpus.get("spec", {})}),  # how the download stage read the corpus
         "vocab_size": len(dataset.vocab),
     }
     tags = {**tracking.run_tags(corpus, device), "mlflow.note.content": tracking.run_description()}
@@ -47,9 +52,7 @@ def main() -> None:
             params,
             best_path=args.out / "model.pt",
             last_path=args.resume_from,
-            on_eval=lambda record: mlflow.log_metrics(
-                {k: v for k, v in record.items() if k != "step"}, step=int(record["step"])
-            ),
+            on_eval=log_evaluation,
         )
         metrics = {**result.metrics(), "mlflow_run_id": run.info.run_id}
         numeric = {f"final_{k}": float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
@@ -73,7 +76,7 @@ def main() -> None:
             mlflow.log_artifact(str(args.out / artifact))
         mlflow.log_artifact(str(args.prepared / "vocab.json"))
     print(
-        f"train: best val loss {result.best_val_loss:.4f} at step {result.best_step}, "
+        f"train: best periodic val loss {result.window_val_loss_best:.4f} at step {result.best_step}, "
         f"{result.tokens_per_sec:,.0f} tokens/s on {result.device} ({result.dtype}), "
         f"{result.train_seconds:.0f} s; MLflow run {metrics['mlflow_run_id']}"
     )

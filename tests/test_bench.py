@@ -17,7 +17,8 @@ def test_benchmark_quick_run_writes_a_report(corpora_dir: Path, tmp_path: Path) 
     result = subprocess.run(
         [
             sys.executable,
-            str(REPO_ROOT / "benchmarks" / "bench.py"),
+            "-m",
+            "benchmarks.bench",
             "--quick",
             "--corpus",
             str(corpora_dir / "tinyshakespeare.txt"),
@@ -27,6 +28,7 @@ def test_benchmark_quick_run_writes_a_report(corpora_dir: Path, tmp_path: Path) 
         capture_output=True,
         text=True,
         env=tool_env(),
+        cwd=REPO_ROOT,
         timeout=600,
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
@@ -36,4 +38,7 @@ def test_benchmark_quick_run_writes_a_report(corpora_dir: Path, tmp_path: Path) 
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["training"]["ours"]["median"] > 0 and results["training"]["notebook"]["median"] > 0
     assert len(results["quality"]["curve"]) >= 2
+    mfu = results["training"]["mfu"]
+    assert 0 < mfu["mfu"] < 1 and mfu["peak_flops"] > mfu["achieved_flops"] > 0
+    assert "Model FLOP utilisation" in report
     assert (tmp_path / "bench.png").read_bytes()[:4] == b"\x89PNG"

@@ -42,17 +42,17 @@ def model(request, vocab: Vocabulary) -> RecurrentLM:
 
 def test_greedy_is_deterministic(model: RecurrentLM, vocab: Vocabulary) -> None:
     prompts = [ids(vocab, "hello"), ids(vocab, "tiny te")]
-    first = generate(model, vocab, prompts, 30, Sampling("greedy"))
-    assert first == generate(model, vocab, prompts, 30, Sampling("greedy"))
+    first = generate(model, vocab, prompts, 30, Sampling(strategy="greedy"))
+    assert first == generate(model, vocab, prompts, 30, Sampling(strategy="greedy"))
     assert [len(g) for g in first] == [30, 30]
 
 
 def test_seed_repeats_and_differs(model: RecurrentLM, vocab: Vocabulary) -> None:
     prompts = [ids(vocab, "hello")] * 3
-    settings = Sampling("sample", temperature=1.5, seed=7)
+    settings = Sampling(strategy="sample", temperature=1.5, seed=7)
     first = generate(model, vocab, prompts, 40, settings)
     assert first == generate(model, vocab, prompts, 40, settings)
-    assert first != generate(model, vocab, prompts, 40, Sampling("sample", temperature=1.5, seed=8))
+    assert first != generate(model, vocab, prompts, 40, Sampling(strategy="sample", temperature=1.5, seed=8))
 
 
 def test_top_k_stays_in_the_k_most_likely() -> None:
@@ -78,13 +78,13 @@ def test_top_p_keeps_the_smallest_nucleus() -> None:
 
 def test_mode_of_draws_picks_the_most_likely() -> None:
     probs = torch.tensor([[0.1, 0.55, 0.35]]).repeat(200, 1)
-    picked = next_tokens(probs.log(), Sampling("mode", draws=400), torch.Generator().manual_seed(0))
+    picked = next_tokens(probs.log(), Sampling(strategy="mode", draws=400), torch.Generator().manual_seed(0))
     assert (picked == 1).all()
 
 
 def test_stateful_generation_equals_refeeding(model: RecurrentLM, vocab: Vocabulary) -> None:
     prompt = ids(vocab, "this is")
-    generated = generate(model, vocab, [prompt], 25, Sampling("greedy"))[0]
+    generated = generate(model, vocab, [prompt], 25, Sampling(strategy="greedy"))[0]
     sequence = prompt + generated
     # stateful: one step at a time from the warmed state, through the same `step` generation uses
     with torch.no_grad():
@@ -136,8 +136,8 @@ def test_steps_record_no_graph_even_from_a_state_that_requires_grad() -> None:
 def test_batched_prompts_of_different_lengths_match_one_by_one(model: RecurrentLM, vocab: Vocabulary) -> None:
     # prompts of equal length are warmed in one call: interleaved lengths must keep their rows
     prompts = [ids(vocab, "a"), ids(vocab, "hello world, th"), ids(vocab, "t"), ids(vocab, "this is a tiny ")]
-    together = generate(model, vocab, prompts, 20, Sampling("greedy"))
-    alone = [generate(model, vocab, [p], 20, Sampling("greedy"))[0] for p in prompts]
+    together = generate(model, vocab, prompts, 20, Sampling(strategy="greedy"))
+    alone = [generate(model, vocab, [p], 20, Sampling(strategy="greedy"))[0] for p in prompts]
     assert together == alone
 
 
@@ -161,7 +161,7 @@ def test_word_level_generation_reads_as_text() -> None:
     assert encode_prompt("The dog", words, "replace") == [words.tokens.index("the"), 0]
     with pytest.raises(PromptError, match="'dog'"):
         encode_prompt("the dog", words)
-    (text,) = sample_texts(net, words, ["the cat"], 12, Sampling("greedy"))
+    (text,) = sample_texts(net, words, ["the cat"], 12, Sampling(strategy="greedy"))
     assert text.startswith(" ") or text.startswith(".") or text.startswith("\n")
     assert "  " not in text
 
@@ -169,7 +169,7 @@ def test_word_level_generation_reads_as_text() -> None:
 def test_bad_sampling_settings() -> None:
     for bad in ({"temperature": 0.0}, {"top_k": 0}, {"top_p": 1.5}, {"top_p": 0.0}, {"draws": 0}):
         with pytest.raises(UserError):
-            Sampling(**bad)
+            Sampling.checked(**bad)
 
 
 def test_inverse_cdf_draws_follow_the_distribution_and_skip_zero_probabilities() -> None:

@@ -11,10 +11,12 @@ import pytest
 import torch
 
 from lstm_textgen.checkpoint import load_checkpoint, load_model
+from lstm_textgen.devices import DeviceError, resolve_dtype
 from lstm_textgen.errors import UserError
 from lstm_textgen.model import RecurrentLM
 from lstm_textgen.params import ModelParams, Params, parse_params
-from lstm_textgen.training import TrainingError, lr_at, progress_by_clock, resolve_dtype, train
+from lstm_textgen.schedule import lr_at, progress_by_clock
+from lstm_textgen.training import TrainingError, train
 from lstm_textgen.vocab import Vocabulary
 from lstm_textgen.windows import split
 
@@ -115,8 +117,8 @@ def test_tiny_model_learns(data, tmp_path: Path, overrides: dict) -> None:
     result = train(splits, vocab, params, tmp_path / "best.pt", tmp_path / "last.pt")
     start = np.log(len(vocab))
     limit = 0.8 if params.model.input == "scalar" else 0.6
-    assert result.final_train_loss < limit * start, (result.final_train_loss, start)
-    assert result.best_val_loss < limit * start
+    assert result.train_loss_last < limit * start, (result.train_loss_last, start)
+    assert result.window_val_loss_best < limit * start
 
 
 def test_same_params_same_metrics(data, tmp_path: Path) -> None:
@@ -125,7 +127,7 @@ def test_same_params_same_metrics(data, tmp_path: Path) -> None:
     first = train(splits, vocab, params, tmp_path / "a" / "best.pt", tmp_path / "a" / "last.pt")
     second = train(splits, vocab, params, tmp_path / "b" / "best.pt", tmp_path / "b" / "last.pt")
     assert [h["val_loss"] for h in first.history] == [h["val_loss"] for h in second.history]
-    assert first.final_train_loss == second.final_train_loss
+    assert first.train_loss_last == second.train_loss_last
 
 
 @pytest.mark.parametrize("stateful", [False, True])
@@ -134,17 +136,17 @@ def test_resume_equals_uninterrupted(data, tmp_path: Path, stateful: bool) -> No
     params = tiny_params(model={"dropout": 0.1, "layers": 2}, train={"stateful": stateful})
     whole = train(splits, vocab, params, tmp_path / "w" / "best.pt", tmp_path / "w" / "last.pt")
     best, last = tmp_path / "r" / "best.pt", tmp_path / "r" / "last.pt"
-    halted = train(splits, vocab, params, best, last, halt_at_step=20)
-    assert halted.stopped == "halted" and halted.steps == 20
+    halted = train(splits, vocab, params, best, last, on_eval=lambda record: record["step"] == 20)
+    assert halted.stopped == "requested" and halted.steps == 20
     best.unlink()  # DVC deletes stage outputs before re-running the stage
     resumed_params = parse_params(
         {**params.model_dump(), "train": {**params.train.model_dump(), "resume": True}}
     )
     resumed = train(splits, vocab, resumed_params, best, last)
     assert resumed.steps == whole.steps == 30
-    assert resumed.final_train_loss == pytest.approx(whole.final_train_loss, abs=1e-6)
-    assert resumed.final_val_loss == pytest.approx(whole.final_val_loss, abs=1e-6)
-    assert resumed.best_val_loss == pytest.approx(whole.best_val_loss, abs=1e-6)
+    assert resumed.train_loss_last == pytest.approx(whole.train_loss_last, abs=1e-6)
+    assert resumed.window_val_loss_last == pytest.approx(whole.window_val_loss_last, abs=1e-6)
+    assert resumed.window_val_loss_best == pytest.approx(whole.window_val_loss_best, abs=1e-6)
     assert best.is_file()
 
 
@@ -228,7 +230,7 @@ def test_default_training_samples_well_from_a_short_prompt(tmp_path: Path) -> No
     assert params.train.stateful is False and Params().train.stateful is False  # the default
     train(splits, vocab, params, tmp_path / "best.pt", tmp_path / "last.pt")
     model = load_model(tmp_path / "best.pt").model
-    (text_out,) = sample_texts(model, vocab, ["the q"], 60, Sampling("greedy"))
+    (text_out,) = sample_texts(model, vocab, ["the q"], 60, Sampling(strategy="greedy"))
     assert text_out == text[5:65]  # "uick brown fox jumps over the lazy dog. the quick brown fox j"
 
 
@@ -249,7 +251,31 @@ def test_explicit_bf16_on_cpu_runs_or_fails_with_the_key_to_change(cell: str, da
         assert resolve_dtype("bfloat16", torch.device("cpu"), cell) == torch.bfloat16
         assert train(splits, vocab, params, tmp_path / "b.pt", tmp_path / "l.pt").dtype == "bfloat16"
     else:
-        with pytest.raises(TrainingError, match=r"train\.dtype: bfloat16 .*use train\.dtype auto or float32"):
+        with pytest.raises(DeviceError, match=r"train\.dtype: bfloat16 .*use train\.dtype auto or float32"):
             train(splits, vocab, params, tmp_path / "b.pt", tmp_path / "l.pt")
         assert not (tmp_path / "b.pt").exists()
     assert resolve_dtype("auto", torch.device("cpu"), cell) in (torch.float32, torch.bfloat16)
+
+
+def test_float16_trains_with_a_gradient_scaler_and_resumes_exactly(data, tmp_path: Path) -> None:
+    """fp16 autocast pairs with a GradScaler (small gradients would underflow without it); its state
+    is part of the checkpoint, so a resumed fp16 run equals an uninterrupted one."""
+    splits, vocab = data
+    try:
+        resolve_dtype("float16", torch.device("cpu"), "gru")
+    except DeviceError:
+        pytest.skip("this CPU runs no float16 GRU")
+    params = tiny_params(model={"cell": "gru"}, train={"dtype": "float16", "lr": 0.02, "max_steps": 60})
+    whole = train(splits, vocab, params, tmp_path / "w" / "best.pt", tmp_path / "w" / "last.pt")
+    assert whole.dtype == "float16"
+    assert whole.train_loss_last < 0.6 * math.log(len(vocab))
+    scaler = load_checkpoint(tmp_path / "w" / "last.pt")["grad_scaler"]
+    assert scaler["scale"] > 0 and "_growth_tracker" in scaler
+    best, last = tmp_path / "r" / "best.pt", tmp_path / "r" / "last.pt"
+    train(splits, vocab, params, best, last, on_eval=lambda record: record["step"] == 30)
+    resumed_params = parse_params(
+        {**params.model_dump(), "train": {**params.train.model_dump(), "resume": True}}
+    )
+    resumed = train(splits, vocab, resumed_params, best, last)
+    assert resumed.train_loss_last == whole.train_loss_last
+    assert [h["val_loss"] for h in resumed.history] == [h["val_loss"] for h in whole.history]

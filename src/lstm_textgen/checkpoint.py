@@ -12,7 +12,7 @@ import torch
 from lstm_textgen.errors import UserError
 from lstm_textgen.files import atomic_path
 from lstm_textgen.model import RecurrentLM
-from lstm_textgen.params import Params, parse_params
+from lstm_textgen.params import Params, SampleParams, parse_params
 from lstm_textgen.vocab import Vocabulary
 
 FORMAT_VERSION = 1
@@ -43,8 +43,23 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     return checkpoint
 
 
+def serving_checkpoint(checkpoint: dict[str, Any], sample: SampleParams | None = None) -> dict[str, Any]:
+    """What a served model needs and nothing more: the weights, the vocabulary and the data, model and
+    sample params (`sample` replaces the ones stored at training time). No optimizer, no history."""
+    params = checkpoint["params"]
+    corpus = params["data"]["corpus"]
+    kept = {
+        "data": params["data"],
+        "corpora": {name: spec for name, spec in params.get("corpora", {}).items() if name == corpus},
+        "model": params["model"],
+        "sample": sample.model_dump() if sample is not None else params["sample"],
+    }
+    return {"model": checkpoint["model"], "vocab": checkpoint["vocab"], "params": kept}
+
+
 def load_model(path: Path, device: str | torch.device = "cpu") -> LoadedModel:
-    """Checkpoint -> model in eval mode on `device`, with its vocabulary and params."""
+    """Checkpoint -> model in eval mode on `device`, with its vocabulary and params (a serving
+    checkpoint holds the data, model and sample sections; the others are then defaults)."""
     checkpoint = load_checkpoint(path)
     params = parse_params(checkpoint["params"], source=f"{path} params")
     vocab = Vocabulary.from_dict(checkpoint["vocab"])

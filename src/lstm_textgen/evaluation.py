@@ -17,8 +17,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from lstm_textgen.devices import autocast, to_device_tokens
 from lstm_textgen.model import RecurrentLM, State, detach_state
-from lstm_textgen.training import autocast, to_device_tokens
 from lstm_textgen.windows import check_fits
 
 
@@ -78,6 +78,36 @@ def evaluate_stateful(
         loss, right = _score(logits, targets[:, start : start + seq_len])
         loss_sum, correct = loss_sum + loss, correct + right
     return _summary(loss_sum, correct, streams * stream_len)
+
+
+@torch.no_grad()
+def periodic_validation_loss(
+    model: RecurrentLM,
+    tokens: torch.Tensor,
+    seq_len: int,
+    num_windows: int,
+    batch_size: int,
+    last_only: bool,
+    dtype: torch.dtype,
+) -> float:
+    """The training loop's estimate: mean loss (nats/token) over `num_windows` evenly spaced windows,
+    each from a zero state; the same windows at every evaluation, so the curve is smooth."""
+    was_training = model.training
+    model.eval()
+    offsets = torch.arange(seq_len + 1, device=tokens.device)
+    all_starts = torch.linspace(0, len(tokens) - seq_len - 1, num_windows).long().to(tokens.device)
+    total, count = 0.0, 0
+    for starts in all_starts.split(batch_size):
+        chunk = tokens[starts[:, None] + offsets].long()
+        with autocast(tokens.device, dtype):
+            logits, _ = model(chunk[:, :-1], last_only=last_only)
+        targets = chunk[:, -1] if last_only else chunk[:, 1:]
+        total += F.cross_entropy(
+            logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum"
+        ).item()
+        count += targets.numel()
+    model.train(was_training)
+    return total / count
 
 
 def evaluate_splits(

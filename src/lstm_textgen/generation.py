@@ -3,50 +3,27 @@ time (no re-feeding the window), batched over prompts, on any device.
 
 Strategies: greedy (argmax), temperature sampling, top-k, top-p (nucleus) and "mode of N draws"
 (draw N tokens from the softmax and keep the most frequent, as the Tiny Shakespeare notebook does).
-One function serves the sample stage, the command line and the served model.
+One function serves the sample stage, the command line and the served model; the settings and their
+defaults are `params.Sampling`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
 from lstm_textgen.errors import UserError
 from lstm_textgen.model import RecurrentLM, State
-from lstm_textgen.params import SampleParams
+from lstm_textgen.params import Sampling
 from lstm_textgen.vocab import Vocabulary, tokenize
 
-Strategy = Literal["greedy", "sample", "mode"]
 UnknownPolicy = Literal["error", "skip", "replace"]
 
 
 class PromptError(UserError):
     """A prompt cannot be encoded with the model's vocabulary."""
-
-
-@dataclass(frozen=True)
-class Sampling:
-    strategy: Strategy = "sample"
-    temperature: float = 1.0
-    top_k: int | None = None
-    top_p: float | None = None
-    draws: int = 80
-    seed: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.temperature <= 0:
-            raise UserError(
-                f"temperature must be > 0, got {self.temperature} (use strategy greedy for argmax)"
-            )
-        if self.top_k is not None and self.top_k < 1:
-            raise UserError(f"top_k must be >= 1, got {self.top_k}")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise UserError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.draws < 1:
-            raise UserError(f"draws must be >= 1, got {self.draws}")
 
 
 def filter_logits(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
@@ -177,10 +154,6 @@ def generate(
     if not out:
         return [[] for _ in prompt_ids]
     return torch.stack(out, dim=1).tolist()
-
-
-def sampling_from_params(sp: SampleParams) -> Sampling:
-    return Sampling(sp.strategy, sp.temperature, sp.top_k, sp.top_p, sp.draws, sp.seed)
 
 
 def sample_texts(

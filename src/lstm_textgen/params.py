@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from lstm_textgen.errors import UserError
 
@@ -129,15 +129,58 @@ class EvaluateParams(_Section):
     batch_size: int = Field(default=64, ge=1, le=65536)
 
 
-class SampleParams(_Section):
+class Sampling(_Section):
+    """How each next token is chosen: the one definition of these settings, their defaults and their
+    checks, shared by the sample stage (`sample.*`), the sample command and the served model."""
+
+    strategy: Literal["greedy", "sample", "mode"] = "sample"
+    temperature: float = 0.8
+    top_k: int | None = Field(default=None, description="keep the k most likely tokens")
+    top_p: float | None = Field(default=None, description="keep the smallest set holding this mass")
+    draws: int = Field(default=80, description="mode strategy: draws per token")
+    seed: int | None = Field(default=None, description="null: a different text each time")
+
+    @field_validator("temperature")
+    @classmethod
+    def _temperature(cls, value: float) -> float:
+        if not value > 0:
+            raise ValueError(f"must be > 0, got {value} (use strategy greedy for argmax)")
+        return value
+
+    @field_validator("top_k", "draws")
+    @classmethod
+    def _at_least_one(cls, value: int | None) -> int | None:
+        if value is not None and value < 1:
+            raise ValueError(f"must be >= 1, got {value}")
+        return value
+
+    @field_validator("top_p")
+    @classmethod
+    def _probability_mass(cls, value: float | None) -> float | None:
+        if value is not None and not 0 < value <= 1:
+            raise ValueError(f"must be in (0, 1], got {value}")
+        return value
+
+    @classmethod
+    def checked(cls, **values: Any) -> Sampling:
+        """Validate settings from the command line or a request; a bad one raises ParamsError whose
+        message reads `<key> must be ...`."""
+        try:
+            return cls(**values)
+        except ValidationError as exc:
+            raise ParamsError("; ".join(_field_problem(err) for err in exc.errors())) from None
+
+
+def _field_problem(err: Any) -> str:
+    key = ".".join(str(part) for part in err["loc"])
+    message = err["msg"].removeprefix("Value error, ")
+    return f"{key} {message}" if message.startswith("must") else f"{key}: {message}, got {err['input']!r}"
+
+
+class SampleParams(Sampling):
     prompts: list[str] = Field(default_factory=lambda: ["ROMEO:\n", "To be, or not to be"], min_length=1)
     length: int = Field(default=500, ge=1, le=100_000, description="new tokens per prompt")
-    strategy: Literal["greedy", "sample", "mode"] = "sample"
-    temperature: float = Field(default=0.8, gt=0)
-    top_k: int | None = Field(default=None, ge=1)
-    top_p: float | None = Field(default=None, gt=0, le=1)
-    draws: int = Field(default=80, ge=1, description="mode strategy: draws per token")
-    seed: int = 1234
+    seed: int | None = 1234
     unknown: Literal["error", "skip", "replace"] = "error"
     replacement: str | None = Field(default=None, description="char level: stands for unknown characters")
 
@@ -146,6 +189,9 @@ class SampleParams(_Section):
         if any(not prompt for prompt in self.prompts):
             raise ValueError("prompts: every prompt needs at least one character")
         return self
+
+    def sampling(self) -> Sampling:
+        return Sampling(**{name: getattr(self, name) for name in Sampling.model_fields})
 
 
 class RegisterParams(_Section):

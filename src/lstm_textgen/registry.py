@@ -4,6 +4,7 @@ new version's validation loss beats the current champion's on the same corpus an
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,9 @@ from typing import Any
 import pandas as pd
 
 from lstm_textgen import tracking
-from lstm_textgen.serving import DEFAULTS
+from lstm_textgen.checkpoint import load_checkpoint, save_checkpoint, serving_checkpoint
+from lstm_textgen.params import SampleParams
+from lstm_textgen.serving import request_defaults
 
 CHAMPION = "champion"
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -31,7 +34,8 @@ def default_model_name(corpus: str, level: str) -> str:
     return f"lstm-textgen-{corpus}-{level}"
 
 
-def signature() -> Any:
+def signature(sample: SampleParams) -> Any:
+    """The request schema; the params' defaults are the served model's (from `sample`)."""
     from mlflow.models import ModelSignature
     from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
 
@@ -54,7 +58,8 @@ def signature() -> Any:
         "seed": "long",
         "strategy": "string",
     }
-    params = ParamSchema([ParamSpec(name, kinds[name], DEFAULTS[name]) for name in kinds])
+    defaults = request_defaults(sample)
+    params = ParamSchema([ParamSpec(name, kinds[name], defaults[name]) for name in kinds])
     return ModelSignature(inputs=inputs, outputs=Schema([ColSpec("string", "text")]), params=params)
 
 
@@ -79,19 +84,27 @@ def register(
     example_prompt: str,
     val_loss: float,
     version_tags: dict[str, str],
+    sample: SampleParams | None = None,
 ) -> Registration:
     """Log + register; promote to champion only on improvement. `version_tags` must hold
-    `corpus` and `level` (what makes two versions comparable)."""
+    `corpus` and `level` (what makes two versions comparable). The logged model carries the
+    weights, vocabulary and params it serves with: `sample` (the current `sample.*` params; default:
+    those stored at training time) sets its defaults and its policy for unknown tokens."""
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    with tracking.active_run(run_id=run_id):  # configures the store, which MlflowClient() then uses
+    trained = load_checkpoint(checkpoint)
+    served = serving_checkpoint(trained, sample)
+    sample = SampleParams.model_validate(served["params"]["sample"])
+    with tempfile.TemporaryDirectory() as tmp, tracking.active_run(run_id=run_id):
+        # the active run configures the store, which MlflowClient() then uses
+        save_checkpoint(Path(tmp) / "model.pt", served)
         info = mlflow.pyfunc.log_model(
             name="model",
             python_model=str(PACKAGE_DIR / "pyfunc_entry.py"),
-            artifacts={"checkpoint": str(checkpoint)},
+            artifacts={"checkpoint": str(Path(tmp) / "model.pt")},
             code_paths=[str(PACKAGE_DIR)],
-            signature=signature(),
+            signature=signature(sample),
             input_example=pd.DataFrame({"prompt": [example_prompt], "max_new_tokens": [8]}),
             pip_requirements=pip_requirements(),
             registered_model_name=model_name,

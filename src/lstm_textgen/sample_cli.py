@@ -13,8 +13,9 @@ from pathlib import Path
 
 from lstm_textgen.checkpoint import LoadedModel, load_model
 from lstm_textgen.cli import run_main
-from lstm_textgen.generation import Sampling, encode_prompt, generate, sample_texts
-from lstm_textgen.training import resolve_device
+from lstm_textgen.devices import resolve_device
+from lstm_textgen.generation import encode_prompt, generate, sample_texts
+from lstm_textgen.params import Sampling
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -61,13 +62,13 @@ def main(argv: list[str] | None = None) -> None:
     loaded = load(args)
     defaults = loaded.params.sample
     pick = lambda value, default: default if value is None else value  # noqa: E731
-    sampling = Sampling(
-        pick(args.strategy, defaults.strategy),
-        pick(args.temperature, defaults.temperature),
-        pick(args.top_k, defaults.top_k),
-        pick(args.top_p, defaults.top_p),
-        pick(args.draws, defaults.draws),
-        pick(args.seed, None),
+    sampling = Sampling.checked(
+        strategy=pick(args.strategy, defaults.strategy),
+        temperature=pick(args.temperature, defaults.temperature),
+        top_k=pick(args.top_k, defaults.top_k),
+        top_p=pick(args.top_p, defaults.top_p),
+        draws=pick(args.draws, defaults.draws),
+        seed=args.seed,
     )
     prompts = args.prompt or defaults.prompts
     length = pick(args.length, defaults.length)

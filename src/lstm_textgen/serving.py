@@ -7,7 +7,9 @@ object: MLflow imports this package (shipped as code) and `load_context` reads t
 
 Request columns (or inference params of the same names): `prompt` (string, required),
 `max_new_tokens` (1..MAX_NEW_TOKENS), `temperature` (> 0), `top_k` (>= 1; 0 = off),
-`top_p` (0 < p <= 1), `seed` (-1 = unseeded), `strategy` (sample | greedy | mode).
+`top_p` (0 < p <= 1; 1 = off), `seed` (-1 = unseeded), `strategy` (sample | greedy | mode). Their
+defaults, `draws` and the policy for tokens outside the vocabulary are the `sample.*` params the
+register stage handed to the model.
 Bad values raise an MlflowException (INVALID_PARAMETER_VALUE), which `mlflow models serve` turns
 into an HTTP 400 with the message; the server keeps serving.
 """
@@ -21,16 +23,26 @@ from typing import Any
 import mlflow.pyfunc
 import pandas as pd
 
+from lstm_textgen.errors import UserError
+from lstm_textgen.params import SampleParams, Sampling
+
 MAX_NEW_TOKENS = 2000
-DEFAULTS: dict[str, Any] = {
-    "max_new_tokens": 200,
-    "temperature": 0.8,
-    "top_k": 0,
-    "top_p": 1.0,
-    "seed": -1,
-    "strategy": "sample",
-}
+DEFAULT_NEW_TOKENS = 200
 OPTIONAL_COLUMNS = ("max_new_tokens", "temperature", "top_k", "top_p", "seed", "strategy")
+# Request values that mean "off", as MLflow's params schema needs a non-null default for each.
+TOP_K_OFF, TOP_P_OFF, UNSEEDED = 0, 1.0, -1
+
+
+def request_defaults(sample: SampleParams) -> dict[str, Any]:
+    """A request's defaults: the registered model's sampling settings (its `sample.*` params), unseeded."""
+    return {
+        "max_new_tokens": DEFAULT_NEW_TOKENS,
+        "temperature": sample.temperature,
+        "top_k": sample.top_k or TOP_K_OFF,
+        "top_p": sample.top_p or TOP_P_OFF,
+        "seed": UNSEEDED,
+        "strategy": sample.strategy,
+    }
 
 
 def _bad_request(message: str) -> Exception:
@@ -41,6 +53,11 @@ def _bad_request(message: str) -> Exception:
 
 def _is_missing(value: Any) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars from the request frame -> Python numbers, which the strict checks expect."""
+    return value.item() if hasattr(value, "item") and not isinstance(value, (str, bytes)) else value
 
 
 def _as_int(name: str, value: Any) -> int:
@@ -55,11 +72,15 @@ def _as_float(name: str, value: Any) -> float:
     return float(value)
 
 
-def request_settings(row: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
-    """One row's settings: its own columns, else the inference params, else the defaults; validated."""
-    merged = dict(DEFAULTS)
-    merged.update({k: v for k, v in (params or {}).items() if k in DEFAULTS and not _is_missing(v)})
-    merged.update({k: row[k] for k in OPTIONAL_COLUMNS if k in row and not _is_missing(row[k])})
+def request_settings(
+    row: dict[str, Any], params: dict[str, Any], sample: SampleParams
+) -> tuple[str, int, Sampling]:
+    """One row's prompt, length and sampling: its own columns, else the inference params, else the
+    model's defaults. Types are checked here; the ranges by `Sampling`, as everywhere else."""
+    defaults = request_defaults(sample)
+    merged = dict(defaults)
+    merged.update({k: _plain(v) for k, v in (params or {}).items() if k in defaults and not _is_missing(v)})
+    merged.update({k: _plain(row[k]) for k in OPTIONAL_COLUMNS if k in row and not _is_missing(row[k])})
     prompt = row.get("prompt")
     if not isinstance(prompt, str):
         raise _bad_request(f"prompt must be a string, got {type(prompt).__name__} {prompt!r}")
@@ -68,28 +89,20 @@ def request_settings(row: dict[str, Any], params: dict[str, Any]) -> dict[str, A
     max_new = _as_int("max_new_tokens", merged["max_new_tokens"])
     if not 1 <= max_new <= MAX_NEW_TOKENS:
         raise _bad_request(f"max_new_tokens must be between 1 and {MAX_NEW_TOKENS}, got {max_new}")
-    temperature = _as_float("temperature", merged["temperature"])
-    if not temperature > 0:
-        raise _bad_request(f"temperature must be > 0, got {temperature} (use strategy 'greedy' for argmax)")
-    top_k = _as_int("top_k", merged["top_k"])
-    if top_k < 0:
-        raise _bad_request(f"top_k must be >= 1, or 0 for off; got {top_k}")
-    top_p = _as_float("top_p", merged["top_p"])
-    if not 0 < top_p <= 1:
-        raise _bad_request(f"top_p must be in (0, 1], got {top_p}")
-    strategy = merged["strategy"]
-    if strategy not in ("sample", "greedy", "mode"):
-        raise _bad_request(f"strategy must be one of sample, greedy, mode; got {strategy!r}")
+    top_k, top_p = _as_int("top_k", merged["top_k"]), _as_float("top_p", merged["top_p"])
     seed = _as_int("seed", merged["seed"])
-    return {
-        "prompt": prompt,
-        "max_new_tokens": max_new,
-        "temperature": temperature,
-        "top_k": top_k or None,
-        "top_p": None if top_p == 1 else top_p,
-        "seed": None if seed < 0 else seed,
-        "strategy": strategy,
-    }
+    try:
+        sampling = Sampling.checked(
+            strategy=merged["strategy"],
+            temperature=_as_float("temperature", merged["temperature"]),
+            top_k=None if top_k == TOP_K_OFF else top_k,
+            top_p=None if top_p == TOP_P_OFF else top_p,
+            draws=sample.draws,
+            seed=None if seed < 0 else seed,
+        )
+    except UserError as exc:
+        raise _bad_request(str(exc)) from None
+    return prompt, max_new, sampling
 
 
 class TextGenerator(mlflow.pyfunc.PythonModel):
@@ -107,34 +120,24 @@ class TextGenerator(mlflow.pyfunc.PythonModel):
     def predict(
         self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None
     ) -> pd.DataFrame:
-        from lstm_textgen.errors import UserError
-        from lstm_textgen.generation import Sampling, sample_texts
+        from lstm_textgen.generation import sample_texts
 
         frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
         if "prompt" not in frame.columns:
             raise _bad_request("the request needs a 'prompt' column")
-        rows = [request_settings(row, params or {}) for row in frame.to_dict(orient="records")]
         sample = self.loaded.params.sample
+        rows = [request_settings(row, params or {}, sample) for row in frame.to_dict(orient="records")]
         groups: dict[tuple[Any, ...], list[int]] = {}  # rows with the same settings generate as one batch
-        for i, row in enumerate(rows):
-            groups.setdefault(tuple(v for k, v in row.items() if k != "prompt"), []).append(i)
+        for i, (_, length, sampling) in enumerate(rows):
+            groups.setdefault((length, sampling), []).append(i)
         texts: list[str] = [""] * len(rows)
-        for indices in groups.values():
-            first = rows[indices[0]]
-            sampling = Sampling(
-                first["strategy"],
-                first["temperature"],
-                first["top_k"],
-                first["top_p"],
-                sample.draws,
-                first["seed"],
-            )
+        for (length, sampling), indices in groups.items():
             try:
                 generated = sample_texts(
                     self.loaded.model,
                     self.loaded.vocab,
-                    [rows[i]["prompt"] for i in indices],
-                    first["max_new_tokens"],
+                    [rows[i][0] for i in indices],
+                    length,
                     sampling,
                     sample.unknown,
                     sample.replacement,

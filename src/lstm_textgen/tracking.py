@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 EXPERIMENT_NAME = "lstm-textgen"
+# MLflow 3's UI opens an experiment of this kind on its runs, not on the GenAI overview
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 
@@ -53,7 +55,10 @@ def configure() -> Any:
     name = experiment_name()
     experiment = mlflow.get_experiment_by_name(name)
     if experiment is None:
-        mlflow.create_experiment(name, artifact_location=artifact_root())
+        mlflow.create_experiment(name, artifact_location=artifact_root(), tags=EXPERIMENT_KIND)
+    elif not EXPERIMENT_KIND.items() <= experiment.tags.items():
+        for key, value in EXPERIMENT_KIND.items():
+            mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, key, value)
     mlflow.set_experiment(name)
     return mlflow
 

@@ -1,0 +1,45 @@
+"""Training batches drawn by indexing a token tensor that lives on the device: no per-sample Python,
+no DataLoader, no host copies."""
+
+from __future__ import annotations
+
+import torch
+
+from lstm_textgen.errors import UserError
+
+
+class Batcher:
+    """Stateless: `batch_size` windows at random offsets (from its own generator, so the draws do not
+    depend on what else uses torch's global RNG). Stateful: `batch_size` parallel streams over
+    contiguous stretches of the text, windows read in order, state reset when a stream wraps around.
+
+    `position` (windows drawn so far) and the generator's state are all a resume needs."""
+
+    def __init__(
+        self, tokens: torch.Tensor, seq_len: int, batch_size: int, stateful: bool, generator: torch.Generator
+    ) -> None:
+        self.tokens, self.seq_len, self.batch_size = tokens, seq_len, batch_size
+        self.stateful, self.generator = stateful, generator
+        self.offsets = torch.arange(seq_len + 1, device=tokens.device)
+        self.stream_len = len(tokens) // batch_size
+        self.windows_per_stream = (self.stream_len - 1) // seq_len
+        if stateful and self.windows_per_stream < 1:
+            raise UserError(
+                f"train.stateful: {batch_size} streams of {self.stream_len} tokens hold no window of "
+                f"data.seq_len {seq_len}; lower train.batch_size or data.seq_len"
+            )
+        self.position = 0
+
+    def next(self) -> tuple[torch.Tensor, bool]:
+        """[B, seq_len + 1] token ids (inputs are [:, :-1], targets [:, 1:]) and whether state resets."""
+        if self.stateful:
+            k = self.position % self.windows_per_stream
+            starts = torch.arange(self.batch_size) * self.stream_len + k * self.seq_len
+            reset = k == 0
+        else:
+            starts = torch.randint(
+                0, len(self.tokens) - self.seq_len, (self.batch_size,), generator=self.generator
+            )
+            reset = True
+        self.position += 1
+        return self.tokens[starts.to(self.tokens.device)[:, None] + self.offsets].long(), reset

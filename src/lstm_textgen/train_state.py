@@ -1,0 +1,96 @@
+"""Everything that changes while training, and its one checkpoint form.
+
+`TrainState.to_checkpoint` and `TrainState.restore` are the only places that name the resumable
+checkpoint's keys; what the run was (params, vocabulary, device, dtype) is added by the trainer.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from lstm_textgen.batches import Batcher
+from lstm_textgen.model import RecurrentLM, State
+
+Weights = dict[str, torch.Tensor]
+
+
+@dataclass
+class TrainState:
+    """Model, optimizer, gradient scaler and batcher, plus the loop's counters. The best weights so far
+    ride along (on the CPU) so that a resumed run can restore the best checkpoint."""
+
+    model: RecurrentLM
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    batcher: Batcher
+    step: int = 0
+    best_val_loss: float = math.inf
+    best_step: int = 0
+    bad_evals: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+    train_seconds: float = 0.0
+    warmup_s: float | None = None  # training seconds when warm-up ended (None: still warming up)
+    carried: State | None = None  # the recurrent state carried across windows (train.stateful)
+    best_weights: Weights | None = None
+
+    def record_evaluation(self, val_loss: float) -> bool:
+        """Count an evaluation; True when it is the best so far (its weights are then kept)."""
+        if val_loss < self.best_val_loss:
+            self.best_val_loss, self.best_step, self.bad_evals = val_loss, self.step, 0
+            self.best_weights = {
+                k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()
+            }
+            return True
+        self.bad_evals += 1
+        return False
+
+    def to_checkpoint(self) -> dict[str, Any]:
+        carried = self.carried
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "grad_scaler": self.scaler.state_dict(),
+            "step": self.step,
+            "best_val_loss": self.best_val_loss,
+            "best_step": self.best_step,
+            "bad_evals": self.bad_evals,
+            "history": self.history,
+            "train_seconds": self.train_seconds,
+            "warmup_train_seconds": self.warmup_s,
+            # distributed: every rank's RNG states belong here
+            "rng": {"batches": self.batcher.generator.get_state(), "torch": torch.get_rng_state()},
+            "batcher_position": self.batcher.position,
+            "carried_state": []
+            if carried is None
+            else list(carried)
+            if isinstance(carried, tuple)
+            else [carried],
+            "best_model": self.best_weights,
+        }
+
+    def restore(self, saved: dict[str, Any]) -> None:
+        """Continue from a checkpoint written by `to_checkpoint`: the same steps follow as if the run
+        had never stopped."""
+        device = next(self.model.parameters()).device
+        self.model.load_state_dict(saved["model"])
+        self.optimizer.load_state_dict(saved["optimizer"])
+        if saved.get("grad_scaler"):
+            self.scaler.load_state_dict(saved["grad_scaler"])
+        self.step, self.best_val_loss, self.best_step = (
+            saved["step"],
+            saved["best_val_loss"],
+            saved["best_step"],
+        )
+        self.bad_evals, self.history = saved["bad_evals"], saved["history"]
+        self.train_seconds = saved["train_seconds"]
+        self.warmup_s = saved.get("warmup_train_seconds", 0.0)
+        self.batcher.generator.set_state(saved["rng"]["batches"])
+        torch.set_rng_state(saved["rng"]["torch"])
+        self.batcher.position = saved["batcher_position"]
+        carried = [t.to(device) for t in saved.get("carried_state") or []]
+        self.carried = None if not carried else tuple(carried) if len(carried) == 2 else carried[0]  # type: ignore[assignment]
+        self.best_weights = saved["best_model"]

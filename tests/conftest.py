@@ -21,7 +21,13 @@ CORPORA_DIR = Path(os.environ.get("LSTM_TEXTGEN_CORPORA", REPO_ROOT.parent / "sh
 # built once, on one worker) start on the pipeline runs and share out the quick tests at the end.
 # (--dist loadgroup would keep test_pipeline and test_serving's repro_repo on one worker, but xdist 3.8
 # cannot tag node ids under pytest 9.2, which renamed Node._nodeid, so every group was split.)
-LONGEST_FIRST = ("test_experiments.py", "test_presets.py", "test_pipeline.py", "test_serving.py")
+LONGEST_FIRST = (
+    "test_experiments.py",
+    "test_presets.py",
+    "test_pipeline.py",
+    "test_readme.py",
+    "test_serving.py",
+)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

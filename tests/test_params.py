@@ -100,12 +100,12 @@ def test_stage_stops_with_the_message_and_nonzero_exit(tmp_path) -> None:
     assert not (tmp_path / "raw" / "corpus.txt").exists()
 
 
-def test_readme_preset_commands_match_presets_yaml() -> None:
+def test_documented_preset_commands_match_presets_yaml() -> None:
     import shlex
 
     from lstm_textgen.presets import command, load_presets
 
-    readme = (REPO_ROOT / "README.md").read_text()
+    readme = (REPO_ROOT / "docs" / "presets.md").read_text()
     presets = load_presets(REPO_ROOT / "presets.yaml")
     for name in presets:
         expected = shlex.join(command(name, presets, ["--temp"])).replace("|", "\\|")

@@ -28,6 +28,8 @@ def test_train_outputs_and_dvc_metrics(repro_repo: tuple[Path, str]) -> None:
     repo, _ = repro_repo
     metrics = json.loads((repo / "metrics/train.json").read_text())
     assert metrics["steps"] == TINY_TRAIN["max_steps"] and metrics["device"] == "cpu"
+    # the periodic estimate is named apart from evaluate.json's whole-split val.loss
+    assert metrics["window_val_loss_best"] > 0 and "best_val_loss" not in metrics
     assert (repo / "data/model/model.pt").is_file()
     history = (repo / "metrics/train_history.csv").read_text().splitlines()
     assert history[0].startswith("step,train_loss,val_loss") and len(history) == 3
@@ -41,6 +43,7 @@ def test_one_mlflow_run_in_the_repository_store(repro_repo: tuple[Path, str]) ->
     client = store_client(repo)
     experiment = client.get_experiment_by_name("lstm-textgen")
     assert experiment.artifact_location == (repo / "mlruns").as_uri()
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI opens on runs
     runs = client.search_runs([experiment.experiment_id])
     assert [r.info.run_id for r in runs] == [run_id]
     logged = runs[0]

@@ -75,6 +75,40 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def test_registered_model_follows_the_sample_params_and_carries_no_optimizer(store: Path) -> None:
+    """The register stage hands today's sample.* params to the model it logs: its defaults and its
+    unknown-token policy; the logged checkpoint holds weights, vocabulary and params only."""
+    import io
+
+    import mlflow.pyfunc
+    import pandas as pd
+    import torch
+    from mlflow.exceptions import MlflowException
+
+    from lstm_textgen.params import SampleParams
+    from lstm_textgen.registry import register
+
+    run_id = json.loads((store / "metrics/train.json").read_text())["mlflow_run_id"]
+    tags = {"corpus": "shakespeare", "level": "char", "lowercase": "false"}
+    checkpoint = store / "data/model/model.pt"
+    as_trained = register(checkpoint, run_id, MODEL_NAME, "ROMEO:", 10.0, tags)  # worse: not champion
+    lenient = SampleParams(unknown="skip", temperature=0.5, top_k=7)
+    changed = register(checkpoint, run_id, MODEL_NAME, "ROMEO:", 10.0, tags, sample=lenient)
+    frame = pd.DataFrame({"prompt": ["ROMEO\u20ac:"], "max_new_tokens": [5]})
+    with pytest.raises(MlflowException, match="not in the vocabulary"):
+        mlflow.pyfunc.load_model(as_trained.model_uri).predict(frame)
+    served = mlflow.pyfunc.load_model(changed.model_uri)
+    assert len(served.predict(frame)["text"][0]) == 5  # the unknown character is skipped
+    defaults = {p.name: p.default for p in served.metadata.get_params_schema().params}
+    assert defaults["temperature"] == 0.5 and defaults["top_k"] == 7
+    logged = served.unwrap_python_model().loaded.checkpoint
+    assert {"model", "vocab", "params"} <= set(logged) and not {"optimizer", "history"} & set(logged)
+    assert logged["params"]["sample"]["unknown"] == "skip"
+    buffer = io.BytesIO()
+    torch.save(logged, buffer)
+    assert buffer.tell() < checkpoint.stat().st_size / 2
+
+
 @pytest.fixture(scope="module")
 def server(repro_repo: tuple[Path, str]) -> Iterator[str]:
     """One real `mlflow models serve` for the module: the bad requests must not stop it serving."""

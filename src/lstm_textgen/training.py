@@ -175,7 +175,6 @@ def check_divergence(loss: float, state: TrainState, lr: float, tp: TrainParams,
 class LossWindow:
     """Training loss and tokens since the last evaluation, summed on the device (no sync per step)."""
 
-    device: torch.device
     started_s: float = 0.0  # training seconds at the window's start
     loss_sum: torch.Tensor | None = None
     steps: int = 0
@@ -271,7 +270,7 @@ def train(
         resume_from(state, setup)
 
     clock = Clock.for_minutes(tp.max_minutes, state.train_seconds, state.warmup_s)
-    window = LossWindow(device, started_s=state.train_seconds)
+    window = LossWindow(started_s=state.train_seconds)
     stopped: Stopped = "max_steps"
     bar = tqdm(
         total=tp.max_steps, initial=state.step, desc="train", unit="step", disable=None, dynamic_ncols=True
@@ -297,7 +296,7 @@ def train(
             )
             asked = bool(on_eval(record)) if on_eval is not None else False
             clock.resume()
-            window = LossWindow(device, started_s=state.train_seconds)
+            window = LossWindow(started_s=state.train_seconds)
             reason = stop_reason(state, tp, out_of_time, asked)
             if reason is not None:
                 stopped = reason

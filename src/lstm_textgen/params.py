@@ -123,6 +123,11 @@ class TrainParams(_Section):
     compile: bool = False
     resume: bool = False
 
+    @property
+    def last_only(self) -> bool:
+        """The `last` objective: only the token after each window is predicted."""
+        return self.objective == "last"
+
 
 class EvaluateParams(_Section):
     seq_len: int = Field(default=256, ge=1, le=65536, description="window of the stateless evaluation")

@@ -94,8 +94,8 @@ def register(
     from mlflow.tracking import MlflowClient
 
     trained = load_checkpoint(checkpoint)
+    sample = sample or SampleParams.model_validate(trained["params"]["sample"])
     served = serving_checkpoint(trained, sample)
-    sample = SampleParams.model_validate(served["params"]["sample"])
     with tempfile.TemporaryDirectory() as tmp, tracking.active_run(run_id=run_id):
         # the active run configures the store, which MlflowClient() then uses
         save_checkpoint(Path(tmp) / "model.pt", served)

@@ -18,6 +18,13 @@ from lstm_textgen.model import RecurrentLM, State
 Weights = dict[str, torch.Tensor]
 
 
+def state_tensors(state: State | None) -> list[torch.Tensor]:
+    """A recurrent state (LSTM (h, c), GRU/RNN h, or none) as the list a checkpoint holds."""
+    if state is None:
+        return []
+    return list(state) if isinstance(state, tuple) else [state]
+
+
 @dataclass
 class TrainState:
     """Model, optimizer, gradient scaler and batcher, plus the loop's counters. The best weights so far
@@ -49,7 +56,6 @@ class TrainState:
         return False
 
     def to_checkpoint(self) -> dict[str, Any]:
-        carried = self.carried
         return {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -64,11 +70,7 @@ class TrainState:
             # distributed: every rank's RNG states belong here
             "rng": {"batches": self.batcher.generator.get_state(), "torch": torch.get_rng_state()},
             "batcher_position": self.batcher.position,
-            "carried_state": []
-            if carried is None
-            else list(carried)
-            if isinstance(carried, tuple)
-            else [carried],
+            "carried_state": state_tensors(self.carried),
             "best_model": self.best_weights,
         }
 

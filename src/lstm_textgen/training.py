@@ -60,10 +60,6 @@ class TrainSetup:
     last_path: Path
     # distributed: rank and world size join here; only rank 0 writes checkpoints
 
-    @property
-    def last_only(self) -> bool:
-        return self.params.train.objective == "last"
-
     def val_windows(self) -> int:
         """Evenly spaced validation windows; never more than it takes to cover the split once."""
         seq_len, tp = self.params.data.seq_len, self.params.train
@@ -143,12 +139,11 @@ def train_step(
     for group in state.optimizer.param_groups:
         group["lr"] = lr
     chunk, reset = state.batcher.next()
-    last_only = tp.objective == "last"
     inputs = chunk[:, :-1]
-    targets = chunk[:, -1] if last_only else chunk[:, 1:]
+    targets = chunk[:, -1] if tp.last_only else chunk[:, 1:]
     carried = None if (reset or state.carried is None) else detach_state(state.carried)
     with autocast(chunk.device, dtype):
-        logits, new_state = forward(inputs, carried if tp.stateful else None, last_only=last_only)
+        logits, new_state = forward(inputs, carried if tp.stateful else None, last_only=tp.last_only)
     loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
     state.optimizer.zero_grad(set_to_none=True)
     state.scaler.scale(loss).backward()
@@ -204,7 +199,7 @@ def evaluate_and_checkpoint(
         seq_len,
         setup.val_windows(),
         tp.batch_size,
-        setup.last_only,
+        tp.last_only,
         setup.dtype,
     )
     record = {

@@ -10,7 +10,7 @@ WITH_VENV := PATH="$(CURDIR)/$(BIN):$$PATH"
 export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := 1
 
-.PHONY: install install-dev repro exp test lint ui compare preset presets bench clean
+.PHONY: install install-dev repro exp test lint ui compare preset presets bench bench-ddp gpu-check clean
 BENCH_CORPUS ?= tinyshakespeare
 UI_PORT ?= 5000
 
@@ -57,6 +57,12 @@ preset: $(STAMP)  ## make preset NAME=anna-notebook [ARGS="-S train.max_steps=50
 
 bench: $(STAMP)  ## benchmarks/results/<machine>/report.md: us vs the notebook (BENCH_CORPUS=path/or/url)
 	$(BIN)/python -m benchmarks.bench --corpus $(BENCH_CORPUS)
+
+bench-ddp: $(STAMP)  ## training throughput on 1 and 2 local processes (DDP, gloo on the CPU)
+	$(WITH_VENV) $(BIN)/python -m benchmarks.bench_ddp
+
+gpu-check: $(STAMP)  ## every GPU-specific check, < 10 min: benchmarks/results/<gpu>/report.md
+	$(BIN)/python -m benchmarks.gpu_check --corpus $(BENCH_CORPUS)
 
 lint: $(DEV_STAMP)
 	$(BIN)/ruff check src stages tests benchmarks

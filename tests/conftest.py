@@ -23,6 +23,7 @@ CORPORA_DIR = Path(os.environ.get("LSTM_TEXTGEN_CORPORA", REPO_ROOT.parent / "sh
 # cannot tag node ids under pytest 9.2, which renamed Node._nodeid, so every group was split.)
 LONGEST_FIRST = (
     "test_experiments.py",
+    "test_distributed.py",
     "test_presets.py",
     "test_pipeline.py",
     "test_readme.py",

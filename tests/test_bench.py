@@ -42,3 +42,44 @@ def test_benchmark_quick_run_writes_a_report(corpora_dir: Path, tmp_path: Path) 
     assert 0 < mfu["mfu"] < 1 and mfu["peak_flops"] > mfu["achieved_flops"] > 0
     assert "Model FLOP utilisation" in report
     assert (tmp_path / "bench.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def bench_module(module: str, *args: str) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(
+        [sys.executable, "-m", module, *args],
+        capture_output=True,
+        text=True,
+        env=tool_env(),
+        cwd=REPO_ROOT,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    return result
+
+
+def test_gpu_check_runs_every_check_on_the_cpu_and_says_no_gpu_figures(
+    corpora_dir: Path, tmp_path: Path
+) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here: `make gpu-check` measures it for real")
+    bench_module(
+        "benchmarks.gpu_check", "--corpus", str(corpora_dir / "tinyshakespeare.txt"), "--out", str(tmp_path)
+    )
+    report = (tmp_path / "report.md").read_text()
+    assert "no GPU figures are measured yet" in report
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["gpu"] is None
+    assert results["ddp"]["backend"] == "gloo" and results["ddp"]["max_weight_difference"] == 0
+    assert results["resume"]["max_weight_difference"] == 0  # bit for bit on the CPU
+    assert results["generation"]["same_text"] is True
+    assert results["cpu_serving"]["generated_characters"] == 40
+
+
+def test_ddp_benchmark_trains_on_one_and_two_processes(tmp_path: Path) -> None:
+    bench_module("benchmarks.bench_ddp", "--steps", "4", "--out", str(tmp_path))
+    runs = json.loads((tmp_path / "ddp.json").read_text())["runs"]
+    assert [(r["processes"], r["global_batch"]) for r in runs] == [(1, 16), (2, 16), (2, 32)]
+    assert all(r["tokens_per_sec"] > 0 for r in runs)
+    assert "| 2 | 8 | 16 |" in (tmp_path / "ddp.md").read_text()

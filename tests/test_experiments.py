@@ -43,6 +43,9 @@ def experiments(tmp_path_factory: pytest.TempPathFactory) -> Experiments:
     done.outputs["layers3"] = run(
         ["dvc", "exp", "run", "-n", "layers3", "-S", "model.layers=3"], cwd=repo, env=env
     )
+    done.outputs["processes2"] = run(
+        ["dvc", "exp", "run", "-n", "processes2", "-S", "train.processes=2"], cwd=repo, env=env
+    )
     (repo / "params.yaml").write_text(baseline_params)  # back to the baseline for what follows
 
     for hidden in (16, 24):
@@ -92,6 +95,30 @@ def test_set_param_experiment_gets_its_own_mlflow_run(experiments: Experiments) 
     assert "dvc exp apply layers3" in run_.data.tags["mlflow.note.content"]
     shown = run(["dvc", "exp", "show", "--json"], cwd=experiments.repo, env=experiments.env).stdout
     assert "layers3" in shown and run_.info.run_id in shown
+
+
+def test_two_process_experiment_is_one_finished_run_registered_and_servable(
+    experiments: Experiments, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import mlflow.pyfunc
+    import pandas as pd
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{experiments.repo / 'mlflow.db'}")
+    client = experiments.client()
+    experiment = client.get_experiment_by_name("lstm-textgen")
+    (trained,) = client.search_runs([experiment.experiment_id], "attributes.run_name = 'processes2'")
+    assert trained.info.status == "FINISHED"
+    assert trained.data.tags["world_size"] == "2" and trained.data.tags["backend"] == "gloo"
+    assert trained.data.params["train.processes"] == "2"
+    assert trained.data.metrics["final_processes"] == 2 and "val_loss" in trained.data.metrics
+    assert "eval.test.loss" in trained.data.metrics  # evaluate logged into the same run
+    versions = client.search_model_versions("name = 'lstm-textgen-shakespeare-char'")
+    (version,) = [v for v in versions if v.run_id == trained.info.run_id]
+    served = mlflow.pyfunc.load_model(f"models:/{version.name}/{version.version}")
+    text = served.predict(pd.DataFrame({"prompt": ["ROMEO:"], "max_new_tokens": [12], "seed": [1]}))["text"][
+        0
+    ]
+    assert len(text) == 12
 
 
 def test_queued_experiments_land_in_the_repository_store(experiments: Experiments) -> None:

@@ -13,20 +13,35 @@ class Batcher:
     depend on what else uses torch's global RNG). Stateful: `batch_size` parallel streams over
     contiguous stretches of the text, windows read in order, state reset when a stream wraps around.
 
+    With several processes the batch of one step is global: `world_size * batch_size` windows (or
+    streams), of which rank r takes the r-th `batch_size`. Every rank draws the same global offsets
+    from the same seeded generator, so the ranks' windows never overlap, stateful ranks read disjoint
+    contiguous stretches, and N processes see exactly the windows one process with N times the
+    batch would see.
+
     `position` (windows drawn so far) and the generator's state are all a resume needs."""
 
     def __init__(
-        self, tokens: torch.Tensor, seq_len: int, batch_size: int, stateful: bool, generator: torch.Generator
+        self,
+        tokens: torch.Tensor,
+        seq_len: int,
+        batch_size: int,
+        stateful: bool,
+        generator: torch.Generator,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
         self.tokens, self.seq_len, self.batch_size = tokens, seq_len, batch_size
         self.stateful, self.generator = stateful, generator
+        self.global_batch = batch_size * world_size
+        self.mine = slice(rank * batch_size, (rank + 1) * batch_size)
         self.offsets = torch.arange(seq_len + 1, device=tokens.device)
-        self.stream_len = len(tokens) // batch_size
+        self.stream_len = len(tokens) // self.global_batch
         self.windows_per_stream = (self.stream_len - 1) // seq_len
         if stateful and self.windows_per_stream < 1:
             raise UserError(
-                f"train.stateful: {batch_size} streams of {self.stream_len} tokens hold no window of "
-                f"data.seq_len {seq_len}; lower train.batch_size or data.seq_len"
+                f"train.stateful: {self.global_batch} streams of {self.stream_len} tokens hold no window "
+                f"of data.seq_len {seq_len}; lower train.batch_size (or train.processes) or data.seq_len"
             )
         self.position = 0
 
@@ -34,12 +49,13 @@ class Batcher:
         """[B, seq_len + 1] token ids (inputs are [:, :-1], targets [:, 1:]) and whether state resets."""
         if self.stateful:
             k = self.position % self.windows_per_stream
-            starts = torch.arange(self.batch_size) * self.stream_len + k * self.seq_len
+            starts = torch.arange(self.global_batch) * self.stream_len + k * self.seq_len
             reset = k == 0
         else:
             starts = torch.randint(
-                0, len(self.tokens) - self.seq_len, (self.batch_size,), generator=self.generator
+                0, len(self.tokens) - self.seq_len, (self.global_batch,), generator=self.generator
             )
             reset = True
+        starts = starts[self.mine]
         self.position += 1
         return self.tokens[starts.to(self.tokens.device)[:, None] + self.offsets].long(), reset

@@ -96,7 +96,7 @@ class ModelParams(_Section):
 class TrainParams(_Section):
     objective: Literal["all", "last"] = "all"
     stateful: bool = False
-    batch_size: int = Field(default=16, ge=1, le=65536)
+    batch_size: int = Field(default=16, ge=1, le=65536, description="windows per step of each process")
     lr: float = Field(default=6.5e-3, gt=0, le=10)
     weight_decay: float = Field(default=0.1, ge=0)
     beta1: float = Field(default=0.8, ge=0, lt=1, description="AdamW's first-moment decay")
@@ -122,6 +122,9 @@ class TrainParams(_Section):
     threads: int | None = Field(default=None, ge=1)
     compile: bool = False
     resume: bool = False
+    processes: int = Field(
+        default=1, ge=1, le=1024, description="local data-parallel worker processes (torchrun, DDP)"
+    )
 
     @property
     def last_only(self) -> bool:

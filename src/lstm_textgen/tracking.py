@@ -16,6 +16,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from lstm_textgen.cli import shutting_down
+
 EXPERIMENT_NAME = "lstm-textgen"
 # MLflow 3's UI opens an experiment of this kind on its runs, not on the GenAI overview
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
@@ -113,6 +115,7 @@ def active_run(run_id: str | None = None, **start_kwargs: Any) -> Iterator[Any]:
         try:
             yield run
         except BaseException as exc:
+            shutting_down()
             mlflow.set_tag("error", f"{type(exc).__name__}: {exc}"[:5000])
             mlflow.end_run(status="FAILED")
             print(

@@ -55,7 +55,20 @@ class TrainState:
         self.bad_evals += 1
         return False
 
-    def to_checkpoint(self) -> dict[str, Any]:
+    def rank_part(self) -> dict[str, Any]:
+        """What differs between the ranks of a distributed run, on the CPU, for rank 0 to save: torch's
+        RNGs (dropout masks; CUDA's own on a GPU) and the carried state of this rank's streams."""
+        device = next(self.model.parameters()).device
+        return {
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+            "carried": [t.detach().cpu() for t in state_tensors(self.carried)],
+        }
+
+    def to_checkpoint(self, ranks: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        """The resumable checkpoint; `ranks` holds every rank's `rank_part` (this process's alone when
+        None). Carried states are joined along the batch: one global batch, whatever the world size."""
+        ranks = ranks or [self.rank_part()]
         return {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -67,16 +80,25 @@ class TrainState:
             "history": self.history,
             "train_seconds": self.train_seconds,
             "warmup_train_seconds": self.warmup_s,
-            # distributed: every rank's RNG states belong here
-            "rng": {"batches": self.batcher.generator.get_state(), "torch": torch.get_rng_state()},
+            "rng": {
+                "batches": self.batcher.generator.get_state(),  # the same on every rank
+                "ranks": [part["torch_rng"] for part in ranks],
+                "cuda_ranks": [part["cuda_rng"] for part in ranks],
+            },
+            "world_size": len(ranks),
             "batcher_position": self.batcher.position,
-            "carried_state": state_tensors(self.carried),
+            "carried_state": [
+                torch.cat(layer, dim=1) for layer in zip(*(part["carried"] for part in ranks), strict=True)
+            ],
             "best_model": self.best_weights,
         }
 
-    def restore(self, saved: dict[str, Any]) -> None:
+    def restore(self, saved: dict[str, Any], rank: int = 0) -> None:
         """Continue from a checkpoint written by `to_checkpoint`: the same steps follow as if the run
-        had never stopped."""
+        had never stopped, as long as the global batch (processes x batch size) is the one saved. With
+        another, the run continues (weights, optimizer, step, schedule, history) but draws other
+        windows; stateful streams then start from a zero state, and ranks beyond the saved ones keep
+        their fresh seeds."""
         device = next(self.model.parameters()).device
         self.model.load_state_dict(saved["model"])
         self.optimizer.load_state_dict(saved["optimizer"])
@@ -91,8 +113,17 @@ class TrainState:
         self.train_seconds = saved["train_seconds"]
         self.warmup_s = saved.get("warmup_train_seconds", 0.0)
         self.batcher.generator.set_state(saved["rng"]["batches"])
-        torch.set_rng_state(saved["rng"]["torch"])
+        rank_rngs = saved["rng"].get("ranks") or [saved["rng"]["torch"]]  # or a one-process checkpoint
+        if rank < len(rank_rngs):
+            torch.set_rng_state(rank_rngs[rank])
+        cuda_rngs = saved["rng"].get("cuda_ranks") or []
+        if device.type == "cuda" and rank < len(cuda_rngs) and cuda_rngs[rank] is not None:
+            torch.cuda.set_rng_state(cuda_rngs[rank], device)
         self.batcher.position = saved["batcher_position"]
-        carried = [t.to(device) for t in saved.get("carried_state") or []]
+        carried = [
+            t[:, self.batcher.mine].to(device)
+            for t in saved["carried_state"]
+            if t.shape[1] == self.batcher.global_batch
+        ]
         self.carried = None if not carried else tuple(carried) if len(carried) == 2 else carried[0]  # type: ignore[assignment]
         self.best_weights = saved["best_model"]

@@ -3,7 +3,13 @@ itself, one `train_step` (shared with the benchmark), one `evaluate_and_checkpoi
 minutes budget (schedule.py) and a stop decision.
 
 Knows nothing of DVC or MLflow: progress goes out through the `on_eval` callback, which may also ask
-the loop to stop. Where data-parallel training would plug in is marked `distributed:`.
+the loop to stop.
+
+Data-parallel (a `World` of several processes, distributed.py): DDP averages the gradients; the
+ranks draw disjoint slices of one global batch (batches.py); what the loop decides from local
+figures (the clock, the loss for the divergence check, the evaluation, the stop) is decided on
+rank 0 or from the mean over ranks and shared, so every rank takes the same steps with the same
+learning rate and stops at the same step. Rank 0 alone evaluates and writes checkpoints.
 """
 
 from __future__ import annotations
@@ -12,7 +18,7 @@ import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import numpy as np
 import torch
@@ -21,14 +27,8 @@ from tqdm import tqdm
 
 from lstm_textgen.batches import Batcher
 from lstm_textgen.checkpoint import load_checkpoint, save_checkpoint
-from lstm_textgen.devices import (
-    autocast,
-    configure_backend,
-    dtype_name,
-    resolve_device,
-    resolve_dtype,
-    to_device_tokens,
-)
+from lstm_textgen.devices import autocast, configure_backend, dtype_name, resolve_dtype, to_device_tokens
+from lstm_textgen.distributed import World
 from lstm_textgen.errors import UserError
 from lstm_textgen.evaluation import periodic_validation_loss
 from lstm_textgen.model import RecurrentLM, count_parameters, detach_state
@@ -47,6 +47,12 @@ class TrainingError(UserError):
     """Training diverged or cannot start; the message says what to change."""
 
 
+class DivergedError(TrainingError):
+    """The (rank-averaged) loss blew up: every rank raises it at the same step."""
+
+    every_rank = True
+
+
 @dataclass(frozen=True)
 class TrainSetup:
     """What stays fixed during a run: the params, where it runs, the validation data, the files."""
@@ -58,12 +64,16 @@ class TrainSetup:
     val_tokens: torch.Tensor
     best_path: Path
     last_path: Path
-    # distributed: rank and world size join here; only rank 0 writes checkpoints
+    world: World = field(default_factory=World)
+
+    def global_batch(self) -> int:
+        """Windows of one step, every process's together."""
+        return self.params.train.batch_size * self.world.world_size
 
     def val_windows(self) -> int:
         """Evenly spaced validation windows; never more than it takes to cover the split once."""
         seq_len, tp = self.params.data.seq_len, self.params.train
-        return min(tp.eval_batches * tp.batch_size, math.ceil((len(self.val_tokens) - 1) / seq_len))
+        return min(tp.eval_batches * self.global_batch(), math.ceil((len(self.val_tokens) - 1) / seq_len))
 
     def run_info(self) -> dict[str, Any]:
         """The checkpoint's description of the run, beside the `TrainState`."""
@@ -72,7 +82,11 @@ class TrainSetup:
             "vocab": self.vocab.to_dict(),
             "device": self.device.type,
             "dtype": dtype_name(self.dtype),
+            "processes": self.world.world_size,
         }
+
+    def tokens_per_step(self) -> int:
+        return self.global_batch() * self.params.data.seq_len
 
 
 @dataclass
@@ -89,6 +103,7 @@ class TrainResult:
     train_seconds: float
     device: str
     dtype: str
+    processes: int
     parameters: int
     stopped: Stopped
     history: list[dict[str, float]] = field(default_factory=list)
@@ -110,20 +125,32 @@ def make_optimizer(model: torch.nn.Module, train: TrainParams) -> torch.optim.Ad
 
 
 def new_train_state(
-    train_ids: np.ndarray, vocab_size: int, params: Params, device: torch.device, dtype: torch.dtype
+    train_ids: np.ndarray,
+    vocab_size: int,
+    params: Params,
+    device: torch.device,
+    dtype: torch.dtype,
+    world: World | None = None,
 ) -> TrainState:
-    """A fresh state: seeds set first, so the same params give the same weights and batches."""
-    tp = params.train
+    """A fresh state: seeds set first, so the same params give the same weights and batches. Every
+    rank builds the same weights and draws from the same window generator (its slice of each global
+    batch); dropout masks differ by rank (seed + rank), rank 0's being a single process's."""
+    tp, world = params.train, world or World()
     torch.manual_seed(tp.seed)
-    generator = torch.Generator().manual_seed(tp.seed)  # distributed: seed + rank
+    generator = torch.Generator().manual_seed(tp.seed)
     model = RecurrentLM(vocab_size, params.model).to(device)
+    if world.rank > 0:
+        torch.manual_seed(tp.seed + world.rank)
     tokens = to_device_tokens(train_ids, device)
+    batcher = Batcher(
+        tokens, params.data.seq_len, tp.batch_size, tp.stateful, generator, world.rank, world.world_size
+    )
     return TrainState(
         model=model,
         optimizer=make_optimizer(model, tp),
         # fp16 autocast needs loss scaling, or small gradients underflow to zero; off otherwise
         scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
-        batcher=Batcher(tokens, params.data.seq_len, tp.batch_size, tp.stateful, generator),
+        batcher=batcher,
     )
 
 
@@ -134,8 +161,9 @@ def train_step(
     tp: TrainParams,
     dtype: torch.dtype,
 ) -> torch.Tensor:
-    """One update on the next batch; returns the (detached) loss. `forward` is the model, or its
-    compiled or DistributedDataParallel wrapper (distributed: DDP averages the gradients here)."""
+    """One update on the next batch; returns the (detached) loss of this rank's windows. `forward` is
+    the model, or its compiled or DistributedDataParallel wrapper (DDP averages the gradients over
+    the ranks in `backward`, so clipping and the step see the global batch's gradient)."""
     for group in state.optimizer.param_groups:
         group["lr"] = lr
     chunk, reset = state.batcher.next()
@@ -157,10 +185,31 @@ def train_step(
     return loss.detach()
 
 
+@dataclass(frozen=True)
+class Agreed:
+    """What every rank must see alike after a step: rank 0's clock and the loss averaged over ranks
+    (None when the loss was not read at this step)."""
+
+    progress: float = 0.0
+    out_of_time: bool = False
+    loss: float | None = None
+
+
+def agree(world: World, clock: Clock, loss: torch.Tensor | None) -> Agreed:
+    """One small all-reduce when distributed (the loss summed, rank 0's clock added to zeros)."""
+    if not world.launched:
+        return Agreed(clock.progress(), clock.out_of_time(), None if loss is None else loss.item())
+    assert loss is not None, "a distributed step always shares its loss"
+    mine = [clock.progress(), float(clock.out_of_time())] if world.is_main else [0.0, 0.0]
+    packed = torch.cat([loss.float().reshape(1), torch.tensor(mine, device=loss.device)])
+    total, progress, out_of_time = world.sum(packed).tolist()
+    return Agreed(progress, out_of_time > 0, total / world.world_size)
+
+
 def check_divergence(loss: float, state: TrainState, lr: float, tp: TrainParams, vocab_size: int) -> None:
     """NaN, or far above the loss of a uniform guess: stop with the step and what to change."""
     if not math.isfinite(loss) or loss > 4 * math.log(vocab_size) + 10:
-        raise TrainingError(
+        raise DivergedError(
             f"training diverged: loss {loss:.4g} at step {state.step} (lr {lr:.3g}); "
             f"lower train.lr (now {tp.lr:g}) or keep train.grad_clip > 0"
         )
@@ -179,18 +228,45 @@ class LossWindow:
         self.loss_sum = loss if self.loss_sum is None else self.loss_sum + loss
         self.steps, self.tokens = self.steps + 1, self.tokens + tokens
 
-    def mean(self) -> float:
-        return (self.loss_sum / self.steps).item() if self.loss_sum is not None else math.nan
+    def mean(self, world: World) -> float:
+        """Mean training loss of the window over every rank's windows."""
+        if self.loss_sum is None:
+            return math.nan
+        return world.sum(self.loss_sum.float().reshape(1)).item() / (self.steps * world.world_size)
 
 
 def evaluate_and_checkpoint(
     state: TrainState, setup: TrainSetup, window: LossWindow, clock: Clock, lr: float
 ) -> dict[str, float]:
-    """The periodic evaluation: validation loss, a history record, the best and last checkpoints."""
+    """The periodic evaluation: validation loss, a history record, the best and last checkpoints.
+    Distributed: rank 0 evaluates (the figures equal a single process's) and saves every rank's
+    RNG and carried state; the record is then shared, so every rank keeps the same history."""
     if setup.device.type == "cuda":
         torch.cuda.synchronize()
     clock.pause()
     state.train_seconds, state.warmup_s = clock.trained_s(), clock.warmup_s
+    world = setup.world
+    ranks = world.gather(state.rank_part())
+    train_loss = window.mean(world)
+    record = None
+    if world.is_main:
+        record = validate_and_save(state, setup, window, train_loss, lr, ranks)
+    record = world.from_main(record)
+    if not world.is_main:
+        state.history.append(record)
+        state.record_evaluation(record["val_loss"])
+    return record
+
+
+def validate_and_save(
+    state: TrainState,
+    setup: TrainSetup,
+    window: LossWindow,
+    train_loss: float,
+    lr: float,
+    ranks: list[dict[str, Any]],
+) -> dict[str, float]:
+    """Rank 0's part of an evaluation."""
     window_s = state.train_seconds - window.started_s
     tp, seq_len = setup.params.train, setup.params.data.seq_len
     val = periodic_validation_loss(
@@ -198,13 +274,13 @@ def evaluate_and_checkpoint(
         setup.val_tokens,
         seq_len,
         setup.val_windows(),
-        tp.batch_size,
+        setup.global_batch(),
         tp.last_only,
         setup.dtype,
     )
     record = {
         "step": state.step,
-        "train_loss": window.mean(),
+        "train_loss": train_loss,
         "val_loss": val,
         "val_perplexity": math.exp(min(val, 50.0)),
         "val_bits_per_token": val / math.log(2),
@@ -213,15 +289,16 @@ def evaluate_and_checkpoint(
         "train_seconds": state.train_seconds,
     }
     state.history.append(record)
-    # distributed: rank 0 alone writes
     if state.record_evaluation(val):
-        save_checkpoint(setup.best_path, {**state.to_checkpoint(), **setup.run_info(), "best_model": None})
-    save_checkpoint(setup.last_path, {**state.to_checkpoint(), **setup.run_info()})
+        checkpoint = {**state.to_checkpoint(ranks), **setup.run_info(), "best_model": None}
+        save_checkpoint(setup.best_path, checkpoint)
+    save_checkpoint(setup.last_path, {**state.to_checkpoint(ranks), **setup.run_info()})
     return record
 
 
 def stop_reason(state: TrainState, tp: TrainParams, out_of_time: bool, asked: bool) -> Stopped | None:
-    """Why to stop after this evaluation, if at all (distributed: decided once, shared by all ranks)."""
+    """Why to stop after this evaluation, if at all. Every input is shared by the ranks (the clock and
+    `asked` are rank 0's, the evaluations are shared), so all ranks stop at the same step."""
     if out_of_time:
         return "max_minutes"
     if tp.patience is not None and state.bad_evals >= tp.patience:
@@ -235,10 +312,21 @@ def resume_from(state: TrainState, setup: TrainSetup) -> None:
     """Continue from the last checkpoint; restore the best one too, as DVC deletes stage outputs
     before a run."""
     saved = load_checkpoint(setup.last_path)
-    state.restore(saved)
+    state.restore(saved, setup.world.rank)
+    if not setup.world.is_main:
+        return
     if not setup.best_path.is_file():
         save_checkpoint(setup.best_path, {**saved, "model": saved["best_model"], "best_model": None})
+    saved_world = saved.get("world_size", 1)
+    saved_batch = saved_world * saved["params"]["train"]["batch_size"]
     print(f"train: resumed from {setup.last_path} at step {state.step}")
+    if saved_batch != state.batcher.global_batch:
+        print(
+            f"train: the checkpoint's steps drew {saved_batch} windows on {saved_world} process(es); with "
+            f"{setup.world.world_size} x {state.batcher.batch_size} windows per step the run continues "
+            "on other windows than an uninterrupted one would (keep processes x batch_size for an "
+            "exact continuation)"
+        )
 
 
 def train(
@@ -248,51 +336,61 @@ def train(
     best_path: Path,
     last_path: Path,
     on_eval: EvalCallback | None = None,
+    world: World | None = None,
 ) -> TrainResult:
     """Train per `params`; keep the best checkpoint (by validation loss) at `best_path` and the
-    resumable latest at `last_path`."""
-    tp, seq_len = params.train, params.data.seq_len
+    resumable latest at `last_path`. In a distributed `world` (its process group started) every rank
+    calls this; rank 0 alone writes and calls `on_eval`."""
+    tp, seq_len, world = params.train, params.data.seq_len, world or World()
     check_fits(len(splits["train"]), seq_len, "train")
     check_fits(len(splits["val"]), seq_len, "val")
-    device = resolve_device(tp.device)
+    device = world.device(tp.device)
     dtype = resolve_dtype(tp.dtype, device, params.model.cell)
-    configure_backend(device, tp.threads)
-    state = new_train_state(splits["train"], len(vocab), params, device, dtype)
+    configure_backend(device, world.threads(tp.threads))
+    state = new_train_state(splits["train"], len(vocab), params, device, dtype, world)
     val_tokens = to_device_tokens(splits["val"], device)
-    setup = TrainSetup(params, vocab, device, dtype, val_tokens, best_path, last_path)
-    forward = torch.compile(state.model) if tp.compile else state.model  # distributed: wrap in DDP
+    setup = TrainSetup(params, vocab, device, dtype, val_tokens, best_path, last_path, world)
     if tp.resume and last_path.is_file():
         resume_from(state, setup)
+    forward = world.wrap(state.model, device)
+    forward = torch.compile(forward) if tp.compile else forward
 
     clock = Clock.for_minutes(tp.max_minutes, state.train_seconds, state.warmup_s)
     window = LossWindow(started_s=state.train_seconds)
-    stopped: Stopped = "max_steps"
+    agreed, stopped = Agreed(), cast(Stopped, "max_steps")
     bar = tqdm(
-        total=tp.max_steps, initial=state.step, desc="train", unit="step", disable=None, dynamic_ncols=True
+        total=tp.max_steps,
+        initial=state.step,
+        desc="train",
+        unit="step",
+        disable=None if world.is_main else True,
+        dynamic_ncols=True,
     )
     state.model.train()
     while state.step < tp.max_steps:
         clock.mark_warmup_end(state.step, tp.warmup_steps)
-        lr = lr_at(state.step, tp, clock.progress())
+        lr = lr_at(state.step, tp, agreed.progress)
         loss = train_step(state, forward, lr, tp, dtype)
-        window.add(loss, tp.batch_size * seq_len)
-        if device.type == "cpu" or state.step % 50 == 0:  # .item() waits for the device: not every step
-            value = loss.item()
-            check_divergence(value, state, lr, tp, len(vocab))
-            bar.set_postfix(loss=f"{value:.3f}", refresh=False)
+        window.add(loss, setup.tokens_per_step())
+        read_loss = device.type == "cpu" or state.step % 50 == 0  # .item() waits for the device
+        if read_loss or not world.launched:
+            agreed = agree(world, clock, loss if read_loss else None)
+        if read_loss and agreed.loss is not None:
+            check_divergence(agreed.loss, state, lr, tp, len(vocab))
+            bar.set_postfix(loss=f"{agreed.loss:.3f}", refresh=False)
         bar.update(1)
 
-        out_of_time = clock.out_of_time()
-        if state.step % tp.eval_every == 0 or state.step == tp.max_steps or out_of_time:
+        if state.step % tp.eval_every == 0 or state.step == tp.max_steps or agreed.out_of_time:
             record = evaluate_and_checkpoint(state, setup, window, clock, lr)
-            bar.write(
-                f"step {state.step}: train {record['train_loss']:.4f}, val {record['val_loss']:.4f}, "
-                f"{record['tokens_per_sec']:,.0f} tokens/s, {state.train_seconds:.0f} s"
-            )
-            asked = bool(on_eval(record)) if on_eval is not None else False
+            if world.is_main:
+                bar.write(
+                    f"step {state.step}: train {record['train_loss']:.4f}, val {record['val_loss']:.4f}, "
+                    f"{record['tokens_per_sec']:,.0f} tokens/s, {state.train_seconds:.0f} s"
+                )
+            asked = bool(on_eval(record)) if on_eval is not None and world.is_main else False
             clock.resume()
             window = LossWindow(started_s=state.train_seconds)
-            reason = stop_reason(state, tp, out_of_time, asked)
+            reason = world.from_main(stop_reason(state, tp, agreed.out_of_time, asked))
             if reason is not None:
                 stopped = reason
                 break
@@ -305,20 +403,18 @@ def result_of(state: TrainState, setup: TrainSetup, stopped: Stopped) -> TrainRe
         raise TrainingError(
             f"train.max_steps: nothing to do, the checkpoint at {setup.last_path} is at step {state.step}"
         )
-    tp, last = setup.params.train, state.history[-1]
+    last = state.history[-1]
     return TrainResult(
         window_val_loss_best=state.best_val_loss,
         best_step=state.best_step,
         window_val_loss_last=last["val_loss"],
         train_loss_last=last["train_loss"],
         steps=state.step,
-        tokens_per_sec=state.step
-        * tp.batch_size
-        * setup.params.data.seq_len
-        / max(state.train_seconds, 1e-9),
+        tokens_per_sec=state.step * setup.tokens_per_step() / max(state.train_seconds, 1e-9),
         train_seconds=state.train_seconds,
         device=setup.device.type,
         dtype=dtype_name(setup.dtype),
+        processes=setup.world.world_size,
         parameters=count_parameters(state.model),
         stopped=stopped,
         history=state.history,

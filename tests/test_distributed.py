@@ -1,0 +1,317 @@
+"""Data-parallel training for real: worker processes started by torchrun's launcher (the train stage
+with `train.processes`) and by the `torchrun` command, gloo on the CPU, real signals.
+
+Every distributed run starts real processes (a few seconds each); the runs that several tests compare
+are made once per module."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import run, tiny_repo, tool_env
+
+from lstm_textgen.batches import Batcher
+from lstm_textgen.train_state import TrainState
+
+# Constant learning rate: a run stopped at step 10 and resumed to 20 follows the same schedule as
+# one that ran 20 steps straight.
+RUN = {"max_steps": 20, "eval_every": 10, "eval_batches": 2, "schedule": "constant", "warmup_steps": 2}
+RUN |= {"dtype": "float32", "device": "cpu", "threads": 1}
+
+
+# ---- the batch drawing, in one process ----
+
+
+@pytest.mark.parametrize("stateful", [False, True])
+def test_ranks_take_disjoint_slices_of_the_one_process_batch(stateful: bool) -> None:
+    tokens = torch.arange(5000, dtype=torch.int32)
+
+    def batcher(batch: int, rank: int = 0, world: int = 1) -> Batcher:
+        return Batcher(tokens, 16, batch, stateful, torch.Generator().manual_seed(7), rank, world)
+
+    whole, ranks = batcher(8), [batcher(4, rank, 2) for rank in range(2)]
+    for _ in range(5):
+        expected, reset = whole.next()
+        parts = [b.next() for b in ranks]
+        assert torch.equal(torch.cat([chunk for chunk, _ in parts]), expected)
+        assert all(part_reset == reset for _, part_reset in parts)
+    if stateful:  # each rank's streams are one contiguous stretch after the other's
+        first, second = (b.next()[0][:, 0] for b in ranks)
+        assert first.max() < second.min()
+
+
+def test_checkpoint_joins_the_ranks_carried_states_and_each_rank_takes_its_own_back() -> None:
+    def state(rank: int) -> TrainState:
+        model = torch.nn.LSTM(2, 3)
+        batcher = Batcher(torch.arange(500), 8, 2, True, torch.Generator(), rank, 2)
+        carried = (torch.full((1, 2, 3), float(rank)), torch.full((1, 2, 3), 10.0 + rank))
+        optimizer, scaler = torch.optim.SGD(model.parameters()), torch.amp.GradScaler("cpu", enabled=False)
+        return TrainState(model, optimizer, scaler, batcher, carried=carried)  # type: ignore[arg-type]
+
+    zero, one = state(0), state(1)
+    saved = zero.to_checkpoint([zero.rank_part(), one.rank_part()])
+    assert saved["world_size"] == 2 and len(saved["rng"]["ranks"]) == 2
+    h, c = saved["carried_state"]
+    assert h.shape == c.shape == (1, 4, 3) and h[0, :, 0].tolist() == [0, 0, 1, 1]
+    one.carried = None
+    one.restore(saved, rank=1)
+    assert torch.equal(one.carried[0], torch.ones(1, 2, 3)) and torch.equal(
+        one.carried[1], torch.full((1, 2, 3), 11.0)
+    )
+
+
+# ---- the train stage on several processes ----
+
+
+@pytest.fixture(scope="module")
+def prepared_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    repo = tiny_repo(tmp_path_factory.mktemp("distributed") / "repo")
+    run(["dvc", "repro", "prepare"], cwd=repo)
+    return repo
+
+
+def train_stage(
+    repo: Path,
+    name: str,
+    processes: int,
+    batch_size: int,
+    wait: bool = True,
+    model: dict | None = None,
+    **train: object,
+) -> subprocess.CompletedProcess[str] | subprocess.Popen[str]:
+    """Run the train stage as DVC would (`python stages/train.py`), outputs under `runs/<name>`."""
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["train"].update(RUN, processes=processes, batch_size=batch_size, **train)
+    params["model"].update(model or {})
+    out = repo / "runs" / name
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "params.yaml").write_text(yaml.safe_dump(params))
+    cmd = [
+        sys.executable,
+        "stages/train.py",
+        "--params",
+        str(out / "params.yaml"),
+        "--out",
+        str(out / "model"),
+    ]
+    cmd += ["--resume-from", str(out / "last.pt"), "--metrics", str(out / "metrics")]
+    env = {**tool_env(repo), "MLFLOW_TRACKING_URI": f"sqlite:///{out / 'mlflow.db'}"}
+    if not wait:
+        return subprocess.Popen(
+            cmd, cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+    return run(cmd, cwd=repo, env=env)
+
+
+def saved(repo: Path, name: str) -> dict:
+    return torch.load(repo / "runs" / name / "last.pt", weights_only=True)
+
+
+def assert_same_training(a: dict, b: dict, exact: bool = False) -> None:
+    """Same weights and the same curve: bit for bit, or to float tolerance (the sums over ranks add
+    in another order than one process's sums; AdamW's normalised steps carry such last-bit
+    differences into the weights at about 1e-5 of their size after 20 steps)."""
+    assert a["step"] == b["step"]
+    for key, weights in a["model"].items():
+        if exact:
+            assert torch.equal(weights, b["model"][key]), key
+        else:
+            torch.testing.assert_close(weights, b["model"][key], rtol=1e-4, atol=2e-5, msg=key)
+    for ours, theirs in zip(a["history"], b["history"], strict=True):
+        for key in ("train_loss", "val_loss", "lr"):
+            assert ours[key] == pytest.approx(theirs[key], rel=0 if exact else 1e-5), key
+
+
+def mlflow_runs(store: Path) -> list:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{store}")
+    experiment = client.get_experiment_by_name("lstm-textgen")
+    return client.search_runs([experiment.experiment_id])
+
+
+@pytest.mark.parametrize("stateful", [False, True])
+def test_two_processes_train_exactly_as_one_with_twice_the_batch(prepared_repo: Path, stateful: bool) -> None:
+    kind = "stateful" if stateful else "stateless"
+    train_stage(prepared_repo, f"one-{kind}", processes=1, batch_size=8, stateful=stateful)
+    two = train_stage(prepared_repo, f"two-{kind}", processes=2, batch_size=4, stateful=stateful)
+    assert "x 2 processes" in two.stdout
+    assert_same_training(saved(prepared_repo, f"two-{kind}"), saved(prepared_repo, f"one-{kind}"))
+    (mlflow_run,) = mlflow_runs(
+        prepared_repo / "runs" / f"two-{kind}" / "mlflow.db"
+    )  # exactly one run for two processes
+    assert mlflow_run.info.status == "FINISHED"
+    assert mlflow_run.data.tags["world_size"] == "2" and mlflow_run.data.tags["backend"] == "gloo"
+    assert mlflow_run.data.metrics["final_processes"] == 2
+    # rank 0 saved the unwrapped model: a single process loads it as it loads any checkpoint
+    from lstm_textgen.checkpoint import load_model
+
+    assert load_model(prepared_repo / "runs" / f"two-{kind}" / "model" / "model.pt").model.training is False
+
+
+def test_a_resume_with_the_same_processes_is_exact_with_dropout_and_state(prepared_repo: Path) -> None:
+    """Every rank's dropout RNG and carried state come back: bit for bit equal to a straight run."""
+    setting = {"stateful": True, "model": {"dropout": 0.3}}
+    train_stage(prepared_repo, "straight", processes=2, batch_size=4, **setting)
+    train_stage(prepared_repo, "resumed", processes=2, batch_size=4, max_steps=10, **setting)
+    train_stage(prepared_repo, "resumed", processes=2, batch_size=4, resume=True, **setting)
+    assert_same_training(saved(prepared_repo, "resumed"), saved(prepared_repo, "straight"), exact=True)
+
+
+def test_a_resume_on_another_world_size_with_the_same_global_batch_continues_the_run(
+    prepared_repo: Path,
+) -> None:
+    train_stage(prepared_repo, "switch", processes=2, batch_size=4, stateful=True, max_steps=10)
+    resumed = train_stage(prepared_repo, "switch", processes=1, batch_size=8, stateful=True, resume=True)
+    assert "resumed from" in resumed.stdout and "other windows" not in resumed.stdout
+    if not (prepared_repo / "runs" / "one-stateful" / "last.pt").is_file():
+        train_stage(prepared_repo, "one-stateful", processes=1, batch_size=8, stateful=True)
+    assert_same_training(saved(prepared_repo, "switch"), saved(prepared_repo, "one-stateful"))
+
+
+def test_divergence_is_decided_once_and_reported_once(prepared_repo: Path) -> None:
+    failed = train_stage(
+        prepared_repo,
+        "diverge",
+        2,
+        4,
+        wait=False,
+        model={"cell": "rnn"},
+        lr=10.0,
+        grad_clip=0.0,
+        warmup_steps=0,
+    )
+    _, stderr = failed.communicate(timeout=300)
+    assert failed.returncode != 0
+    assert stderr.count("training diverged") == 1, stderr
+    assert "lower train.lr" in stderr and re.search(r"rank [01] exited with code 2", stderr)
+    (mlflow_run,) = mlflow_runs(prepared_repo / "runs" / "diverge" / "mlflow.db")
+    assert mlflow_run.info.status == "FAILED"
+
+
+def worker_pids(launcher: int) -> dict[int, int]:
+    """The launcher's worker processes, by RANK."""
+    pids = {}
+    for child in Path("/proc").iterdir():
+        if not child.name.isdigit():
+            continue
+        try:
+            status = (child / "status").read_text()
+            environ = (child / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        parent = int(next(line.split()[1] for line in status.splitlines() if line.startswith("PPid:")))
+        ranks = [entry[5:] for entry in environ if entry.startswith(b"RANK=")]
+        if parent == launcher and ranks:
+            pids[int(ranks[0])] = int(child.name)
+    return pids
+
+
+def gone(pid: int) -> bool:
+    proc = Path(f"/proc/{pid}")
+    try:
+        return not proc.exists() or (proc / "stat").read_text().split()[2] == "Z"
+    except OSError:
+        return True
+
+
+def started_workers(name: str, prepared_repo: Path) -> tuple[subprocess.Popen[str], dict[int, int]]:
+    """A long two-process training, once its first checkpoint is written, and its workers' pids."""
+    job = train_stage(prepared_repo, name, 2, 4, wait=False, max_steps=100000, eval_every=50)
+    checkpoint = prepared_repo / "runs" / name / "last.pt"
+    deadline = time.monotonic() + 120
+    while not checkpoint.is_file() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    workers = worker_pids(job.pid)
+    assert set(workers) == {0, 1}, workers
+    return job, workers
+
+
+def assert_failed_cleanly(name: str, prepared_repo: Path, workers: dict[int, int]) -> None:
+    deadline = time.monotonic() + 60
+    while not all(gone(pid) for pid in workers.values()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert all(gone(pid) for pid in workers.values()), "a worker was left behind"
+    (mlflow_run,) = mlflow_runs(prepared_repo / "runs" / name / "mlflow.db")
+    assert mlflow_run.info.status == "FAILED"
+    # rank 0 saw the lost peer, or the SIGTERM that stops the workers first
+    assert re.search("Connection reset by peer|SIGTERM", mlflow_run.data.tags["error"])
+
+
+def test_killing_one_worker_fails_the_whole_job_cleanly(prepared_repo: Path) -> None:
+    job, workers = started_workers("killed-worker", prepared_repo)
+    os.kill(workers[1], signal.SIGKILL)
+    _, stderr = job.communicate(timeout=120)
+    assert job.returncode != 0
+    assert "rank 1 was killed by signal 9" in stderr
+    assert "Traceback" not in stderr, stderr
+    assert_failed_cleanly("killed-worker", prepared_repo, workers)
+
+
+def test_killing_the_launcher_leaves_no_worker_behind(prepared_repo: Path) -> None:
+    """SIGKILL gives the launcher no chance to stop its workers: they go because it went."""
+    job, workers = started_workers("killed-launcher", prepared_repo)
+    job.kill()
+    job.communicate(timeout=60)
+    assert_failed_cleanly("killed-launcher", prepared_repo, workers)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_machines_on_one_host_train_as_one_job(prepared_repo: Path, tmp_path: Path) -> None:
+    """The README's multi-machine command, with both "machines" on 127.0.0.1: node 0 holds rank 0,
+    which writes the outputs and the one MLflow run."""
+    params = yaml.safe_load((prepared_repo / "params.yaml").read_text())
+    params["train"].update(RUN, batch_size=4)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    port, env = (
+        free_port(),
+        {**tool_env(prepared_repo), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'm.db'}"},
+    )
+    nodes = []
+    for node in (0, 1):
+        out = tmp_path / f"node{node}"
+        cmd = ["torchrun", "--nnodes=2", "--nproc-per-node=1", f"--node-rank={node}"]
+        cmd += [
+            f"--rdzv-endpoint=127.0.0.1:{port}",
+            "stages/train.py",
+            "--params",
+            str(tmp_path / "params.yaml"),
+        ]
+        cmd += [
+            "--out",
+            str(out / "model"),
+            "--resume-from",
+            str(out / "last.pt"),
+            "--metrics",
+            str(out / "metrics"),
+        ]
+        nodes.append(
+            subprocess.Popen(
+                cmd, cwd=prepared_repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            )
+        )
+    outputs = [node.communicate(timeout=300) for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs
+    assert "x 2 processes" in outputs[0][0]
+    assert (tmp_path / "node0" / "model" / "model.pt").is_file()
+    assert not (tmp_path / "node1").exists()  # rank 1 writes nothing
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+    (mlflow_run,) = client.search_runs([client.get_experiment_by_name("lstm-textgen").experiment_id])
+    assert mlflow_run.info.status == "FINISHED" and mlflow_run.data.tags["world_size"] == "2"

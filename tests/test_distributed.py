@@ -190,6 +190,7 @@ def test_divergence_is_decided_once_and_reported_once(prepared_repo: Path) -> No
         lr=10.0,
         grad_clip=0.0,
         warmup_steps=0,
+        max_steps=400,  # stopped at the first check after it diverges
     )
     _, stderr = failed.communicate(timeout=300)
     assert failed.returncode != 0

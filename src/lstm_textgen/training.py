@@ -329,6 +329,29 @@ def resume_from(state: TrainState, setup: TrainSetup) -> None:
         )
 
 
+def start_run(
+    splits: dict[str, np.ndarray],
+    vocab: Vocabulary,
+    params: Params,
+    best_path: Path,
+    last_path: Path,
+    world: World,
+) -> tuple[TrainState, TrainSetup]:
+    """Checks, device and precision, a fresh state, or the last checkpoint's when resuming."""
+    tp, seq_len = params.train, params.data.seq_len
+    check_fits(len(splits["train"]), seq_len, "train")
+    check_fits(len(splits["val"]), seq_len, "val")
+    device = world.device(tp.device)
+    dtype = resolve_dtype(tp.dtype, device, params.model.cell)
+    configure_backend(device, world.threads(tp.threads))
+    state = new_train_state(splits["train"], len(vocab), params, device, dtype, world)
+    val_tokens = to_device_tokens(splits["val"], device)
+    setup = TrainSetup(params, vocab, device, dtype, val_tokens, best_path, last_path, world)
+    if tp.resume and last_path.is_file():
+        resume_from(state, setup)
+    return state, setup
+
+
 def train(
     splits: dict[str, np.ndarray],
     vocab: Vocabulary,
@@ -341,33 +364,24 @@ def train(
     """Train per `params`; keep the best checkpoint (by validation loss) at `best_path` and the
     resumable latest at `last_path`. In a distributed `world` (its process group started) every rank
     calls this; rank 0 alone writes and calls `on_eval`."""
-    tp, seq_len, world = params.train, params.data.seq_len, world or World()
-    check_fits(len(splits["train"]), seq_len, "train")
-    check_fits(len(splits["val"]), seq_len, "val")
-    device = world.device(tp.device)
-    dtype = resolve_dtype(tp.dtype, device, params.model.cell)
-    configure_backend(device, world.threads(tp.threads))
-    state = new_train_state(splits["train"], len(vocab), params, device, dtype, world)
-    val_tokens = to_device_tokens(splits["val"], device)
-    setup = TrainSetup(params, vocab, device, dtype, val_tokens, best_path, last_path, world)
-    if tp.resume and last_path.is_file():
-        resume_from(state, setup)
-    forward = world.wrap(state.model, device)
+    tp, world = params.train, world or World()
+    state, setup = start_run(splits, vocab, params, best_path, last_path, world)
+    forward = world.wrap(state.model, setup.device)
     forward = torch.compile(forward) if tp.compile else forward
+    dtype = setup.dtype
 
     clock = Clock.for_minutes(tp.max_minutes, state.train_seconds, state.warmup_s)
     window = LossWindow(started_s=state.train_seconds)
     agreed, stopped = Agreed(), cast(Stopped, "max_steps")
     # The loss is read (and, distributed, agreed on) every step only where that costs nothing: on
     # CUDA .item() waits for the device, and a collective costs about a millisecond on gloo.
-    read_every = 1 if device.type == "cpu" and not world.launched else 50
+    read_every = 1 if setup.device.type == "cpu" and not world.launched else 50
     bar = tqdm(
         total=tp.max_steps,
         initial=state.step,
         desc="train",
         unit="step",
         disable=None if world.is_main else True,
-        dynamic_ncols=True,
     )
     state.model.train()
     while state.step < tp.max_steps:

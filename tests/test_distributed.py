@@ -140,6 +140,7 @@ def mlflow_runs(store: Path) -> list:
     return client.search_runs([experiment.experiment_id])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stateful", [False, True])
 def test_two_processes_train_exactly_as_one_with_twice_the_batch(prepared_repo: Path, stateful: bool) -> None:
     kind = "stateful" if stateful else "stateless"
@@ -159,6 +160,7 @@ def test_two_processes_train_exactly_as_one_with_twice_the_batch(prepared_repo: 
     assert load_model(prepared_repo / "runs" / f"two-{kind}" / "model" / "model.pt").model.training is False
 
 
+@pytest.mark.slow
 def test_a_resume_with_the_same_processes_is_exact_with_dropout_and_state(prepared_repo: Path) -> None:
     """Every rank's dropout RNG and carried state come back: bit for bit equal to a straight run."""
     setting = {"stateful": True, "model": {"dropout": 0.3}}
@@ -168,6 +170,7 @@ def test_a_resume_with_the_same_processes_is_exact_with_dropout_and_state(prepar
     assert_same_training(saved(prepared_repo, "resumed"), saved(prepared_repo, "straight"), exact=True)
 
 
+@pytest.mark.slow
 def test_a_resume_on_another_world_size_with_the_same_global_batch_continues_the_run(
     prepared_repo: Path,
 ) -> None:
@@ -179,6 +182,7 @@ def test_a_resume_on_another_world_size_with_the_same_global_batch_continues_the
     assert_same_training(saved(prepared_repo, "switch"), saved(prepared_repo, "one-stateful"))
 
 
+@pytest.mark.slow
 def test_divergence_is_decided_once_and_reported_once(prepared_repo: Path) -> None:
     failed = train_stage(
         prepared_repo,
@@ -249,6 +253,7 @@ def assert_failed_cleanly(name: str, prepared_repo: Path, workers: dict[int, int
     assert re.search("Connection reset by peer|SIGTERM", mlflow_run.data.tags["error"])
 
 
+@pytest.mark.slow
 def test_killing_one_worker_fails_the_whole_job_cleanly(prepared_repo: Path) -> None:
     job, workers = started_workers("killed-worker", prepared_repo)
     os.kill(workers[1], signal.SIGKILL)
@@ -259,6 +264,7 @@ def test_killing_one_worker_fails_the_whole_job_cleanly(prepared_repo: Path) -> 
     assert_failed_cleanly("killed-worker", prepared_repo, workers)
 
 
+@pytest.mark.slow
 def test_killing_the_launcher_leaves_no_worker_behind(prepared_repo: Path) -> None:
     """SIGKILL gives the launcher no chance to stop its workers: they go because it went."""
     job, workers = started_workers("killed-launcher", prepared_repo)
@@ -273,6 +279,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_machines_on_one_host_train_as_one_job(prepared_repo: Path, tmp_path: Path) -> None:
     """The README's multi-machine command, with both "machines" on 127.0.0.1: node 0 holds rank 0,
     which writes the outputs and the one MLflow run."""

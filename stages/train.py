@@ -25,7 +25,7 @@ from lstm_textgen.errors import UserError
 from lstm_textgen.files import atomic_path, read_json, write_json, write_text
 from lstm_textgen.params import Params, flatten, load_params
 from lstm_textgen.plots import plot_losses
-from lstm_textgen.training import TrainResult, train
+from lstm_textgen.training import TrainResult, load_resumable, train
 
 
 def log_evaluation(record: dict[str, float]) -> None:
@@ -85,12 +85,16 @@ def check_processes(processes: int, device: torch.device) -> None:
 
 
 def train_and_log(args: argparse.Namespace, params: Params, world: World) -> None:
-    """Rank 0 (or the only process): the one MLflow run, the training, the DVC outputs."""
+    """Rank 0 (or the only process): the one MLflow run, the training, the DVC outputs. A resumed
+    run continues the MLflow run its checkpoint names, so the curves stay in one run."""
     dataset = load_dataset(args.prepared)
     corpus = read_json(args.corpus_info)
     device = world.device(params.train.device)
     if world.launched and params.train.processes not in (1, world.world_size):
         print(f"train: started by torchrun with {world.world_size} processes; train.processes is not used")
+    for run_id in tracking.close_abandoned_runs():
+        print(f"train: MLflow run {run_id} was left RUNNING by a process that is gone; marked KILLED")
+    saved = load_resumable(args.resume_from, params, dataset.vocab) if params.train.resume else None
     logged = {
         **flatten(params.model_dump(include={"data", "model", "train"})),
         **flatten({"corpus": corpus.get("spec", {})}),  # how the download stage read the corpus
@@ -102,8 +106,13 @@ def train_and_log(args: argparse.Namespace, params: Params, world: World) -> Non
         "backend": world.backend(device) if world.launched else "none",
         "mlflow.note.content": tracking.run_description(),
     }
-    with tracking.active_run(run_name=tracking.run_name(), tags=tags) as run:
-        mlflow.log_params({k: str(v) for k, v in logged.items()})
+    run_id = tracking.existing_run((saved or {}).get("labels", {}).get("mlflow_run_id"))
+    with tracking.active_run(run_id=run_id, run_name=None if run_id else tracking.run_name()) as run:
+        if saved is None:
+            mlflow.log_params({k: str(v) for k, v in logged.items()})
+        else:
+            continue_run(run.info.run_id, saved, logged, tags)
+        mlflow.set_tags(tags)
         result = train(
             dataset.splits,
             dataset.vocab,
@@ -112,6 +121,7 @@ def train_and_log(args: argparse.Namespace, params: Params, world: World) -> Non
             last_path=args.resume_from,
             on_eval=log_evaluation,
             world=world,
+            labels={"mlflow_run_id": run.info.run_id},
         )
         metrics = {**result.metrics(), "mlflow_run_id": run.info.run_id}
         numeric = {f"final_{k}": float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
@@ -128,6 +138,22 @@ def train_and_log(args: argparse.Namespace, params: Params, world: World) -> Non
         f"{result.tokens_per_sec:,.0f} tokens/s on {result.device}{processes} ({result.dtype}), "
         f"{result.train_seconds:.0f} s; MLflow run {metrics['mlflow_run_id']}"
     )
+
+
+def continue_run(run_id: str, saved: dict[str, Any], logged: dict[str, Any], tags: dict[str, str]) -> None:
+    """Reopening a run to resume it: params it lacks (a run cannot change a param's value; the
+    resumable changes such as `train.resume` are tagged instead), and the evaluations the
+    checkpoint holds that never reached MLflow (a kill between the checkpoint and the log)."""
+    run = mlflow.MlflowClient().get_run(run_id)
+    mlflow.log_params({k: str(v) for k, v in logged.items() if k not in run.data.params})
+    changed = sorted(k for k, v in logged.items() if k in run.data.params and run.data.params[k] != str(v))
+    tags["resumed_at_step"] = str(saved["step"])
+    tags["resumed_with"] = ", ".join(f"{k}={logged[k]}" for k in changed) or "the same params"
+    logged_steps = {m.step for m in mlflow.MlflowClient().get_metric_history(run_id, "val_loss")}
+    for record in saved["history"]:
+        if int(record["step"]) not in logged_steps:
+            log_evaluation(record)
+    print(f"train: continuing MLflow run {run_id} from step {saved['step']}")
 
 
 def write_outputs(

@@ -24,6 +24,7 @@ CORPORA_DIR = Path(os.environ.get("LSTM_TEXTGEN_CORPORA", REPO_ROOT.parent / "sh
 LONGEST_FIRST = (
     "test_experiments.py",
     "test_distributed.py",
+    "test_interrupted.py",
     "test_presets.py",
     "test_pipeline.py",
     "test_readme.py",

@@ -21,6 +21,7 @@ import yaml
 from conftest import run, tiny_repo, tool_env
 
 from lstm_textgen.batches import Batcher
+from lstm_textgen.distributed import root_failure
 from lstm_textgen.train_state import TrainState
 
 # Constant learning rate: a run stopped at step 10 and resumed to 20 follows the same schedule as
@@ -68,6 +69,12 @@ def test_checkpoint_joins_the_ranks_carried_states_and_each_rank_takes_its_own_b
     assert torch.equal(one.carried[0], torch.ones(1, 2, 3)) and torch.equal(
         one.carried[1], torch.full((1, 2, 3), 11.0)
     )
+
+
+def test_the_failure_named_is_the_cause_not_its_consequences() -> None:
+    assert root_failure({0: 75, 1: -9}) == (1, -9)  # rank 0 only lost its peer
+    assert root_failure({0: 143, 1: 2, 2: 75}) == (1, 2)  # rank 0 was stopped by torchrun
+    assert root_failure({0: 2, 1: 2}) == (0, 2)  # a shared decision: the lowest rank
 
 
 # ---- the train stage on several processes ----
@@ -242,15 +249,17 @@ def started_workers(name: str, prepared_repo: Path) -> tuple[subprocess.Popen[st
     return job, workers
 
 
-def assert_failed_cleanly(name: str, prepared_repo: Path, workers: dict[int, int]) -> None:
+def assert_failed_cleanly(
+    name: str, prepared_repo: Path, workers: dict[int, int], status: str = "FAILED"
+) -> None:
     deadline = time.monotonic() + 60
     while not all(gone(pid) for pid in workers.values()) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert all(gone(pid) for pid in workers.values()), "a worker was left behind"
     (mlflow_run,) = mlflow_runs(prepared_repo / "runs" / name / "mlflow.db")
-    assert mlflow_run.info.status == "FAILED"
-    # rank 0 saw the lost peer, or the SIGTERM that stops the workers first
-    assert re.search("Connection reset by peer|SIGTERM", mlflow_run.data.tags["error"])
+    error = mlflow_run.data.tags.get("error", "")
+    assert mlflow_run.info.status == status, error
+    assert re.search("Connection reset by peer|lost contact|SIGTERM", error), error
 
 
 @pytest.mark.slow
@@ -259,18 +268,45 @@ def test_killing_one_worker_fails_the_whole_job_cleanly(prepared_repo: Path) -> 
     os.kill(workers[1], signal.SIGKILL)
     _, stderr = job.communicate(timeout=120)
     assert job.returncode != 0
-    assert "rank 1 was killed by signal 9" in stderr
+    assert "rank 1 was killed by signal 9" in stderr, stderr
     assert "Traceback" not in stderr, stderr
     assert_failed_cleanly("killed-worker", prepared_repo, workers)
 
 
 @pytest.mark.slow
 def test_killing_the_launcher_leaves_no_worker_behind(prepared_repo: Path) -> None:
-    """SIGKILL gives the launcher no chance to stop its workers: they go because it went."""
+    """SIGKILL gives the launcher no chance to stop its workers: the kernel tells them (SIGTERM), and
+    they stop together as on any stop request: checkpoint, run KILLED."""
     job, workers = started_workers("killed-launcher", prepared_repo)
     job.kill()
     job.communicate(timeout=60)
-    assert_failed_cleanly("killed-launcher", prepared_repo, workers)
+    assert_failed_cleanly("killed-launcher", prepared_repo, workers, status="KILLED")
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_launcher_stops_every_rank_at_one_step_and_resumes_exactly(
+    prepared_repo: Path,
+) -> None:
+    """A scheduler's SIGTERM reaches the launcher; torchrun passes it to the workers, which agree on
+    the step to stop at; rank 0 saves it there. Resumed, the run ends as a straight one does."""
+    job, workers = started_workers("sigterm", prepared_repo)
+    job.send_signal(signal.SIGTERM)
+    _, stderr = job.communicate(timeout=120)
+    assert job.returncode == 143, stderr
+    assert "Traceback" not in stderr
+    stopped_at = saved(prepared_repo, "sigterm")["step"]
+    assert stopped_at % 50 == 0 and stopped_at > 0  # the ranks agree every 50 steps
+    (mlflow_run,) = mlflow_runs(prepared_repo / "runs" / "sigterm" / "mlflow.db")
+    assert mlflow_run.info.status == "KILLED"
+    assert all(gone(pid) for pid in workers.values())
+    end = {"max_steps": stopped_at + 20, "eval_every": 50}
+    train_stage(prepared_repo, "sigterm", 2, 4, resume=True, **end)
+    train_stage(prepared_repo, "sigterm-straight", 2, 4, **end)
+    assert_same_training(
+        saved(prepared_repo, "sigterm"), saved(prepared_repo, "sigterm-straight"), exact=True
+    )
+    (resumed,) = mlflow_runs(prepared_repo / "runs" / "sigterm" / "mlflow.db")
+    assert resumed.info.run_id == mlflow_run.info.run_id and resumed.info.status == "FINISHED"
 
 
 def free_port() -> int:

@@ -150,6 +150,45 @@ def test_resume_equals_uninterrupted(data, tmp_path: Path, stateful: bool) -> No
     assert best.is_file()
 
 
+def with_train(params: Params, **train_values: object) -> Params:
+    return parse_params({**params.model_dump(), "train": {**params.train.model_dump(), **train_values}})
+
+
+def test_resume_without_a_checkpoint_names_the_file_and_the_way_out(data, tmp_path: Path) -> None:
+    splits, vocab = data
+    params = with_train(tiny_params(), resume=True)
+    with pytest.raises(TrainingError, match=r"no checkpoint to resume at .*l\.pt; set train\.resume=false"):
+        train(splits, vocab, params, tmp_path / "b.pt", tmp_path / "l.pt")
+
+
+def test_resume_from_a_truncated_checkpoint_says_so_and_loads_nothing(data, tmp_path: Path) -> None:
+    splits, vocab = data
+    last = tmp_path / "l.pt"
+    train(splits, vocab, tiny_params(train={"max_steps": 10}), tmp_path / "b.pt", last)
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
+    with pytest.raises(
+        TrainingError,
+        match=r"l\.pt cannot be read: it is truncated or corrupted .*resume=false.*dvc checkout",
+    ):
+        train(splits, vocab, with_train(tiny_params(), resume=True), tmp_path / "b.pt", last)
+
+
+def test_resume_refuses_a_checkpoint_of_other_settings_naming_them(data, tmp_path: Path) -> None:
+    splits, vocab = data
+    last = tmp_path / "l.pt"
+    train(splits, vocab, tiny_params(train={"max_steps": 10}), tmp_path / "b.pt", last)
+    before = last.read_bytes()
+    other = tiny_params(model={"hidden": 48}, train={"lr": 0.02, "resume": True, "max_steps": 40})
+    with pytest.raises(
+        TrainingError, match=r"other settings.*model\.hidden: 32 -> 48; train\.lr: 0\.01 -> 0\.02"
+    ):
+        train(splits, vocab, other, tmp_path / "b.pt", last)
+    assert last.read_bytes() == before
+    fewer_chars = Vocabulary.build(TEXT.replace("z", ""), "char", lowercase=False)
+    with pytest.raises(TrainingError, match="the vocabulary of data/prepared"):
+        train(splits, fewer_chars, with_train(tiny_params(), resume=True), tmp_path / "b.pt", last)
+
+
 def test_checkpoint_round_trip_with_weights_only(data, tmp_path: Path) -> None:
     splits, vocab = data
     params = tiny_params()

@@ -32,14 +32,23 @@ def save_checkpoint(path: Path, checkpoint: dict[str, Any]) -> None:
         torch.save({"format_version": FORMAT_VERSION, **checkpoint}, tmp)
 
 
+class CheckpointError(UserError):
+    """A checkpoint is missing, damaged or of another format; the message names the file."""
+
+
 def load_checkpoint(path: Path) -> dict[str, Any]:
     if not Path(path).is_file():
-        raise UserError(f"{path}: checkpoint not found (run `dvc repro train` first)")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    if checkpoint.get("format_version") != FORMAT_VERSION:
-        raise UserError(
-            f"{path}: checkpoint format {checkpoint.get('format_version')} is not {FORMAT_VERSION}"
+        raise CheckpointError(f"{path}: checkpoint not found (run `dvc repro train` first)")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a truncated zip, foreign bytes, a pickle with code in it
+        reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+        raise CheckpointError(f"{path} cannot be read: it is truncated or corrupted ({reason})") from None
+    if not isinstance(checkpoint, dict) or checkpoint.get("format_version") != FORMAT_VERSION:
+        found = (
+            checkpoint.get("format_version") if isinstance(checkpoint, dict) else type(checkpoint).__name__
         )
+        raise CheckpointError(f"{path}: checkpoint format {found} is not {FORMAT_VERSION}")
     return checkpoint
 
 

@@ -43,7 +43,7 @@ def run_main(main: Callable[[], None]) -> None:
         if _is_main_rank() or not exc.every_rank:
             prefix = "" if "RANK" not in os.environ else f"rank {os.environ['RANK']}: "
             print(f"{prefix}error: {exc}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)

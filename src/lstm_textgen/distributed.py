@@ -41,6 +41,7 @@ class PeerLostError(DistributedError):
     """A collective failed because another rank died: every surviving rank sees it, rank 0 says it."""
 
     every_rank = True
+    exit_code = 75  # EX_TEMPFAIL: a consequence, so the launcher names another rank as the cause
 
 
 @dataclass(frozen=True)
@@ -144,6 +145,14 @@ class World:
         return gathered
 
 
+def root_failure(exit_codes: dict[int, int]) -> tuple[int, int]:
+    """The rank whose failure caused the others: not one that only lost its peers or was stopped
+    by torchrun (torchrun's timestamps have a resolution of a second, too coarse to tell)."""
+    consequences = {PeerLostError.exit_code, 128 + signal.SIGTERM}
+    rank = min(exit_codes, key=lambda r: (exit_codes[r] in consequences, r))
+    return rank, exit_codes[rank]
+
+
 def die_with_parent() -> None:
     """Linux: this worker gets SIGTERM when the process that started it (torchrun's agent, or the
     train stage launching its workers) dies, even by SIGKILL, so no worker is left orphaned."""
@@ -176,8 +185,7 @@ def launch_local(processes: int, script: list[str]) -> None:
     try:
         elastic_launch(config, sys.executable)(*script)
     except ChildFailedError as failed:
-        rank, failure = failed.get_first_failure()
-        code = failure.exitcode
+        rank, code = root_failure({rank: f.exitcode for rank, f in failed.failures.items()})
         how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
         raise DistributedError(
             f"training on {processes} processes failed: rank {rank} {how} first (its error, if it "

@@ -8,6 +8,7 @@ class UserError(Exception):
 
     # Raised by every rank of a distributed run at once (a decision they share): only rank 0 prints it.
     every_rank = False
+    exit_code = 2
 
 
 class Terminated(BaseException):

@@ -1,5 +1,6 @@
-"""Atomic file writes: every output is written to a temporary file beside it and renamed into place,
-so a crash or a failed check never leaves a half-written file at the output path."""
+"""Atomic, durable file writes: every output is written to a temporary file beside it, flushed to
+the disk (fsync) and renamed into place, so a crash, a kill or a failed check never leaves a
+half-written file at the output path."""
 
 from __future__ import annotations
 
@@ -25,9 +26,19 @@ def atomic_path(path: str | os.PathLike[str], suffix: str = "") -> Iterator[Path
     tmp.chmod(0o666 & ~umask)  # mkstemp creates 0600; outputs get the usual permissions
     try:
         yield tmp
+        _fsync(tmp)  # the bytes reach the disk before the name points at them
         os.replace(tmp, target)
+        _fsync(target.parent)  # and the rename itself survives a crash
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_text(path: str | os.PathLike[str], text: str) -> None:

@@ -114,10 +114,11 @@ def register(
     for key, value in {**version_tags, "val_loss": f"{val_loss:.6f}", "run_id": run_id}.items():
         client.set_model_version_tag(model_name, str(version), key, value)
 
-    promoted, reason, champion_version = _decide(client, model_name, version, val_loss, version_tags)
-    if promoted:
-        client.set_registered_model_alias(model_name, CHAMPION, str(version))
-        champion_version = version
+    with tracking.registry_lock():  # read the champion and move it as one step
+        promoted, reason, champion_version = _decide(client, model_name, version, val_loss, version_tags)
+        if promoted:
+            client.set_registered_model_alias(model_name, CHAMPION, str(version))
+            champion_version = version
     return Registration(
         model_name, version, f"models:/{model_name}/{version}", champion_version, promoted, reason
     )

@@ -9,6 +9,7 @@ the nearest directory above the working directory that holds `.dvc` or `.git`.
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from lstm_textgen.cli import shutting_down
+from lstm_textgen.errors import Terminated
 
 EXPERIMENT_NAME = "lstm-textgen"
 # MLflow 3's UI opens an experiment of this kind on its runs, not on the GenAI overview
@@ -108,19 +110,93 @@ def run_description() -> str:
 
 @contextmanager
 def active_run(run_id: str | None = None, **start_kwargs: Any) -> Iterator[Any]:
-    """Start (or reopen, by id) a run; an exception marks it FAILED with the error as a tag and says
-    where to look."""
+    """Start (or reopen, by id) a run. An exception marks it FAILED, a stop request (Ctrl-C,
+    SIGTERM) KILLED, with the reason as the `error` tag, and says where to look. The run records
+    the host and process that own it, so a later run can tell when that process died without
+    closing it (`close_abandoned_runs`)."""
     mlflow = configure()
     with mlflow.start_run(run_id=run_id, **start_kwargs) as run:
+        mlflow.set_tags(owner_tags())
         try:
             yield run
         except BaseException as exc:
             shutting_down()
+            status = "KILLED" if isinstance(exc, (KeyboardInterrupt, Terminated)) else "FAILED"
             mlflow.set_tag("error", f"{type(exc).__name__}: {exc}"[:5000])
-            mlflow.end_run(status="FAILED")
+            mlflow.end_run(status=status)
             print(
-                f"MLflow run {run.info.run_id} is marked FAILED with the error as its 'error' tag; "
-                "look at it with `make ui` (experiment lstm-textgen, status Failed)",
+                f"MLflow run {run.info.run_id} is marked {status} with the reason as its 'error' tag; "
+                f"look at it with `make ui` (experiment lstm-textgen, status {status.title()})",
                 file=sys.stderr,
             )
             raise
+
+
+@contextmanager
+def registry_lock() -> Iterator[None]:
+    """One process at a time decides the champion: experiments run side by side (`dvc queue start
+    -j 2`) would otherwise both read the old champion and both set the alias. A file lock beside the
+    store's artifacts, so it spans every process on this machine."""
+    import fcntl
+
+    path = repository_root() / "mlruns" / ".registry.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def existing_run(run_id: str | None) -> str | None:
+    """`run_id` if the store holds that run (a checkpoint may come from another store)."""
+    if not run_id:
+        return None
+    mlflow = configure()
+    try:
+        return mlflow.MlflowClient().get_run(run_id).info.run_id
+    except mlflow.exceptions.MlflowException:
+        return None
+
+
+def process_start(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (Linux), so a reused pid is not taken for
+    the process that owned a run; None where it cannot be read (no such process)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def owner_tags() -> dict[str, str]:
+    pid = os.getpid()
+    return {"owner.host": socket.gethostname(), "owner.pid": str(pid), "owner.start": str(process_start(pid))}
+
+
+def owner_alive(tags: dict[str, str]) -> bool:
+    """Whether the process that owns a run still runs (always True for another host's runs)."""
+    if tags.get("owner.host") != socket.gethostname() or "owner.pid" not in tags:
+        return True
+    return process_start(int(tags["owner.pid"])) == tags.get("owner.start")
+
+
+def close_abandoned_runs() -> list[str]:
+    """Mark KILLED every RUNNING run of the experiment whose owning process on this host is gone
+    (SIGKILL, a crash, a power cut): no run stays RUNNING forever. Returns their ids."""
+    mlflow = configure()
+    client = mlflow.MlflowClient()
+    experiment = client.get_experiment_by_name(experiment_name())
+    closed = []
+    for run in client.search_runs([experiment.experiment_id], "attributes.status = 'RUNNING'"):
+        if owner_alive(run.data.tags):
+            continue
+        client.set_tag(
+            run.info.run_id,
+            "error",
+            f"its process {run.data.tags.get('owner.pid')} ended without closing the run (killed or "
+            "crashed); marked KILLED by a later run",
+        )
+        client.set_terminated(run.info.run_id, status="KILLED")
+        closed.append(run.info.run_id)
+    return closed

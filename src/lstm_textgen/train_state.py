@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from lstm_textgen.batches import Batcher
+from lstm_textgen.distributed import World
 from lstm_textgen.model import RecurrentLM, State
 
 Weights = dict[str, torch.Tensor]
@@ -23,6 +24,26 @@ def state_tensors(state: State | None) -> list[torch.Tensor]:
     if state is None:
         return []
     return list(state) if isinstance(state, tuple) else [state]
+
+
+@dataclass
+class LossWindow:
+    """Training loss and tokens since the last evaluation, summed on the device (no sync per step)."""
+
+    started_s: float = 0.0  # training seconds at the window's start
+    loss_sum: torch.Tensor | None = None  # this rank's
+    steps: int = 0
+    tokens: int = 0  # every rank's
+
+    def add(self, loss: torch.Tensor, tokens: int) -> None:
+        self.loss_sum = loss if self.loss_sum is None else self.loss_sum + loss
+        self.steps, self.tokens = self.steps + 1, self.tokens + tokens
+
+    def mean(self, world: World) -> float:
+        """Mean training loss of the window over every rank's windows (a collective)."""
+        if self.loss_sum is None:
+            return math.nan
+        return world.sum(self.loss_sum.float().reshape(1)).item() / (self.steps * world.world_size)
 
 
 @dataclass
@@ -43,6 +64,7 @@ class TrainState:
     warmup_s: float | None = None  # training seconds when warm-up ended (None: still warming up)
     carried: State | None = None  # the recurrent state carried across windows (train.stateful)
     best_weights: Weights | None = None
+    window: LossWindow = field(default_factory=LossWindow)
 
     def record_evaluation(self, val_loss: float) -> bool:
         """Count an evaluation; True when it is the best so far (its weights are then kept)."""
@@ -63,6 +85,7 @@ class TrainState:
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
             "carried": [t.detach().cpu() for t in state_tensors(self.carried)],
+            "window_loss": None if self.window.loss_sum is None else self.window.loss_sum.detach().cpu(),
         }
 
     def to_checkpoint(self, ranks: list[dict[str, Any]] | None = None) -> dict[str, Any]:
@@ -91,6 +114,12 @@ class TrainState:
                 torch.cat(layer, dim=1) for layer in zip(*(part["carried"] for part in ranks), strict=True)
             ],
             "best_model": self.best_weights,
+            "window": {
+                "started_s": self.window.started_s,
+                "steps": self.window.steps,
+                "tokens": self.window.tokens,
+                "loss_sums": [part["window_loss"] for part in ranks],
+            },
         }
 
     def restore(self, saved: dict[str, Any], rank: int = 0) -> None:
@@ -127,3 +156,12 @@ class TrainState:
         ]
         self.carried = None if not carried else tuple(carried) if len(carried) == 2 else carried[0]  # type: ignore[assignment]
         self.best_weights = saved["best_model"]
+        window = saved.get("window") or {"started_s": self.train_seconds, "steps": 0, "tokens": 0}
+        sums = window.get("loss_sums") or []
+        loss_sum = sums[rank] if rank < len(sums) else None
+        self.window = LossWindow(
+            started_s=window["started_s"],
+            loss_sum=None if loss_sum is None else loss_sum.to(device),
+            steps=window["steps"] if loss_sum is not None else 0,
+            tokens=window["tokens"] if loss_sum is not None else 0,
+        )

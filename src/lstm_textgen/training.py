@@ -26,15 +26,16 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from lstm_textgen.batches import Batcher
-from lstm_textgen.checkpoint import load_checkpoint, save_checkpoint
+from lstm_textgen.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from lstm_textgen.devices import autocast, configure_backend, dtype_name, resolve_dtype, to_device_tokens
 from lstm_textgen.distributed import World
 from lstm_textgen.errors import UserError
 from lstm_textgen.evaluation import periodic_validation_loss
 from lstm_textgen.model import RecurrentLM, count_parameters, detach_state
-from lstm_textgen.params import Params, TrainParams
+from lstm_textgen.params import Params, TrainParams, flatten
 from lstm_textgen.schedule import Clock, lr_at
-from lstm_textgen.train_state import TrainState
+from lstm_textgen.stopping import StopRequest, stop_requests
+from lstm_textgen.train_state import LossWindow, TrainState
 from lstm_textgen.vocab import Vocabulary
 from lstm_textgen.windows import check_fits
 
@@ -45,6 +46,12 @@ EvalCallback = Callable[[dict[str, Any]], bool | None]
 
 class TrainingError(UserError):
     """Training diverged or cannot start; the message says what to change."""
+
+
+class ResumeError(TrainingError):
+    """The last checkpoint cannot continue this run: every rank finds it so, rank 0 says it."""
+
+    every_rank = True
 
 
 class DivergedError(TrainingError):
@@ -65,6 +72,7 @@ class TrainSetup:
     best_path: Path
     last_path: Path
     world: World = field(default_factory=World)
+    labels: dict[str, str] = field(default_factory=dict)  # e.g. the MLflow run id, kept in checkpoints
 
     def global_batch(self) -> int:
         """Windows of one step, every process's together."""
@@ -83,6 +91,7 @@ class TrainSetup:
             "device": self.device.type,
             "dtype": dtype_name(self.dtype),
             "processes": self.world.world_size,
+            "labels": self.labels,
         }
 
     def tokens_per_step(self) -> int:
@@ -193,17 +202,19 @@ class Agreed:
     progress: float = 0.0
     out_of_time: bool = False
     loss: float | None = None
+    stop: bool = False  # a rank was asked to stop (SIGTERM, Ctrl-C)
 
 
-def agree(world: World, clock: Clock, loss: torch.Tensor | None) -> Agreed:
-    """One small all-reduce when distributed (the loss summed, rank 0's clock added to zeros)."""
+def agree(world: World, clock: Clock, loss: torch.Tensor | None, stop: bool) -> Agreed:
+    """One small all-reduce when distributed (the loss and stop requests summed, rank 0's clock
+    added to zeros)."""
     if not world.launched:
-        return Agreed(clock.progress(), clock.out_of_time(), None if loss is None else loss.item())
+        return Agreed(clock.progress(), clock.out_of_time(), None if loss is None else loss.item(), stop)
     assert loss is not None, "a distributed step always shares its loss"
     mine = [clock.progress(), float(clock.out_of_time())] if world.is_main else [0.0, 0.0]
-    packed = torch.cat([loss.float().reshape(1), torch.tensor(mine, device=loss.device)])
-    total, progress, out_of_time = world.sum(packed).tolist()
-    return Agreed(progress, out_of_time > 0, total / world.world_size)
+    packed = torch.cat([loss.float().reshape(1), torch.tensor([*mine, float(stop)], device=loss.device)])
+    total, progress, out_of_time, stops = world.sum(packed).tolist()
+    return Agreed(progress, out_of_time > 0, total / world.world_size, stops > 0)
 
 
 def check_divergence(loss: float, state: TrainState, lr: float, tp: TrainParams, vocab_size: int) -> None:
@@ -215,42 +226,25 @@ def check_divergence(loss: float, state: TrainState, lr: float, tp: TrainParams,
         )
 
 
-@dataclass
-class LossWindow:
-    """Training loss and tokens since the last evaluation, summed on the device (no sync per step)."""
-
-    started_s: float = 0.0  # training seconds at the window's start
-    loss_sum: torch.Tensor | None = None
-    steps: int = 0
-    tokens: int = 0
-
-    def add(self, loss: torch.Tensor, tokens: int) -> None:
-        self.loss_sum = loss if self.loss_sum is None else self.loss_sum + loss
-        self.steps, self.tokens = self.steps + 1, self.tokens + tokens
-
-    def mean(self, world: World) -> float:
-        """Mean training loss of the window over every rank's windows."""
-        if self.loss_sum is None:
-            return math.nan
-        return world.sum(self.loss_sum.float().reshape(1)).item() / (self.steps * world.world_size)
-
-
 def evaluate_and_checkpoint(
-    state: TrainState, setup: TrainSetup, window: LossWindow, clock: Clock, lr: float
+    state: TrainState, setup: TrainSetup, clock: Clock, lr: float
 ) -> dict[str, float]:
-    """The periodic evaluation: validation loss, a history record, the best and last checkpoints.
-    Distributed: rank 0 evaluates (the figures equal a single process's) and saves every rank's
-    RNG and carried state; the record is then shared, so every rank keeps the same history."""
+    """The periodic evaluation: validation loss, a history record, the best and last checkpoints
+    (which start a new loss window). Distributed: rank 0 evaluates (the figures equal a single
+    process's) and saves every rank's RNG and carried state; the record is then shared, so every
+    rank keeps the same history."""
     if setup.device.type == "cuda":
         torch.cuda.synchronize()
     clock.pause()
     state.train_seconds, state.warmup_s = clock.trained_s(), clock.warmup_s
-    world = setup.world
-    ranks = world.gather(state.rank_part())
+    world, window = setup.world, state.window
     train_loss = window.mean(world)
+    tokens_per_sec = window.tokens / max(state.train_seconds - window.started_s, 1e-9)
+    state.window = LossWindow(started_s=state.train_seconds)
+    ranks = world.gather(state.rank_part())
     record = None
     if world.is_main:
-        record = validate_and_save(state, setup, window, train_loss, lr, ranks)
+        record = validate_and_save(state, setup, {"train_loss": train_loss, "lr": lr}, tokens_per_sec, ranks)
     record = world.from_main(record)
     if not world.is_main:
         state.history.append(record)
@@ -261,13 +255,11 @@ def evaluate_and_checkpoint(
 def validate_and_save(
     state: TrainState,
     setup: TrainSetup,
-    window: LossWindow,
-    train_loss: float,
-    lr: float,
+    training: dict[str, float],
+    tokens_per_sec: float,
     ranks: list[dict[str, Any]],
 ) -> dict[str, float]:
     """Rank 0's part of an evaluation."""
-    window_s = state.train_seconds - window.started_s
     tp, seq_len = setup.params.train, setup.params.data.seq_len
     val = periodic_validation_loss(
         state.model,
@@ -280,12 +272,12 @@ def validate_and_save(
     )
     record = {
         "step": state.step,
-        "train_loss": train_loss,
+        "train_loss": training["train_loss"],
         "val_loss": val,
         "val_perplexity": math.exp(min(val, 50.0)),
         "val_bits_per_token": val / math.log(2),
-        "lr": lr,
-        "tokens_per_sec": window.tokens / max(window_s, 1e-9),
+        "lr": training["lr"],
+        "tokens_per_sec": tokens_per_sec,
         "train_seconds": state.train_seconds,
     }
     state.history.append(record)
@@ -294,6 +286,41 @@ def validate_and_save(
         save_checkpoint(setup.best_path, checkpoint)
     save_checkpoint(setup.last_path, {**state.to_checkpoint(ranks), **setup.run_info()})
     return record
+
+
+def save_interrupted(state: TrainState, setup: TrainSetup, clock: Clock) -> None:
+    """A stop was requested between evaluations: the last checkpoint at this very step, loss window
+    included, so a resumed run goes on exactly as if nothing had happened."""
+    clock.pause()
+    state.train_seconds, state.warmup_s = clock.trained_s(), clock.warmup_s
+    ranks = setup.world.gather(state.rank_part())
+    if setup.world.is_main:
+        save_checkpoint(setup.last_path, {**state.to_checkpoint(ranks), **setup.run_info()})
+        print(f"train: stopped at step {state.step}; resume with train.resume=true ({setup.last_path})")
+
+
+def advance(
+    state: TrainState,
+    setup: TrainSetup,
+    forward: Callable[..., Any],
+    clock: Clock,
+    agreed: Agreed,
+    stop: StopRequest,
+    read_every: int,
+) -> tuple[float, Agreed]:
+    """One training step and what the ranks agree on after it (the loss is None where it was not
+    read; `stop` when a rank was asked to stop)."""
+    tp, world = setup.params.train, setup.world
+    clock.mark_warmup_end(state.step, tp.warmup_steps)
+    lr = lr_at(state.step, tp, agreed.progress)
+    loss = train_step(state, forward, lr, tp, setup.dtype)
+    state.window.add(loss, setup.tokens_per_step())
+    read_loss = state.step % read_every == 0 or state.step % tp.eval_every == 0 or state.step == tp.max_steps
+    if read_loss or not world.launched:
+        agreed = agree(world, clock, loss if read_loss else None, stop.requested)
+    if read_loss and agreed.loss is not None:
+        check_divergence(agreed.loss, state, lr, tp, len(setup.vocab))
+    return lr, agreed
 
 
 def stop_reason(state: TrainState, tp: TrainParams, out_of_time: bool, asked: bool) -> Stopped | None:
@@ -308,14 +335,69 @@ def stop_reason(state: TrainState, tp: TrainParams, out_of_time: bool, asked: bo
     return None
 
 
+# Settings that may change between a run and its resumption: where it runs, how long, how it is
+# watched. Every other data/model/train key shapes the steps already taken and must match.
+RESUMABLE_CHANGES = frozenset(
+    {
+        "train.resume",
+        "train.max_steps",
+        "train.max_minutes",
+        "train.patience",
+        "train.eval_every",
+        "train.eval_batches",
+        "train.device",
+        "train.dtype",
+        "train.threads",
+        "train.compile",
+        "train.processes",
+        "train.batch_size",
+    }
+)
+
+
+def differing_settings(saved: dict[str, Any], params: Params) -> list[str]:
+    """`key: saved -> now` for each data/model/train setting that differs and may not."""
+    then = flatten({k: saved["params"].get(k, {}) for k in ("data", "model", "train")})
+    now = flatten(params.model_dump(include={"data", "model", "train"}))
+    return [
+        f"{key}: {then.get(key)!r} -> {now.get(key)!r}"
+        for key in sorted(set(then) | set(now))
+        if key not in RESUMABLE_CHANGES and then.get(key) != now.get(key)
+    ]
+
+
+def load_resumable(path: Path, params: Params, vocab: Vocabulary) -> dict[str, Any]:
+    """The last checkpoint, if it can continue a run of `params` on `vocab`; otherwise a ResumeError
+    that names the file, what is wrong and the two ways out."""
+    choices = "set train.resume=false to start over"
+    if not path.is_file():
+        raise ResumeError(f"train.resume: there is no checkpoint to resume at {path}; {choices}")
+    try:
+        saved = load_checkpoint(path)
+    except CheckpointError as exc:
+        raise ResumeError(
+            f"train.resume: {exc}; {choices}, or restore the file (`dvc checkout {path}` brings back "
+            "the one of the last completed run)"
+        ) from None
+    differing = differing_settings(saved, params)
+    if saved["vocab"] != vocab.to_dict():
+        differing.append("the vocabulary of data/prepared (the corpus or its preparation changed)")
+    if differing:
+        raise ResumeError(
+            f"train.resume: {path} was written by a run with other settings, so it is not loaded: "
+            f"{'; '.join(differing)}. Put them back, or {choices}"
+        )
+    return saved
+
+
 def resume_from(state: TrainState, setup: TrainSetup) -> None:
     """Continue from the last checkpoint; restore the best one too, as DVC deletes stage outputs
     before a run."""
-    saved = load_checkpoint(setup.last_path)
+    saved = load_resumable(setup.last_path, setup.params, setup.vocab)
     state.restore(saved, setup.world.rank)
     if not setup.world.is_main:
         return
-    if not setup.best_path.is_file():
+    if not setup.best_path.is_file() and saved["best_model"] is not None:
         save_checkpoint(setup.best_path, {**saved, "model": saved["best_model"], "best_model": None})
     saved_world = saved.get("world_size", 1)
     saved_batch = saved_world * saved["params"]["train"]["batch_size"]
@@ -333,9 +415,9 @@ def start_run(
     splits: dict[str, np.ndarray],
     vocab: Vocabulary,
     params: Params,
-    best_path: Path,
-    last_path: Path,
+    paths: tuple[Path, Path],
     world: World,
+    labels: dict[str, str],
 ) -> tuple[TrainState, TrainSetup]:
     """Checks, device and precision, a fresh state, or the last checkpoint's when resuming."""
     tp, seq_len = params.train, params.data.seq_len
@@ -346,8 +428,8 @@ def start_run(
     configure_backend(device, world.threads(tp.threads))
     state = new_train_state(splits["train"], len(vocab), params, device, dtype, world)
     val_tokens = to_device_tokens(splits["val"], device)
-    setup = TrainSetup(params, vocab, device, dtype, val_tokens, best_path, last_path, world)
-    if tp.resume and last_path.is_file():
+    setup = TrainSetup(params, vocab, device, dtype, val_tokens, *paths, world, labels)
+    if tp.resume:
         resume_from(state, setup)
     return state, setup
 
@@ -360,18 +442,18 @@ def train(
     last_path: Path,
     on_eval: EvalCallback | None = None,
     world: World | None = None,
+    labels: dict[str, str] | None = None,
 ) -> TrainResult:
     """Train per `params`; keep the best checkpoint (by validation loss) at `best_path` and the
-    resumable latest at `last_path`. In a distributed `world` (its process group started) every rank
-    calls this; rank 0 alone writes and calls `on_eval`."""
+    resumable latest at `last_path`, both carrying `labels`. In a distributed `world` (its process
+    group started) every rank calls this; rank 0 alone writes and calls `on_eval`."""
     tp, world = params.train, world or World()
-    state, setup = start_run(splits, vocab, params, best_path, last_path, world)
+    paths = (best_path, last_path)
+    state, setup = start_run(splits, vocab, params, paths, world, labels or {})
     forward = world.wrap(state.model, setup.device)
     forward = torch.compile(forward) if tp.compile else forward
-    dtype = setup.dtype
 
     clock = Clock.for_minutes(tp.max_minutes, state.train_seconds, state.warmup_s)
-    window = LossWindow(started_s=state.train_seconds)
     agreed, stopped = Agreed(), cast(Stopped, "max_steps")
     # The loss is read (and, distributed, agreed on) every step only where that costs nothing: on
     # CUDA .item() waits for the device, and a collective costs about a millisecond on gloo.
@@ -384,35 +466,28 @@ def train(
         disable=None if world.is_main else True,
     )
     state.model.train()
-    while state.step < tp.max_steps:
-        clock.mark_warmup_end(state.step, tp.warmup_steps)
-        lr = lr_at(state.step, tp, agreed.progress)
-        loss = train_step(state, forward, lr, tp, dtype)
-        window.add(loss, setup.tokens_per_step())
-        read_loss = (
-            state.step % read_every == 0 or state.step % tp.eval_every == 0 or state.step == tp.max_steps
-        )
-        if read_loss or not world.launched:
-            agreed = agree(world, clock, loss if read_loss else None)
-        if read_loss and agreed.loss is not None:
-            check_divergence(agreed.loss, state, lr, tp, len(vocab))
-            bar.set_postfix(loss=f"{agreed.loss:.3f}", refresh=False)
-        bar.update(1)
-
-        if state.step % tp.eval_every == 0 or state.step == tp.max_steps or agreed.out_of_time:
-            record = evaluate_and_checkpoint(state, setup, window, clock, lr)
-            if world.is_main:
-                bar.write(
-                    f"step {state.step}: train {record['train_loss']:.4f}, val {record['val_loss']:.4f}, "
-                    f"{record['tokens_per_sec']:,.0f} tokens/s, {state.train_seconds:.0f} s"
-                )
-            asked = bool(on_eval(record)) if on_eval is not None and world.is_main else False
-            clock.resume()
-            window = LossWindow(started_s=state.train_seconds)
-            reason = world.from_main(stop_reason(state, tp, agreed.out_of_time, asked))
-            if reason is not None:
-                stopped = reason
-                break
+    with stop_requests() as stop:
+        while state.step < tp.max_steps:
+            lr, agreed = advance(state, setup, forward, clock, agreed, stop, read_every)
+            if agreed.loss is not None:
+                bar.set_postfix(loss=f"{agreed.loss:.3f}", refresh=False)
+            bar.update(1)
+            if state.step % tp.eval_every == 0 or state.step == tp.max_steps or agreed.out_of_time:
+                record = evaluate_and_checkpoint(state, setup, clock, lr)
+                if world.is_main:
+                    bar.write(
+                        f"step {state.step}: train {record['train_loss']:.4f}, val {record['val_loss']:.4f}, "
+                        f"{record['tokens_per_sec']:,.0f} tokens/s, {state.train_seconds:.0f} s"
+                    )
+                asked = bool(on_eval(record)) if on_eval is not None and world.is_main else False
+                clock.resume()
+                reason = world.from_main(stop_reason(state, tp, agreed.out_of_time, asked))
+                if reason is not None:
+                    stopped = reason
+                    break
+            if agreed.stop:  # after this step's evaluation, if it has one, so none is skipped
+                save_interrupted(state, setup, clock)
+                raise stop.exception()
     bar.close()
     return result_of(state, setup, stopped)
 

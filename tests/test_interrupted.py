@@ -1,0 +1,162 @@
+"""Killed training for real: the train stage (alone, and under `dvc repro`) is sent SIGTERM or
+SIGKILL between two evaluations, resumed with `train.resume=true`, and compared bit for bit with a
+run that was never interrupted; the MLflow run is the same one, KILLED in between, FINISHED at the end."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import run, store_client, tiny_repo, tool_env
+
+pytestmark = pytest.mark.slow
+
+# Long enough to be killed between the evaluations at steps 1000 and 2000 (a tiny model: seconds).
+LONG = {"max_steps": 3000, "eval_every": 1000, "eval_batches": 2, "batch_size": 8, "threads": 1}
+LONG |= {"dtype": "float32", "device": "cpu"}
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    repo = tiny_repo(tmp_path_factory.mktemp("interrupted") / "repo")
+    set_train(repo, **LONG)
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "long tiny run"], cwd=repo)
+    run(["dvc", "repro", "prepare"], cwd=repo)
+    return repo
+
+
+def set_train(repo: Path, **values: object) -> None:
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["train"].update(values)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def losses(checkpoint: dict) -> list[tuple[float, float, float]]:
+    return [(h["train_loss"], h["val_loss"], h["lr"]) for h in checkpoint["history"]]
+
+
+def assert_bit_for_bit(a: Path, b: Path) -> None:
+    left, right = torch.load(a, weights_only=True), torch.load(b, weights_only=True)
+    assert left["step"] == right["step"]
+    for key, weights in left["model"].items():
+        assert torch.equal(weights, right["model"][key]), key
+    assert losses(left) == losses(right)
+
+
+def kill_after_first_evaluation(job: subprocess.Popen[str], checkpoint: Path, pid: int, sig: int) -> None:
+    """Wait for the step-1000 checkpoint, let some steps pass, then send `sig` to `pid`."""
+    deadline = time.monotonic() + 120
+    while not checkpoint.is_file() and time.monotonic() < deadline and job.poll() is None:
+        time.sleep(0.05)
+    assert checkpoint.is_file(), job.communicate()
+    time.sleep(0.3)
+    os.kill(pid, sig)
+
+
+def stage(repo: Path, out: Path, params: Path, wait: bool = True) -> subprocess.Popen[str]:
+    cmd = [sys.executable, "stages/train.py", "--params", str(params), "--out", str(out / "model")]
+    cmd += ["--resume-from", str(out / "last.pt"), "--metrics", str(out / "metrics")]
+    env = {**tool_env(repo), "MLFLOW_TRACKING_URI": f"sqlite:///{out.parent / 'stage-runs.db'}"}
+    job = subprocess.Popen(cmd, cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if wait:
+        job.communicate(timeout=300)
+        assert job.returncode == 0
+    return job
+
+
+@pytest.mark.parametrize(
+    "setting",
+    [{"stateful": True, "model": {"dropout": 0.2, "layers": 2}}, {"objective": "last", "grad_clip": 0.0}],
+    ids=["stateful-dropout", "last-objective"],
+)
+def test_sigterm_stops_at_the_step_and_the_resumed_run_is_bit_for_bit(
+    repo: Path, tmp_path: Path, setting: dict
+) -> None:
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["model"].update(setting.pop("model", {}))
+    params["train"].update(setting)
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(params))
+    stage(repo, tmp_path / "straight", tmp_path / "p.yaml")
+
+    job = stage(repo, tmp_path / "stopped", tmp_path / "p.yaml", wait=False)
+    kill_after_first_evaluation(job, tmp_path / "stopped" / "last.pt", job.pid, signal.SIGTERM)
+    _, stderr = job.communicate(timeout=120)
+    assert job.returncode == 143, stderr
+    assert "Traceback" not in stderr
+    saved = torch.load(tmp_path / "stopped" / "last.pt", weights_only=True)
+    assert 1000 < saved["step"] < 3000  # the step it stopped at, not the last evaluation's
+    params["train"]["resume"] = True
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(params))
+    stage(repo, tmp_path / "stopped", tmp_path / "p.yaml")
+    assert_bit_for_bit(tmp_path / "stopped" / "last.pt", tmp_path / "straight" / "last.pt")
+
+
+def train_process(repo: Path, timeout: float = 60) -> int:
+    """The pid of the train stage that `dvc repro` started in `repo`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for proc in Path("/proc").iterdir():
+            try:
+                cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+                cwd = (proc / "cwd").resolve()
+            except OSError:
+                continue
+            if cwd == repo.resolve() and any(part.endswith(b"stages/train.py") for part in cmdline):
+                return int(proc.name)
+        time.sleep(0.05)
+    raise AssertionError("the train stage never started")
+
+
+def mlflow_run(repo: Path, run_id: str):
+    return store_client(repo).get_run(run_id)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+def test_killed_dvc_repro_resumes_the_same_mlflow_run_to_the_same_result(repo: Path, sig: int) -> None:
+    set_train(repo, resume=False)
+    run(["dvc", "repro"], cwd=repo)
+    straight = {
+        "last": (repo / "data/checkpoints/last.pt").read_bytes(),
+        "evaluate": json.loads((repo / "metrics/evaluate.json").read_text()),
+    }
+    (repo / "straight.pt").write_bytes(straight["last"])
+
+    job = subprocess.Popen(
+        ["dvc", "repro", "-f", "train"],
+        cwd=repo,
+        env=tool_env(repo),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    pid = train_process(repo)
+    (repo / "data/checkpoints/last.pt").unlink()  # so the wait below sees this run's first checkpoint
+    kill_after_first_evaluation(job, repo / "data/checkpoints/last.pt", pid, sig)
+    job.communicate(timeout=120)
+    assert job.returncode != 0
+    killed = torch.load(repo / "data/checkpoints/last.pt", weights_only=True)
+    run_id = killed["labels"]["mlflow_run_id"]
+    if sig == signal.SIGTERM:
+        assert killed["step"] > 1000 and mlflow_run(repo, run_id).info.status == "KILLED"
+    else:  # nothing could mark it: RUNNING until the next run finds its process gone
+        assert killed["step"] == 1000 and mlflow_run(repo, run_id).info.status == "RUNNING"
+
+    set_train(repo, resume=True)
+    resumed = run(["dvc", "repro"], cwd=repo)
+    assert "Running stage 'train'" in resumed.stdout  # never answered from the run cache
+    assert f"continuing MLflow run {run_id}" in resumed.stdout
+    assert_bit_for_bit(repo / "data/checkpoints/last.pt", repo / "straight.pt")
+    assert json.loads((repo / "metrics/evaluate.json").read_text()) == straight["evaluate"]
+    finished = mlflow_run(repo, run_id)
+    assert finished.info.status == "FINISHED"
+    steps = [m.step for m in store_client(repo).get_metric_history(run_id, "val_loss")]
+    assert sorted(steps) == [1000, 2000, 3000]  # one curve, each evaluation once
+    assert json.loads((repo / "metrics/train.json").read_text())["mlflow_run_id"] == run_id

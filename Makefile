@@ -10,7 +10,7 @@ WITH_VENV := PATH="$(CURDIR)/$(BIN):$$PATH"
 export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := 1
 
-.PHONY: install install-dev repro exp test lint ui compare preset presets bench bench-ddp gpu-check clean
+.PHONY: install install-dev repro exp test lint ui compare preset presets bench bench-ddp bench-serving gpu-check clean
 BENCH_CORPUS ?= tinyshakespeare
 UI_PORT ?= 5000
 
@@ -60,6 +60,9 @@ bench: $(STAMP)  ## benchmarks/results/<machine>/report.md: us vs the notebook (
 
 bench-ddp: $(STAMP)  ## training throughput on 1 and 2 local processes (DDP, gloo on the CPU)
 	$(WITH_VENV) $(BIN)/python -m benchmarks.bench_ddp
+
+bench-serving: $(STAMP)  ## the champion under 16 concurrent clients (after make repro)
+	$(WITH_VENV) $(BIN)/python -m benchmarks.bench_serving
 
 gpu-check: $(STAMP)  ## every GPU-specific check, < 10 min: benchmarks/results/<gpu>/report.md
 	$(BIN)/python -m benchmarks.gpu_check --corpus $(BENCH_CORPUS)

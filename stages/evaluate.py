@@ -13,6 +13,7 @@ from lstm_textgen.checkpoint import load_model
 from lstm_textgen.cli import run_main
 from lstm_textgen.dataset import load_dataset
 from lstm_textgen.devices import resolve_device, resolve_dtype
+from lstm_textgen.errors import UserError
 from lstm_textgen.evaluation import evaluate_splits
 from lstm_textgen.files import read_json, write_json
 from lstm_textgen.params import flatten, load_params
@@ -31,6 +32,12 @@ def main() -> None:
     device = resolve_device(params.train.device)
     loaded = load_model(args.model, device)
     dataset = load_dataset(args.prepared)
+    if loaded.vocab != dataset.vocab:
+        raise UserError(
+            f"{args.model} was trained on another vocabulary ({len(loaded.vocab)} tokens) than "
+            f"{args.prepared} holds ({len(dataset.vocab)}): its figures would be meaningless; "
+            "run `dvc repro train` to train on the prepared data"
+        )
     results = evaluate_splits(
         loaded.model,
         dataset.splits,

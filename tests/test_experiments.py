@@ -31,6 +31,22 @@ class Experiments:
         return runs_by_name(self.repo)
 
 
+QUEUED = (16, 20, 24, 28)  # four experiments, two at a time
+
+
+def run_queue(repo: Path, env: dict[str, str], jobs: int) -> subprocess.CompletedProcess[str]:
+    """`dvc queue start -j N`, then wait until the queue is empty; the workers' logs as stdout."""
+    run(["dvc", "queue", "start", "-j", str(jobs)], cwd=repo, env=env)
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        status = run(["dvc", "queue", "status"], cwd=repo, env=env).stdout
+        if not any(word in status for word in ("Queued", "Running")):
+            break
+        time.sleep(2)
+    logs = [run(["dvc", "queue", "logs", f"hidden{h}"], cwd=repo, env=env, check=False) for h in QUEUED]
+    return subprocess.CompletedProcess([], 0, status + "".join(log.stdout + log.stderr for log in logs), "")
+
+
 @pytest.fixture(scope="module")
 def experiments(tmp_path_factory: pytest.TempPathFactory) -> Experiments:
     repo = tiny_repo(tmp_path_factory.mktemp("experiments") / "repo")
@@ -48,13 +64,13 @@ def experiments(tmp_path_factory: pytest.TempPathFactory) -> Experiments:
     )
     (repo / "params.yaml").write_text(baseline_params)  # back to the baseline for what follows
 
-    for hidden in (16, 24):
+    for hidden in QUEUED:
         run(
             ["dvc", "exp", "run", "--queue", "-n", f"hidden{hidden}", "-S", f"model.hidden={hidden}"],
             cwd=repo,
             env=env,
         )
-    done.outputs["run-all"] = run(["dvc", "exp", "run", "--run-all"], cwd=repo, env=env)
+    done.outputs["queue"] = run_queue(repo, env, jobs=2)
 
     done.outputs["params-before-boom"] = subprocess.CompletedProcess(
         [], 0, (repo / "params.yaml").read_text(), ""
@@ -76,6 +92,12 @@ def experiments(tmp_path_factory: pytest.TempPathFactory) -> Experiments:
             "-S",
             "train.schedule=constant",
         ],
+        cwd=repo,
+        env=env,
+        check=False,
+    )
+    done.outputs["bad-param"] = run(
+        ["dvc", "exp", "run", "--temp", "-n", "badparam", "-S", "model.hidden=-3"],
         cwd=repo,
         env=env,
         check=False,
@@ -121,18 +143,43 @@ def test_two_process_experiment_is_one_finished_run_registered_and_servable(
     assert len(text) == 12
 
 
-def test_queued_experiments_land_in_the_repository_store(experiments: Experiments) -> None:
-    runs = experiments.runs()
-    for name, hidden in (("hidden16", "16"), ("hidden24", "24")):
-        assert runs[name].info.status == "FINISHED"
-        assert runs[name].data.params["model.hidden"] == hidden
-        assert not str(runs[name].info.artifact_uri).count(".dvc/tmp")
-    shown = json.loads(
-        run(["dvc", "exp", "show", "--json"], cwd=experiments.repo, env=experiments.env).stdout
+def test_experiments_run_two_at_a_time_land_in_the_repository_store(experiments: Experiments) -> None:
+    client = experiments.client()
+    experiment = client.get_experiment_by_name("lstm-textgen")
+    queue_output = experiments.outputs["queue"].stdout
+    assert "database is locked" not in queue_output
+    assert "Failed" not in queue_output, queue_output
+    shown = json.dumps(
+        json.loads(run(["dvc", "exp", "show", "--json"], cwd=experiments.repo, env=experiments.env).stdout)
     )
-    text = json.dumps(shown)
-    for name in ("hidden16", "hidden24"):
-        assert name in text and runs[name].info.run_id in text
+    versions = client.search_model_versions("name = 'lstm-textgen-shakespeare-char'")
+    for hidden in QUEUED:
+        name = f"hidden{hidden}"
+        (found,) = client.search_runs([experiment.experiment_id], f"attributes.run_name = '{name}'")
+        assert found.info.status == "FINISHED"
+        assert found.data.params["model.hidden"] == str(hidden)
+        assert not str(found.info.artifact_uri).count(".dvc/tmp")
+        assert name in shown and found.info.run_id in shown
+        assert len([v for v in versions if v.run_id == found.info.run_id]) == 1
+
+
+def test_champion_is_the_lowest_validation_loss_whatever_the_finishing_order(
+    experiments: Experiments,
+) -> None:
+    client = experiments.client()
+    versions = client.search_model_versions("name = 'lstm-textgen-shakespeare-char'")
+    best = min(versions, key=lambda v: (float(v.tags["val_loss"]), int(v.version)))
+    champion = client.get_model_version_by_alias("lstm-textgen-shakespeare-char", "champion")
+    assert champion.version == best.version
+
+
+def test_a_bad_param_stops_the_experiment_before_any_run_exists(experiments: Experiments) -> None:
+    bad = experiments.outputs["bad-param"]
+    assert bad.returncode != 0
+    assert "model.hidden" in bad.stdout + bad.stderr
+    client = experiments.client()
+    experiment = client.get_experiment_by_name("lstm-textgen")
+    assert client.search_runs([experiment.experiment_id], "attributes.run_name = 'badparam'") == []
 
 
 def test_failing_experiment_is_marked_failed_and_leaves_the_rest_intact(experiments: Experiments) -> None:

@@ -121,6 +121,20 @@ def test_tiny_model_learns(data, tmp_path: Path, overrides: dict) -> None:
     assert result.window_val_loss_best < limit * start
 
 
+def test_the_last_objective_predicts_the_token_after_the_window(tmp_path: Path) -> None:
+    """On a cycle a, b, ..., h every next token differs from the current one, so a model trained on
+    targets off by one (the window's own last token) would answer the window's last letter."""
+    text = "abcdefgh" * 600
+    vocab = Vocabulary.build(text, "char", lowercase=False)
+    splits = split(vocab.encode(text), 0.1, 0.1)
+    params = tiny_params(train={"objective": "last", "max_steps": 150, "eval_every": 150, "lr": 0.02})
+    train(splits, vocab, params, tmp_path / "best.pt", tmp_path / "last.pt")
+    model = load_model(tmp_path / "best.pt").model
+    for window in ("abcdefgh" * 2, "cdefghab" * 2):
+        logits, _ = model(torch.tensor([vocab.encode(window).tolist()]), last_only=True)
+        assert vocab.decode([int(logits.argmax(-1))]) == window[0]  # the letter after the window's last
+
+
 def test_same_params_same_metrics(data, tmp_path: Path) -> None:
     splits, vocab = data
     params = tiny_params(model={"dropout": 0.1, "layers": 2})

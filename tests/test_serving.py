@@ -200,10 +200,34 @@ def test_served_model_answers_every_request_format(server: str) -> None:
         ({"prompt": "a", "top_p": 1.5}, "top_p must be in (0, 1]"),
         ({"prompt": "a", "top_p": 0.0}, "top_p must be in (0, 1]"),
         ({"max_new_tokens": 5}, "prompt"),
+        ({"prompt": "a" * 1_000_000}, "prompt must be at most 10,000 characters, got 1,000,000"),
+        ([{"prompt": "a", "max_new_tokens": 1}] * 20_000, "at most 64 rows, got 20000"),
+        ([{"prompt": "a", "max_new_tokens": 2000}] * 17, "at most 32,000 tokens in all"),
     ],
+    ids=lambda value: str(value)[:40],
 )
-def test_bad_requests_get_400_and_the_server_keeps_serving(server: str, record: dict, message: str) -> None:
-    response = _post(server, {"dataframe_records": [record]})
+def test_bad_requests_get_400_and_the_server_keeps_serving(
+    server: str, record: dict | list, message: str
+) -> None:
+    response = _post(server, {"dataframe_records": record if isinstance(record, list) else [record]})
     assert response.status_code == 400, response.text
     assert message in response.json()["message"]
     assert _post(server, {"dataframe_records": [{"prompt": "a", "max_new_tokens": 2}]}).status_code == 200
+
+
+def test_sixteen_clients_at_once_are_all_answered_as_if_alone(server: str) -> None:
+    """A bounded load (loopback, 48 requests from 16 threads, then it stops): every request answered,
+    seeded ones exactly as when sent alone, and the server still serving afterwards."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def body(i: int) -> dict:
+        rows = 16 if i % 3 == 0 else 1  # batch 16 and batch 1 requests mixed
+        return {"dataframe_records": [{"prompt": "ROMEO:", "max_new_tokens": 40, "seed": i}] * rows}
+
+    alone = {i: _post(server, body(i)).json()["predictions"] for i in range(6)}
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        answers = list(pool.map(lambda i: _post(server, body(i % 6)), range(48)))
+    assert [a.status_code for a in answers] == [200] * 48
+    for i, answer in enumerate(answers):
+        assert answer.json()["predictions"] == alone[i % 6]
+    assert requests.get(f"{server}/ping", timeout=5).status_code == 200

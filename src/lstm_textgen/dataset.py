@@ -41,6 +41,13 @@ def build_dataset(text: str, data: DataParams, corpus_info: dict[str, Any] | Non
         vocab = Vocabulary.build(tokens[: sizes.train], "word", data.lowercase, data.min_freq, data.max_vocab)
         splits = split(vocab.encode_tokens(tokens), data.val_fraction, data.test_fraction)
         oov = {name: float(np.mean(ids == 0)) if len(ids) else 0.0 for name, ids in splits.items()}
+    real_tokens = [t for t in vocab.tokens if t != vocab.unk]
+    if len(real_tokens) < 2:
+        raise UserError(
+            f"the corpus has {len(real_tokens)} distinct {data.level} token(s) "
+            f"({', '.join(map(repr, real_tokens[:1])) or 'none'}): there is nothing to predict; use a "
+            "corpus with at least two (data.corpus), or lower data.min_freq at word level"
+        )
     stats: dict[str, Any] = {
         "level": data.level,
         "vocab_size": len(vocab),
@@ -68,4 +75,12 @@ def load_dataset(prepared_dir: Path, mmap: bool = True) -> Dataset:
         raise UserError(f"{prepared_dir}: no prepared data (run `dvc repro prepare` first)")
     vocab = Vocabulary.from_dict(read_json(vocab_path))
     splits = {name: load_split(prepared_dir / f"{name}.npy", mmap) for name in SPLITS}
+    for name, ids in splits.items():
+        largest = int(ids.max()) if len(ids) else -1
+        if largest >= len(vocab):
+            raise UserError(
+                f"{prepared_dir / (name + '.npy')} holds token id {largest}, but {vocab_path} has only "
+                f"{len(vocab)} tokens: the two do not belong together (edited or mixed up); "
+                "run `dvc repro -f prepare`"
+            )
     return Dataset(vocab, splits, {})

@@ -12,13 +12,18 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from lstm_textgen.errors import UserError
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str], suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path next to `path`; on success rename it onto `path`, on error delete it."""
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=f"{suffix}.tmp", dir=target.parent)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=f"{suffix}.tmp", dir=target.parent)
+    except OSError as exc:
+        raise _unwritable(target, exc) from None
     os.close(fd)
     tmp = Path(tmp_name)
     umask = os.umask(0)
@@ -29,8 +34,17 @@ def atomic_path(path: str | os.PathLike[str], suffix: str = "") -> Iterator[Path
         _fsync(tmp)  # the bytes reach the disk before the name points at them
         os.replace(tmp, target)
         _fsync(target.parent)  # and the rename itself survives a crash
+    except OSError as exc:  # a full disk, a read-only directory
+        raise _unwritable(target, exc) from None
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _unwritable(target: Path, exc: OSError) -> UserError:
+    return UserError(
+        f"cannot write {target}: {exc.strerror or exc}; free some space or fix the directory's "
+        "permissions (nothing was written there)"
+    )
 
 
 def _fsync(path: Path) -> None:

@@ -10,7 +10,8 @@ Request columns (or inference params of the same names): `prompt` (string, requi
 `top_p` (0 < p <= 1; 1 = off), `seed` (-1 = unseeded), `strategy` (sample | greedy | mode). Their
 defaults, `draws` and the policy for tokens outside the vocabulary are the `sample.*` params the
 register stage handed to the model.
-Bad values raise an MlflowException (INVALID_PARAMETER_VALUE), which `mlflow models serve` turns
+Bad values, and requests over the limits below (rows, prompt length, tokens in all), raise an
+MlflowException (INVALID_PARAMETER_VALUE) before any generation, which `mlflow models serve` turns
 into an HTTP 400 with the message; the server keeps serving.
 """
 
@@ -28,6 +29,10 @@ from lstm_textgen.params import SampleParams, Sampling
 
 MAX_NEW_TOKENS = 2000
 DEFAULT_NEW_TOKENS = 200
+# What one request may ask, so that none ties up a server worker for minutes: refused at once, 400.
+MAX_ROWS = 64
+MAX_PROMPT_CHARACTERS = 10_000
+MAX_TOKENS_PER_REQUEST = 32_000  # rows x max_new_tokens
 OPTIONAL_COLUMNS = ("max_new_tokens", "temperature", "top_k", "top_p", "seed", "strategy")
 # Request values that mean "off", as MLflow's params schema needs a non-null default for each.
 TOP_K_OFF, TOP_P_OFF, UNSEEDED = 0, 1.0, -1
@@ -86,6 +91,11 @@ def request_settings(
         raise _bad_request(f"prompt must be a string, got {type(prompt).__name__} {prompt!r}")
     if not prompt:
         raise _bad_request("prompt must not be empty")
+    if len(prompt) > MAX_PROMPT_CHARACTERS:
+        raise _bad_request(
+            f"prompt must be at most {MAX_PROMPT_CHARACTERS:,} characters, got {len(prompt):,} "
+            "(its last characters carry most of the context: send those)"
+        )
     max_new = _as_int("max_new_tokens", merged["max_new_tokens"])
     if not 1 <= max_new <= MAX_NEW_TOKENS:
         raise _bad_request(f"max_new_tokens must be between 1 and {MAX_NEW_TOKENS}, got {max_new}")
@@ -125,8 +135,16 @@ class TextGenerator(mlflow.pyfunc.PythonModel):
         frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
         if "prompt" not in frame.columns:
             raise _bad_request("the request needs a 'prompt' column")
+        if len(frame) > MAX_ROWS:
+            raise _bad_request(f"a request may hold at most {MAX_ROWS} rows, got {len(frame)}; send several")
         sample = self.loaded.params.sample
         rows = [request_settings(row, params or {}, sample) for row in frame.to_dict(orient="records")]
+        total = sum(length for _, length, _ in rows)
+        if total > MAX_TOKENS_PER_REQUEST:
+            raise _bad_request(
+                f"a request may generate at most {MAX_TOKENS_PER_REQUEST:,} tokens in all (rows x "
+                f"max_new_tokens), got {total:,}; lower max_new_tokens or send fewer rows"
+            )
         groups: dict[tuple[Any, ...], list[int]] = {}  # rows with the same settings generate as one batch
         for i, (_, length, sampling) in enumerate(rows):
             groups.setdefault((length, sampling), []).append(i)

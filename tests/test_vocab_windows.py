@@ -30,18 +30,31 @@ def test_unknown_character_is_named() -> None:
         vocab.encode("abzx")
 
 
-def test_word_tokens_and_readable_join() -> None:
-    tokens = tokenize("Don't stop, friend!\nNew line.", "word")
-    assert tokens == ["Don't", "stop", ",", "friend", "!", "\n", "New", "line", "."]
-    assert detokenize(tokens, "word") == "Don't stop, friend!\nNew line."
+def test_word_tokens_carry_their_space_and_join_back_into_the_text() -> None:
+    text = "Don't stop, friend!\nNew line: 'Tis market-place, know--that \"it\" means 3.0."
+    tokens = tokenize(text, "word")
+    assert tokens[:9] == ["Don't", " stop", ",", " friend", "!", "\n", "New", " line", ":"]
+    assert detokenize(tokens, "word") == text
+    assert detokenize(tokenize("a  b \n c\t d", "word"), "word") == "a b\n c d"  # whitespace runs: one space
 
 
 def test_word_vocabulary_min_freq_max_size_and_unk() -> None:
     tokens = tokenize("a a a b b c", "word")
     vocab = Vocabulary.build(tokens, "word", lowercase=False, min_freq=2)
-    assert vocab.tokens == (UNK, "a", "b")
-    assert list(vocab.encode("a c b")) == [1, 0, 2]
-    assert Vocabulary.build(tokens, "word", False, max_size=2).tokens == (UNK, "a")
+    assert vocab.tokens == (UNK, " a", " b")
+    assert list(vocab.encode("x a c b")) == [0, 1, 0, 2]
+    assert vocab.decode([1, 0, 2]) == " a <unk> b"
+    assert Vocabulary.build(tokens, "word", False, max_size=2).tokens == (UNK, " a")
+
+
+def test_a_vocabulary_saved_before_tokens_carried_spaces_still_reads_and_writes_text() -> None:
+    legacy = Vocabulary.from_dict(
+        {"level": "word", "lowercase": False, "unk": UNK, "tokens": [UNK, "the", "cat", "."]}
+    )
+    assert not legacy.spaced
+    assert list(legacy.encode("the cat.")) == [1, 2, 3]
+    assert legacy.decode([1, 2, 3]) == "the cat."
+    assert Vocabulary.from_dict(legacy.to_dict()) == legacy
 
 
 def test_id_dtype_widens_with_vocabulary_size() -> None:

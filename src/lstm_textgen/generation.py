@@ -17,7 +17,7 @@ import torch
 from lstm_textgen.errors import UserError
 from lstm_textgen.model import RecurrentLM, State
 from lstm_textgen.params import Sampling
-from lstm_textgen.vocab import Vocabulary, tokenize
+from lstm_textgen.vocab import Vocabulary
 
 UnknownPolicy = Literal["error", "skip", "replace"]
 
@@ -76,7 +76,7 @@ def encode_prompt(
     """Prompt -> ids; tokens outside the vocabulary follow `unknown` (error, skip or replace)."""
     if not isinstance(prompt, str):
         raise PromptError(f"a prompt must be a string, got {type(prompt).__name__}")
-    tokens = tokenize(vocab.normalise(prompt), vocab.level)
+    tokens = vocab.tokenize(vocab.normalise(prompt))
     missing = sorted({t for t in tokens if t not in vocab})
     if missing and unknown != "replace":
         if unknown == "error":

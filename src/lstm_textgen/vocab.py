@@ -18,7 +18,12 @@ from lstm_textgen.errors import UserError
 
 Level = Literal["char", "word"]
 UNK = "<unk>"
-_WORD_TOKEN = re.compile(r"\n|\w+(?:['’]\w+)*|[^\w\s]")
+# A word-level token is a line break, or a word or punctuation mark that carries one leading space
+# when whitespace preceded it (" the", as GPT-2's tokens do), so joining the tokens gives the text
+# back: runs of spaces become one, spaces before a line break go, nothing else changes.
+_SPACED_TOKEN = re.compile(r"([^\S\n]*)(\n|\w+(?:['’]\w+)*|[^\w\s])")
+# Vocabularies saved before tokens carried their spaces: bare tokens, spaces guessed when joining.
+_LEGACY_TOKEN = re.compile(r"\n|\w+(?:['’]\w+)*|[^\w\s]")
 _NO_SPACE_BEFORE = set(".,;:!?)]}'’”%") | {"n't", "'s"}
 _NO_SPACE_AFTER = set("([{“$#\n")
 
@@ -27,15 +32,30 @@ class VocabularyError(UserError):
     """Text holds tokens the vocabulary lacks."""
 
 
-def tokenize(text: str, level: Level) -> list[str]:
-    """Characters, or words / single punctuation marks / line breaks."""
-    return list(text) if level == "char" else _WORD_TOKEN.findall(text)
+def tokenize(text: str, level: Level, spaced: bool = True) -> list[str]:
+    """Characters, or line breaks / words / punctuation marks (with their leading space)."""
+    if level == "char":
+        return list(text)
+    if not spaced:
+        return _LEGACY_TOKEN.findall(text)
+    return [
+        token if token == "\n" or not space else " " + token for space, token in _SPACED_TOKEN.findall(text)
+    ]
 
 
-def detokenize(tokens: Sequence[str], level: Level) -> str:
-    """Join tokens back into readable text (words get spaces, punctuation hugs its word)."""
+def detokenize(tokens: Sequence[str], level: Level, spaced: bool = True) -> str:
+    """Join tokens back into text. `<unk>` gets a space before it (its own was lost)."""
     if level == "char":
         return "".join(tokens)
+    if not spaced:
+        return _legacy_join(tokens)
+    return "".join(
+        f" {token}" if token == UNK and i > 0 and tokens[i - 1] != "\n" else token
+        for i, token in enumerate(tokens)
+    )
+
+
+def _legacy_join(tokens: Sequence[str]) -> str:
     out: list[str] = []
     for i, token in enumerate(tokens):
         if i > 0 and token != "\n" and token not in _NO_SPACE_BEFORE and tokens[i - 1] not in _NO_SPACE_AFTER:
@@ -50,10 +70,17 @@ class Vocabulary:
     tokens: tuple[str, ...]
     lowercase: bool = False
     unk: str | None = None
+    spaced: bool = True  # word level: tokens carry their leading space (False: an older vocabulary)
     _index: dict[str, int] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "_index", {token: i for i, token in enumerate(self.tokens)})
+        index = {token: i for i, token in enumerate(self.tokens)}
+        if len(index) < len(self.tokens):
+            twice = sorted({t for t in self.tokens if self.tokens.count(t) > 1})[:5]
+            raise VocabularyError(f"the vocabulary lists {', '.join(map(repr, twice))} more than once")
+        if self.level == "char" and any(len(t) != 1 for t in self.tokens):
+            raise VocabularyError("a char vocabulary holds single characters only")
+        object.__setattr__(self, "_index", index)
 
     @classmethod
     def build(
@@ -106,14 +133,22 @@ class Vocabulary:
         text = self.normalise(text)
         if self.level == "char":
             return self._encode_chars(text)
-        return self.encode_tokens(tokenize(text, "word"))
+        return self.encode_tokens(self.tokenize(text))
+
+    def tokenize(self, text: str) -> list[str]:
+        """`text` (already normalised) as this vocabulary's tokens."""
+        return tokenize(text, self.level, self.spaced)
 
     def _encode_chars(self, text: str) -> np.ndarray:
-        """Vectorised: code points looked up in the sorted character table (no Python loop)."""
+        """Vectorised: code points looked up in the sorted character table (no Python loop). The
+        ids are the stored order's, so a vocabulary saved in another order still encodes right."""
         points = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
-        table = np.frombuffer("".join(self.tokens).encode("utf-32-le"), dtype=np.uint32)
-        ids = np.searchsorted(table, points)
-        bad = (ids >= len(table)) | (table[np.minimum(ids, len(table) - 1)] != points)
+        stored = np.frombuffer("".join(self.tokens).encode("utf-32-le"), dtype=np.uint32)
+        order = np.argsort(stored, kind="stable")
+        table = stored[order]
+        found = np.searchsorted(table, points)
+        bad = (found >= len(table)) | (table[np.minimum(found, len(table) - 1)] != points)
+        ids = order[np.minimum(found, len(table) - 1)]
         if bad.any():
             missing = sorted({chr(p) for p in points[bad]})
             raise VocabularyError(
@@ -123,16 +158,18 @@ class Vocabulary:
         return ids.astype(self.dtype)
 
     def decode(self, ids: Iterable[int]) -> str:
-        return detokenize([self.tokens[int(i)] for i in ids], self.level)
+        return detokenize([self.tokens[int(i)] for i in ids], self.level, self.spaced)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "level": self.level,
             "lowercase": self.lowercase,
             "unk": self.unk,
+            "spaced": self.spaced,
             "tokens": list(self.tokens),
         }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Vocabulary:
-        return cls(data["level"], tuple(data["tokens"]), bool(data["lowercase"]), data.get("unk"))
+        spaced = bool(data.get("spaced", data["level"] == "char"))  # word vocabularies before the key: legacy
+        return cls(data["level"], tuple(data["tokens"]), bool(data["lowercase"]), data.get("unk"), spaced)

@@ -1,0 +1,59 @@
+"""Property-based tests (hypothesis) of the vocabularies: any Unicode text, astral characters
+included, survives encode/decode at char level, and word level up to runs of whitespace."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lstm_textgen.vocab import Vocabulary, VocabularyError, tokenize
+
+TEXT = st.text(alphabet=st.characters(codec="utf-8", exclude_categories=("Cs",)), min_size=1, max_size=200)
+
+
+def whitespace_as_word_level_keeps_it(text: str) -> str:
+    """Runs of whitespace other than line breaks become one space; those before a line break or
+    at the end go."""
+    text = re.sub(r"[^\S\n]+(?=\n)|[^\S\n]+$", "", text)
+    return re.sub(r"[^\S\n]+", " ", text)
+
+
+@settings(max_examples=300, deadline=None)
+@given(TEXT)
+def test_char_level_round_trips_any_text(text: str) -> None:
+    vocab = Vocabulary.build(text, "char", lowercase=False)
+    assert vocab.decode(vocab.encode(text)) == text
+
+
+@settings(max_examples=300, deadline=None)
+@given(TEXT)
+def test_word_level_round_trips_any_text_up_to_whitespace_runs(text: str) -> None:
+    vocab = Vocabulary.build(tokenize(text, "word"), "word", lowercase=False)
+    assert vocab.decode(vocab.encode(text)) == whitespace_as_word_level_keeps_it(text)
+
+
+@settings(max_examples=200, deadline=None)
+@given(TEXT, st.sampled_from(["char", "word"]), st.booleans())
+def test_a_saved_vocabulary_loads_as_itself(text: str, level: str, lowercase: bool) -> None:
+    tokens = text if level == "char" else tokenize(text, "word")
+    vocab = Vocabulary.build(tokens, level, lowercase)  # type: ignore[arg-type]
+    assert Vocabulary.from_dict(vocab.to_dict()) == vocab
+
+
+@settings(max_examples=200, deadline=None)
+@given(TEXT, st.randoms())
+def test_a_char_vocabulary_stored_out_of_order_keeps_its_ids(text: str, random) -> None:
+    stored = list(Vocabulary.build(text, "char", lowercase=False).tokens)
+    random.shuffle(stored)
+    shuffled = Vocabulary.from_dict({"level": "char", "lowercase": False, "unk": None, "tokens": stored})
+    ids = shuffled.encode(text)
+    assert [stored[i] for i in ids] == list(text)
+    assert shuffled.decode(ids) == text
+
+
+def test_a_vocabulary_listing_a_token_twice_is_refused() -> None:
+    with pytest.raises(VocabularyError, match="'a' more than once"):
+        Vocabulary.from_dict({"level": "char", "lowercase": False, "unk": None, "tokens": ["a", "b", "a"]})

@@ -55,8 +55,9 @@ presets: $(STAMP)
 preset: $(STAMP)  ## make preset NAME=anna-notebook [ARGS="-S train.max_steps=5000"]
 	$(WITH_VENV) $(BIN)/python -m lstm_textgen.presets run $(NAME) $(ARGS)
 
-bench: $(STAMP)  ## benchmarks/results/<machine>/report.md: us vs the notebook (BENCH_CORPUS=path/or/url)
+bench: $(STAMP)  ## benchmarks/results/<machine>/: us vs the notebook (BENCH_CORPUS=path/or/url), then serving
 	$(BIN)/python -m benchmarks.bench --corpus $(BENCH_CORPUS)
+	$(WITH_VENV) $(BIN)/python -m benchmarks.bench_serving --if-available
 
 bench-ddp: $(STAMP)  ## training throughput on 1 and 2 local processes (DDP, gloo on the CPU)
 	$(WITH_VENV) $(BIN)/python -m benchmarks.bench_ddp

@@ -35,7 +35,23 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--requests", type=int, default=64, help="per configuration")
     parser.add_argument("--tokens", type=int, default=100, help="max_new_tokens of each row")
     parser.add_argument("--out", type=Path)
+    parser.add_argument(
+        "--if-available", action="store_true", help="no champion: say so and stop (make bench)"
+    )
     return parser.parse_args()
+
+
+def model_registered(model: str) -> bool:
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    name, _, alias = model.removeprefix("models:/").partition("@")
+    uri = os.environ.get("MLFLOW_TRACKING_URI", f"sqlite:///{REPO / 'mlflow.db'}")
+    try:
+        MlflowClient(tracking_uri=uri).get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return False
+    return True
 
 
 def free_port() -> int:
@@ -113,6 +129,9 @@ def report(results: dict[str, Any]) -> str:
 
 def main() -> None:
     args = parse_args()
+    if args.if_available and not model_registered(args.model):
+        print(f"bench-serving: {args.model} is not registered (run `make repro` first); serving not measured")
+        return
     info = machine()
     results: dict[str, Any] = {"date": time.strftime("%Y-%m-%d"), "machine": info, "model": args.model}
     results |= {"requests": args.requests, "tokens": args.tokens, "runs": []}

@@ -4,6 +4,7 @@ table and the MLflow UI's REST API, in a temporary repo copy (the notebook prese
 from __future__ import annotations
 
 import json
+import re
 import socket
 import subprocess
 import time
@@ -31,7 +32,8 @@ class Experiments:
         return runs_by_name(self.repo)
 
 
-QUEUED = (16, 20, 24, 28)  # four experiments, two at a time
+QUEUED = (16, 20, 24, 28)  # four experiments, two at a time, with a failing one among them
+FAILING = ["-n", "sidefail", "-S", "train.lr=10", "-S", "train.grad_clip=0", "-S", "train.warmup_steps=0"]
 
 
 def run_queue(repo: Path, env: dict[str, str], jobs: int) -> subprocess.CompletedProcess[str]:
@@ -64,7 +66,14 @@ def experiments(tmp_path_factory: pytest.TempPathFactory) -> Experiments:
     )
     (repo / "params.yaml").write_text(baseline_params)  # back to the baseline for what follows
 
-    for hidden in QUEUED:
+    for hidden in QUEUED[:2]:
+        run(
+            ["dvc", "exp", "run", "--queue", "-n", f"hidden{hidden}", "-S", f"model.hidden={hidden}"],
+            cwd=repo,
+            env=env,
+        )
+    run(["dvc", "exp", "run", "--queue", *FAILING, "-S", "train.schedule=constant"], cwd=repo, env=env)
+    for hidden in QUEUED[2:]:
         run(
             ["dvc", "exp", "run", "--queue", "-n", f"hidden{hidden}", "-S", f"model.hidden={hidden}"],
             cwd=repo,
@@ -143,12 +152,17 @@ def test_two_process_experiment_is_one_finished_run_registered_and_servable(
     assert len(text) == 12
 
 
-def test_experiments_run_two_at_a_time_land_in_the_repository_store(experiments: Experiments) -> None:
+def test_experiments_run_two_at_a_time_land_in_the_store_and_a_failing_one_harms_none(
+    experiments: Experiments,
+) -> None:
     client = experiments.client()
     experiment = client.get_experiment_by_name("lstm-textgen")
     queue_output = experiments.outputs["queue"].stdout
     assert "database is locked" not in queue_output
-    assert "Failed" not in queue_output, queue_output
+    statuses = dict(re.findall(r"^\s*[0-9a-f]+\s+(\S+)\s.*?(Success|Failed)\s*$", queue_output, flags=re.M))
+    assert statuses == {"sidefail": "Failed", **{f"hidden{h}": "Success" for h in QUEUED}}, queue_output
+    (failed,) = client.search_runs([experiment.experiment_id], "attributes.run_name = 'sidefail'")
+    assert failed.info.status == "FAILED" and "diverged" in failed.data.tags["error"]
     shown = json.dumps(
         json.loads(run(["dvc", "exp", "show", "--json"], cwd=experiments.repo, env=experiments.env).stdout)
     )

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
 import subprocess
 import time
@@ -20,6 +19,7 @@ from typing import Any
 
 import requests
 
+from benchmarks.bench.local import free_port
 from benchmarks.bench.machine import machine
 from benchmarks.bench.measure import REPO
 from lstm_textgen.files import write_json, write_text
@@ -52,12 +52,6 @@ def model_registered(model: str) -> bool:
     except MlflowException:
         return False
     return True
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def start_server(model: str, workers: int) -> tuple[subprocess.Popen[bytes], str]:

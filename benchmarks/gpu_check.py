@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import tempfile
 import time
 from pathlib import Path
@@ -28,15 +27,15 @@ from typing import Any
 import torch
 
 from benchmarks.bench.goals import GPU_TARGET_LOSS
+from benchmarks.bench.local import free_port, load_corpus
 from benchmarks.bench.measure import REPO
 from lstm_textgen.checkpoint import load_checkpoint, load_model
-from lstm_textgen.corpora import acquire
 from lstm_textgen.dataset import Dataset, build_dataset
 from lstm_textgen.distributed import World
 from lstm_textgen.files import write_text
 from lstm_textgen.generation import generate, warm_up
-from lstm_textgen.params import CorpusSpec, Params, Sampling, load_params, parse_params
-from lstm_textgen.presets import load_presets
+from lstm_textgen.params import Params, Sampling, load_params
+from lstm_textgen.presets import load_presets, with_settings
 from lstm_textgen.training import TrainResult, train
 
 
@@ -50,15 +49,6 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--out", type=Path, help="default: benchmarks/results/<gpu>/ (CPU: print only)")
     parser.add_argument("--minutes", type=float, default=4.0, help="budget of the time-to-1.50 run")
     return parser.parse_args()
-
-
-def with_settings(params: Params, settings: dict[str, Any]) -> Params:
-    """`params` with "section.key" settings (presets.yaml's form) applied."""
-    raw = params.model_dump()
-    for key, value in settings.items():
-        section, name = key.split(".", 1)
-        raw[section][name] = value
-    return parse_params(raw)
 
 
 def run(dataset: Dataset, params: Params, workdir: Path, name: str, **kwargs: Any) -> TrainResult:
@@ -91,12 +81,6 @@ def time_to_target(dataset: Dataset, params: Params, workdir: Path, minutes: flo
         "train_seconds": result.train_seconds,
         "checkpoint": str(workdir / "target-best.pt"),
     }
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def ddp_one_process(dataset: Dataset, params: Params, workdir: Path, device: torch.device) -> dict[str, Any]:
@@ -170,12 +154,6 @@ def served_on_cpu(checkpoint: Path) -> dict[str, Any]:
     return {"trained_on": loaded.checkpoint["device"], "generated_characters": len(text), "text": text}
 
 
-def load_text(spec: str, params: Params, workdir: Path) -> str:
-    if spec in params.corpora:
-        return acquire(spec, params.corpora[spec], params.download, workdir).text
-    return acquire(Path(spec).stem, CorpusSpec(source=spec), params.download, workdir).text
-
-
 def gpu_name() -> str | None:
     return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
 
@@ -185,7 +163,7 @@ def check_all(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     on_gpu = gpu_name() is not None
     device = torch.device("cuda" if on_gpu else "cpu")
     base = with_settings(load_params(REPO / "params.yaml"), {"train.device": device.type})
-    text = load_text(args.corpus, base, workdir)[: None if on_gpu else 100_000]
+    text = load_corpus(args.corpus, base, workdir)[: None if on_gpu else 100_000]
     dataset = build_dataset(text, base.data.model_copy(update={"val_fraction": 0.1, "test_fraction": 0.0}))
     preset = with_settings(base, load_presets(REPO / "presets.yaml")["gpu-shakespeare"])
     small = {"model.hidden": 32, "model.embedding_dim": 16, "model.layers": 1, "train.batch_size": 8}

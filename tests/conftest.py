@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.server
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -150,6 +151,29 @@ def run(
     if check and result.returncode != 0:
         raise AssertionError(f"{cmd} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (for a server or a rendezvous)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def train_stage_command(params: Path, out: Path) -> list[str]:
+    """`python stages/train.py` on `params`, its outputs under `out`: model/, last.pt, metrics/."""
+    return [
+        sys.executable,
+        "stages/train.py",
+        "--params",
+        str(params),
+        "--out",
+        str(out / "model"),
+        "--resume-from",
+        str(out / "last.pt"),
+        "--metrics",
+        str(out / "metrics"),
+    ]
 
 
 def store_client(repo: Path):

@@ -10,7 +10,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import REPO_ROOT, tool_env
+from conftest import REPO_ROOT, run, tool_env
 
 from lstm_textgen.dataset import build_dataset, load_dataset, save_dataset
 from lstm_textgen.errors import UserError
@@ -50,14 +50,7 @@ def test_evaluate_refuses_a_checkpoint_of_another_vocabulary(tmp_path: Path) -> 
     )
     command = [sys.executable, "stages/evaluate.py", "--model", str(tmp_path / "m.pt")]
     command += ["--prepared", str(tmp_path / "p"), "--train-metrics", str(tmp_path / "none.json")]
-    result = subprocess.run(
-        [*command, "--out", str(tmp_path / "e.json")],
-        cwd=REPO_ROOT,
-        env=tool_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = run([*command, "--out", str(tmp_path / "e.json")], cwd=REPO_ROOT, env=tool_env(), check=False)
     assert result.returncode == 2
     assert "was trained on another vocabulary" in result.stderr and "dvc repro train" in result.stderr
     assert not (tmp_path / "e.json").exists()
@@ -97,13 +90,12 @@ def test_a_full_disk_stops_the_write_with_the_path_and_leaves_nothing(full_disk:
 
 def test_a_params_file_that_is_not_yaml_names_the_line(tmp_path: Path) -> None:
     (tmp_path / "params.yaml").write_text("data: [unclosed\n  model: 3\n")
-    result = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "stages" / "train.py"), "--params", str(tmp_path / "params.yaml")],
-        cwd=tmp_path,
-        env=tool_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    command = [
+        sys.executable,
+        str(REPO_ROOT / "stages" / "train.py"),
+        "--params",
+        str(tmp_path / "params.yaml"),
+    ]
+    result = run(command, cwd=tmp_path, env=tool_env(), check=False)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "params.yaml: not valid YAML" in result.stderr and "line 2" in result.stderr

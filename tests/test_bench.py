@@ -8,22 +8,13 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO_ROOT, tool_env
+from conftest import REPO_ROOT, run, tool_env
 
 pytestmark = pytest.mark.slow
 
 
 def bench_module(module: str, *args: str) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run(
-        [sys.executable, "-m", module, *args],
-        capture_output=True,
-        text=True,
-        env=tool_env(),
-        cwd=REPO_ROOT,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    return result
+    return run([sys.executable, "-m", module, *args], cwd=REPO_ROOT, env=tool_env())
 
 
 def test_benchmark_quick_run_writes_a_report(corpora_dir: Path, tmp_path: Path) -> None:

@@ -9,16 +9,14 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from conftest import run, tiny_repo, tool_env
+from conftest import free_port, run, tiny_repo, tool_env, train_stage_command
 
 from lstm_textgen.batches import Batcher
 from lstm_textgen.distributed import root_failure
@@ -103,15 +101,7 @@ def train_stage(
     out = repo / "runs" / name
     out.mkdir(parents=True, exist_ok=True)
     (out / "params.yaml").write_text(yaml.safe_dump(params))
-    cmd = [
-        sys.executable,
-        "stages/train.py",
-        "--params",
-        str(out / "params.yaml"),
-        "--out",
-        str(out / "model"),
-    ]
-    cmd += ["--resume-from", str(out / "last.pt"), "--metrics", str(out / "metrics")]
+    cmd = train_stage_command(out / "params.yaml", out)
     env = {**tool_env(repo), "MLFLOW_TRACKING_URI": f"sqlite:///{out / 'mlflow.db'}"}
     if not wait:
         return subprocess.Popen(
@@ -309,12 +299,6 @@ def test_sigterm_to_the_launcher_stops_every_rank_at_one_step_and_resumes_exactl
     assert resumed.info.run_id == mlflow_run.info.run_id and resumed.info.status == "FINISHED"
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_machines_on_one_host_train_as_one_job(prepared_repo: Path, tmp_path: Path) -> None:
     """The README's multi-machine command, with both "machines" on 127.0.0.1: node 0 holds rank 0,
@@ -329,21 +313,9 @@ def test_two_machines_on_one_host_train_as_one_job(prepared_repo: Path, tmp_path
     nodes = []
     for node in (0, 1):
         out = tmp_path / f"node{node}"
-        cmd = ["torchrun", "--nnodes=2", "--nproc-per-node=1", f"--node-rank={node}"]
-        cmd += [
-            f"--rdzv-endpoint=127.0.0.1:{port}",
-            "stages/train.py",
-            "--params",
-            str(tmp_path / "params.yaml"),
-        ]
-        cmd += [
-            "--out",
-            str(out / "model"),
-            "--resume-from",
-            str(out / "last.pt"),
-            "--metrics",
-            str(out / "metrics"),
-        ]
+        torchrun = ["torchrun", "--nnodes=2", "--nproc-per-node=1", f"--node-rank={node}"]
+        torchrun.append(f"--rdzv-endpoint=127.0.0.1:{port}")
+        cmd = torchrun + train_stage_command(tmp_path / "params.yaml", out)[1:]  # torchrun runs the script
         nodes.append(
             subprocess.Popen(
                 cmd, cwd=prepared_repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True

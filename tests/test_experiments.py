@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -14,7 +13,7 @@ from pathlib import Path
 import pytest
 import requests
 import yaml
-from conftest import run, runs_by_name, store_client, tiny_repo, tool_env
+from conftest import free_port, run, runs_by_name, store_client, tiny_repo, tool_env
 
 pytestmark = pytest.mark.slow
 
@@ -236,9 +235,7 @@ def test_compare_table_lists_the_runs(experiments: Experiments, tmp_path: Path) 
 
 
 def test_mlflow_ui_serves_the_runs_over_rest(experiments: Experiments) -> None:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     ui = subprocess.Popen(
         [
             "mlflow",

@@ -8,14 +8,13 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from conftest import run, store_client, tiny_repo, tool_env
+from conftest import run, store_client, tiny_repo, tool_env, train_stage_command
 
 pytestmark = pytest.mark.slow
 
@@ -62,9 +61,8 @@ def kill_after_first_evaluation(job: subprocess.Popen[str], checkpoint: Path, pi
 
 
 def stage(repo: Path, out: Path, params: Path, wait: bool = True) -> subprocess.Popen[str]:
-    cmd = [sys.executable, "stages/train.py", "--params", str(params), "--out", str(out / "model")]
-    cmd += ["--resume-from", str(out / "last.pt"), "--metrics", str(out / "metrics")]
     env = {**tool_env(repo), "MLFLOW_TRACKING_URI": f"sqlite:///{out.parent / 'stage-runs.db'}"}
+    cmd = train_stage_command(params, out)
     job = subprocess.Popen(cmd, cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     if wait:
         job.communicate(timeout=300)

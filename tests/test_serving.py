@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -11,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest import tool_env
+from conftest import free_port, tool_env
 
 pytestmark = pytest.mark.slow
 MODEL_NAME = "lstm-textgen-shakespeare-char"
@@ -69,12 +68,6 @@ def test_champion_moves_only_on_improvement(store: Path) -> None:
     assert float(version.tags["val_loss"]) == pytest.approx(old_loss - 0.5, abs=1e-5)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_registered_model_follows_the_sample_params_and_carries_no_optimizer(store: Path) -> None:
     """The register stage hands today's sample.* params to the model it logs: its defaults and its
     unknown-token policy; the logged checkpoint holds weights, vocabulary and params only."""
@@ -113,7 +106,7 @@ def test_registered_model_follows_the_sample_params_and_carries_no_optimizer(sto
 def server(repro_repo: tuple[Path, str]) -> Iterator[str]:
     """One real `mlflow models serve` for the module: the bad requests must not stop it serving."""
     store, _ = repro_repo
-    port = _free_port()
+    port = free_port()
     env = tool_env(store)
     env["MLFLOW_TRACKING_URI"] = f"sqlite:///{store / 'mlflow.db'}"
     process = subprocess.Popen(

@@ -19,6 +19,7 @@ import numpy as np
 
 from benchmarks import notebook_baseline as notebook
 from benchmarks.bench.flops import model_flop_utilisation
+from benchmarks.bench.local import load_corpus
 from benchmarks.bench.machine import machine
 from benchmarks.bench.measure import (
     REPO,
@@ -29,11 +30,10 @@ from benchmarks.bench.measure import (
     measure_training,
 )
 from benchmarks.bench.report import write_report
-from lstm_textgen.corpora import acquire
 from lstm_textgen.dataset import build_dataset
 from lstm_textgen.devices import DTYPES, resolve_device
 from lstm_textgen.files import write_text
-from lstm_textgen.params import CorpusSpec, Params, load_params
+from lstm_textgen.params import load_params
 
 
 def parse_args() -> argparse.Namespace:
@@ -53,13 +53,6 @@ def parse_args() -> argparse.Namespace:
         "--render", type=Path, help="only rewrite report.md and the PNG from this results.json"
     )
     return parser.parse_args()
-
-
-def load_corpus(spec: str, params: Params, workdir: Path) -> str:
-    """A key of params.yaml's corpora (downloaded and verified), a path, or a file:// or https:// URL."""
-    if spec in params.corpora:
-        return acquire(spec, params.corpora[spec], params.download, workdir).text
-    return acquire(Path(spec).stem, CorpusSpec(source=spec), params.download, workdir).text
 
 
 def fast_float_windows(text: str) -> tuple[np.ndarray, np.ndarray, list[str]]:

@@ -22,7 +22,7 @@ from lstm_textgen.devices import resolve_device, resolve_dtype
 from lstm_textgen.evaluation import evaluate_stateful
 from lstm_textgen.generation import generate
 from lstm_textgen.params import Params, Sampling, parse_params
-from lstm_textgen.presets import load_presets
+from lstm_textgen.presets import load_presets, with_settings
 from lstm_textgen.training import new_train_state, train, train_step
 from lstm_textgen.vocab import Vocabulary
 
@@ -191,18 +191,18 @@ def measure_gpu(splits, vocab, params: Params, workdir: Path) -> dict[str, Any] 
     seconds until the validation loss first reaches GPU_TARGET_LOSS. None without a GPU."""
     if not torch.cuda.is_available():
         return None
-    raw = params.model_dump()
-    for key, value in load_presets(REPO / "presets.yaml")["gpu-shakespeare"].items():
-        section, name = key.split(".", 1)
-        raw[section][name] = value
+    preset = with_settings(params, load_presets(REPO / "presets.yaml")["gpu-shakespeare"])
     val_windows = math.ceil((len(splits["val"]) - 1) / params.data.seq_len)
-    raw["train"].update(
-        device="cuda",
-        eval_every=50,
-        eval_batches=math.ceil(val_windows / raw["train"]["batch_size"]),
-        max_minutes=5,
+    run_params = with_settings(
+        preset,
+        {
+            "train.device": "cuda",
+            "train.eval_every": 50,
+            "train.eval_batches": math.ceil(val_windows / preset.train.batch_size),
+            "train.max_minutes": 5,
+        },
     )
-    run_params = parse_params(raw)
+    raw = run_params.model_dump()
     result = train(splits, vocab, run_params, workdir / "gpu-best.pt", workdir / "gpu-last.pt")
     reached = next((h["train_seconds"] for h in result.history if h["val_loss"] <= GPU_TARGET_LOSS), None)
     return {

@@ -90,7 +90,6 @@ class TrainSetup:
             "vocab": self.vocab.to_dict(),
             "device": self.device.type,
             "dtype": dtype_name(self.dtype),
-            "processes": self.world.world_size,
             "labels": self.labels,
         }
 

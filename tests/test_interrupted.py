@@ -107,10 +107,17 @@ def train_process(repo: Path, timeout: float = 60) -> int:
                 cwd = (proc / "cwd").resolve()
             except OSError:
                 continue
-            if cwd == repo.resolve() and any(part.endswith(b"stages/train.py") for part in cmdline):
+            if cwd == repo.resolve() and is_train_interpreter(cmdline):
                 return int(proc.name)
         time.sleep(0.05)
     raise AssertionError("the train stage never started")
+
+
+def is_train_interpreter(cmdline: list[bytes]) -> bool:
+    """Python running the train stage, not the `sh -c` that DVC may keep as its parent: a shell that
+    does not exec its last command would take the signal while training went on without it."""
+    program = Path(cmdline[0].decode(errors="replace")).name
+    return program.startswith("python") and b"stages/train.py" in cmdline[1:]
 
 
 def mlflow_run(repo: Path, run_id: str):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from lstm_textgen.cli import run_main
 from lstm_textgen.corpora import acquire
-from lstm_textgen.files import write_json, write_text
+from lstm_textgen.files import write_json
 from lstm_textgen.params import load_params
 
 
@@ -19,11 +19,10 @@ def main() -> None:
 
     params = load_params(args.params)
     name, spec = params.corpus_spec()
-    corpus = acquire(name, spec, params.download, scratch_dir=args.out)
-    write_text(args.out / "corpus.txt", corpus.text)
-    summary = {**corpus.summary(), "spec": spec.model_dump(exclude_defaults=True)}
+    summary = acquire(name, spec, params.download, args.out / "corpus.txt")
+    summary["spec"] = spec.model_dump(exclude_defaults=True)
     write_json(args.out / "corpus.json", summary)
-    print(f"download: {name}: {summary['characters']:,} characters from {corpus.source}")
+    print(f"download: {name}: {summary['characters']:,} characters from {summary['source']}")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """DVC stage `evaluate`: best checkpoint + val/test splits -> metrics/evaluate.json, logged to the
-training run in MLflow (loss, perplexity, bits per token, accuracy; stateful and stateless)."""
+training run in MLflow (loss, perplexity, bits per token and per character, accuracy; stateful and
+stateless). Bits per character use the characters each split's tokens stand for (splits.json)."""
 
 from __future__ import annotations
 
@@ -45,10 +46,12 @@ def main() -> None:
         params.evaluate.batch_size,
         resolve_dtype(params.train.dtype, device, loaded.params.model.cell),
     )
-    level = loaded.vocab.level
-    for split_metrics in results.values():
-        if level == "char":  # at char level bits per token are bits per character
-            split_metrics["bits_per_character"] = split_metrics["bits_per_token"]
+    for name, split_metrics in results.items():  # bits per character compare runs across levels
+        per_token = dataset.characters_per_token(name)
+        if per_token:
+            for kind in ("", "stateless_"):
+                bits = split_metrics[f"{kind}bits_per_token"]
+                split_metrics[f"{kind}bits_per_character"] = bits / per_token
     write_json(args.out, results)
     run_id = read_json(args.train_metrics)["mlflow_run_id"]
     with tracking.active_run(run_id=run_id):
@@ -56,7 +59,8 @@ def main() -> None:
     for name, m in results.items():
         print(
             f"evaluate: {name}: loss {m['loss']:.4f} nats/token, perplexity {m['perplexity']:.2f}, "
-            f"{m['bits_per_token']:.3f} bits/token, accuracy {m['accuracy']:.3f} "
+            f"{m['bits_per_token']:.3f} bits/token ({m.get('bits_per_character', float('nan')):.3f} per "
+            f"character), accuracy {m['accuracy']:.3f} "
             f"(stateless windows of {params.evaluate.seq_len}: loss {m['stateless_loss']:.4f})"
         )
 

@@ -1,4 +1,5 @@
-"""DVC stage `prepare`: data/raw/corpus.txt -> data/prepared/{vocab.json, train/val/test.npy, stats.json}."""
+"""DVC stage `prepare`: data/raw/corpus.txt -> data/prepared/{vocab.json, splits.json, train/val/test.npy}
+and metrics/prepare.json, streaming (memory follows the vocabulary, not the corpus)."""
 
 from __future__ import annotations
 
@@ -6,9 +7,9 @@ import argparse
 from pathlib import Path
 
 from lstm_textgen.cli import run_main
-from lstm_textgen.dataset import build_dataset, save_dataset
 from lstm_textgen.files import read_json, write_json
 from lstm_textgen.params import load_params
+from lstm_textgen.preparation import prepare_corpus
 
 
 def main() -> None:
@@ -20,11 +21,9 @@ def main() -> None:
     args = parser.parse_args()
 
     params = load_params(args.params)
-    text = (args.raw / "corpus.txt").read_text(encoding="utf-8")
-    dataset = build_dataset(text, params.data, corpus_info=read_json(args.raw / "corpus.json"))
-    save_dataset(dataset, args.out)
-    write_json(args.metrics, dataset.stats)
-    stats = dataset.stats
+    corpus_info = read_json(args.raw / "corpus.json")
+    stats = prepare_corpus(args.raw / "corpus.txt", params.data, args.out, corpus_info)
+    write_json(args.metrics, stats)
     counts = "/".join(f"{n:,}" for n in stats["tokens"].values())
     print(f"prepare: {stats['level']} level, vocab {stats['vocab_size']}, tokens train/val/test {counts}")
 

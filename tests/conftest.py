@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import os
 import shutil
@@ -14,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import requests
 import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -29,6 +31,7 @@ LONGEST_FIRST = (
     "test_presets.py",
     "test_pipeline.py",
     "test_readme.py",
+    "test_levels.py",
     "test_serving.py",
 )
 
@@ -88,17 +91,63 @@ class _CorpusHandler(http.server.BaseHTTPRequestHandler):
             self.close_connection = True
 
 
-@pytest.fixture(scope="session")
-def corpus_server(corpora_dir: Path) -> Iterator[str]:
-    """Base URL of a real HTTP server on 127.0.0.1 serving the shared corpora."""
-    handler = type("Handler", (_CorpusHandler,), {"root": corpora_dir, "seen": {}})
+@contextlib.contextmanager
+def file_server(root: Path) -> Iterator[str]:
+    """Base URL of a real HTTP server on 127.0.0.1 serving the files of `root` (see _CorpusHandler)."""
+    handler = type("Handler", (_CorpusHandler,), {"root": root, "seen": {}})
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     server.daemon_threads = True
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture(scope="session")
+def corpus_server(corpora_dir: Path) -> Iterator[str]:
+    """Base URL of a real HTTP server on 127.0.0.1 serving the shared corpora."""
+    with file_server(corpora_dir) as url:
+        yield url
+
+
+@contextlib.contextmanager
+def model_server(store: Path, model_uri: str) -> Iterator[str]:
+    """A real `mlflow models serve` of `model_uri` from the store in `store`; its base URL."""
+    port = free_port()
+    env = tool_env(store)
+    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{store / 'mlflow.db'}"
+    command = ["mlflow", "models", "serve", "-m", model_uri, "-h", "127.0.0.1", "-p", str(port)]
+    process = subprocess.Popen(
+        [*command, "--env-manager", "local"],
+        cwd=store,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise AssertionError(f"server exited:\n{process.stdout.read()}")
+            try:
+                if requests.get(f"{url}/ping", timeout=2).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                time.sleep(0.5)
+        else:
+            raise AssertionError("server did not answer /ping within 90 s")
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
 
 
 def tool_env(repo: Path | None = None) -> dict[str, str]:

@@ -31,7 +31,10 @@ def test_repository_params_validate() -> None:
         ({"model": {"layers": 0}}, "model.layers: input should be greater than or equal to 1, got 0"),
         ({"model": {"layers": "4"}}, "model.layers: input should be a valid integer, got '4'"),
         ({"model": {"dropout": 1.5}}, "model.dropout: input should be less than 1, got 1.5"),
-        ({"data": {"level": "byte"}}, "data.level: input should be 'char' or 'word', got 'byte'"),
+        (
+            {"data": {"level": "bytes"}},
+            "data.level: input should be 'char', 'word', 'byte' or 'bpe', got 'bytes'",
+        ),
         ({"data": {"val_fraction": 0.0}}, "data.val_fraction: input should be greater than 0, got 0.0"),
         (
             {"data": {"val_fraction": 0.45, "test_fraction": 0.45}},

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import requests
-from conftest import free_port, tool_env
+from conftest import model_server
 
 pytestmark = pytest.mark.slow
 MODEL_NAME = "lstm-textgen-shakespeare-char"
@@ -106,49 +104,8 @@ def test_registered_model_follows_the_sample_params_and_carries_no_optimizer(sto
 def server(repro_repo: tuple[Path, str]) -> Iterator[str]:
     """One real `mlflow models serve` for the module: the bad requests must not stop it serving."""
     store, _ = repro_repo
-    port = free_port()
-    env = tool_env(store)
-    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{store / 'mlflow.db'}"
-    process = subprocess.Popen(
-        [
-            "mlflow",
-            "models",
-            "serve",
-            "-m",
-            f"models:/{MODEL_NAME}@champion",
-            "-h",
-            "127.0.0.1",
-            "-p",
-            str(port),
-            "--env-manager",
-            "local",
-        ],
-        cwd=store,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise AssertionError(f"server exited:\n{process.stdout.read()}")
-            try:
-                if requests.get(f"{url}/ping", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                time.sleep(0.5)
-        else:
-            raise AssertionError("server did not answer /ping within 90 s")
+    with model_server(store, f"models:/{MODEL_NAME}@champion") as url:
         yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
 
 
 def _post(url: str, body: dict) -> requests.Response:

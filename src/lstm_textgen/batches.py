@@ -30,8 +30,10 @@ class Batcher:
         generator: torch.Generator,
         rank: int = 0,
         world_size: int = 1,
+        device: torch.device | None = None,
     ) -> None:
         self.tokens, self.seq_len, self.batch_size = tokens, seq_len, batch_size
+        self.device = device or tokens.device  # tokens on the host, batches on a GPU: copied per step
         self.stateful, self.generator = stateful, generator
         self.global_batch = batch_size * world_size
         self.mine = slice(rank * batch_size, (rank + 1) * batch_size)
@@ -58,4 +60,7 @@ class Batcher:
             reset = True
         starts = starts[self.mine]
         self.position += 1
-        return self.tokens[starts.to(self.tokens.device)[:, None] + self.offsets].long(), reset
+        batch = self.tokens[starts.to(self.tokens.device)[:, None] + self.offsets]
+        if batch.device != self.device:
+            batch = batch.pin_memory().to(self.device, non_blocking=True)
+        return batch.long(), reset

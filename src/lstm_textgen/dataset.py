@@ -1,12 +1,14 @@
-"""The prepared dataset: vocabulary + train/val/test token arrays + statistics, in one directory.
+"""The prepared dataset: vocabulary + train/val/test token arrays + their sizes, in one directory.
 
-Written by the prepare stage, read by train, evaluate and sample through `load_dataset`.
-Char level builds the vocabulary from the whole text (as char-rnn and nanoGPT do, so no character is
-unknown); word level builds it from the training split only, so the val/test OOV rates are honest.
+Written by the prepare stage (`preparation.prepare_corpus`, streaming), read by train, evaluate and
+sample through `load_dataset`. Char level builds the vocabulary from the whole text (as char-rnn and
+nanoGPT do, so no character is unknown); word level and BPE from the training split only, so the
+val/test figures are honest; byte level needs no building (256 byte values).
 """
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,10 +18,9 @@ import numpy as np
 from lstm_textgen.errors import UserError
 from lstm_textgen.files import read_json, write_json
 from lstm_textgen.params import DataParams
-from lstm_textgen.vocab import Vocabulary, tokenize
-from lstm_textgen.windows import SPLITS, load_split, save_split, split, split_sizes
-
-VOCAB_FILE = "vocab.json"
+from lstm_textgen.preparation import SPLITS_FILE, VOCAB_FILE, prepare_corpus
+from lstm_textgen.vocab import Vocabulary
+from lstm_textgen.windows import SPLITS, load_split, save_split
 
 
 @dataclass(frozen=True)
@@ -28,37 +29,22 @@ class Dataset:
     splits: dict[str, np.ndarray]
     stats: dict[str, Any]
 
+    def characters_per_token(self, split: str) -> float | None:
+        """Characters of text per token in `split` (None where the prepared data predates the count)."""
+        sizes = self.stats.get("splits", {}).get(split)
+        if not sizes or not sizes["tokens"]:
+            return 1.0 if self.vocab.level == "char" else None
+        return sizes["characters"] / sizes["tokens"]
+
 
 def build_dataset(text: str, data: DataParams, corpus_info: dict[str, Any] | None = None) -> Dataset:
-    text = text.lower() if data.lowercase else text
-    if data.level == "char":
-        vocab = Vocabulary.build(text, "char", data.lowercase)
-        splits = split(vocab.encode(text), data.val_fraction, data.test_fraction)
-        oov = dict.fromkeys(SPLITS, 0.0)
-    else:
-        tokens = tokenize(text, "word")
-        sizes = split_sizes(len(tokens), data.val_fraction, data.test_fraction)
-        vocab = Vocabulary.build(tokens[: sizes.train], "word", data.lowercase, data.min_freq, data.max_vocab)
-        splits = split(vocab.encode_tokens(tokens), data.val_fraction, data.test_fraction)
-        oov = {name: float(np.mean(ids == 0)) if len(ids) else 0.0 for name, ids in splits.items()}
-    real_tokens = [t for t in vocab.tokens if t != vocab.unk]
-    if len(real_tokens) < 2:
-        raise UserError(
-            f"the corpus has {len(real_tokens)} distinct {data.level} token(s) "
-            f"({', '.join(map(repr, real_tokens[:1])) or 'none'}): there is nothing to predict; use a "
-            "corpus with at least two (data.corpus), or lower data.min_freq at word level"
-        )
-    stats: dict[str, Any] = {
-        "level": data.level,
-        "vocab_size": len(vocab),
-        "bytes_per_token": vocab.dtype.itemsize,
-        "characters": len(text),
-        "tokens": {name: len(ids) for name, ids in splits.items()},
-        "oov_rate": oov,
-    }
-    if corpus_info:
-        stats["corpus"] = {k: corpus_info[k] for k in ("name", "source", "text_sha256") if k in corpus_info}
-    return Dataset(vocab, splits, stats)
+    """In memory, for tests and benchmarks: the prepare stage's streaming path on `text`."""
+    with tempfile.TemporaryDirectory() as tmp:
+        corpus = Path(tmp) / "corpus.txt"
+        corpus.write_text(text, encoding="utf-8", newline="")
+        stats = prepare_corpus(corpus, data, Path(tmp) / "prepared", corpus_info)
+        loaded = load_dataset(Path(tmp) / "prepared", mmap=False)
+    return Dataset(loaded.vocab, loaded.splits, {**stats, **loaded.stats})
 
 
 def save_dataset(dataset: Dataset, out_dir: Path) -> None:
@@ -66,21 +52,30 @@ def save_dataset(dataset: Dataset, out_dir: Path) -> None:
     for name, ids in dataset.splits.items():
         save_split(out_dir / f"{name}.npy", ids)
     write_json(out_dir / VOCAB_FILE, dataset.vocab.to_dict())
+    if "splits" in dataset.stats:
+        write_json(out_dir / SPLITS_FILE, dataset.stats["splits"])
 
 
 def load_dataset(prepared_dir: Path, mmap: bool = True) -> Dataset:
-    """Vocabulary and splits; the statistics live in the prepare stage's metrics file."""
+    """Vocabulary, splits (memory-mapped: nothing is read until used) and their sizes."""
     vocab_path = prepared_dir / VOCAB_FILE
     if not vocab_path.is_file():
         raise UserError(f"{prepared_dir}: no prepared data (run `dvc repro prepare` first)")
     vocab = Vocabulary.from_dict(read_json(vocab_path))
     splits = {name: load_split(prepared_dir / f"{name}.npy", mmap) for name in SPLITS}
     for name, ids in splits.items():
-        largest = int(ids.max()) if len(ids) else -1
+        largest = _largest(ids)
         if largest >= len(vocab):
             raise UserError(
                 f"{prepared_dir / (name + '.npy')} holds token id {largest}, but {vocab_path} has only "
                 f"{len(vocab)} tokens: the two do not belong together (edited or mixed up); "
                 "run `dvc repro -f prepare`"
             )
-    return Dataset(vocab, splits, {})
+    sizes_path = prepared_dir / SPLITS_FILE
+    stats = {"splits": read_json(sizes_path)} if sizes_path.is_file() else {}
+    return Dataset(vocab, splits, stats)
+
+
+def _largest(ids: np.ndarray, block: int = 1 << 24) -> int:
+    """The largest id, read a block at a time (a memory-mapped split is never loaded whole)."""
+    return max((int(ids[i : i + block].max()) for i in range(0, len(ids), block)), default=-1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +93,20 @@ def configure_backend(device: torch.device, threads: int | None) -> None:
         torch.set_num_threads(threads or os.cpu_count() or 1)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
+
+
+def token_source(ids: np.ndarray, device: torch.device, share_of_free: float = 0.5) -> torch.Tensor:
+    """Where training batches are gathered from, without a full in-memory copy of a split it can read
+    from the memory map: on the CPU the map itself (the OS pages in what the windows touch); on a GPU
+    a device copy when it takes at most `share_of_free` of the free memory, else the host map (the
+    Batcher gathers each batch there and copies it over through pinned memory)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        if ids.nbytes * (4 if ids.dtype.itemsize > 1 else 1) <= share_of_free * free:
+            return to_device_tokens(ids, device)
+    with warnings.catch_warnings():  # a read-only map: nothing here ever writes to it
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(ids)
 
 
 def to_device_tokens(ids: np.ndarray, device: torch.device) -> torch.Tensor:

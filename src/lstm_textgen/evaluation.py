@@ -66,16 +66,16 @@ def evaluate_stateful(
     check_fits(len(ids), seq_len, "evaluation")
     streams = max(1, min(batch_size, (len(ids) - 1) // seq_len))
     stream_len = (len(ids) - 1) // streams
-    tokens = to_device_tokens(ids, device).long()
+    tokens = to_device_tokens(ids, device)  # narrow ids; each window widened to int64 on its own
     inputs = tokens[: streams * stream_len].view(streams, stream_len)
     targets = tokens[1 : streams * stream_len + 1].view(streams, stream_len)
     state: State | None = None
     loss_sum, correct = 0.0, 0
     for start in range(0, stream_len, seq_len):
         with autocast(device, dtype):
-            logits, state = model(inputs[:, start : start + seq_len], state)
+            logits, state = model(inputs[:, start : start + seq_len].long(), state)
         state = detach_state(state)
-        loss, right = _score(logits, targets[:, start : start + seq_len])
+        loss, right = _score(logits, targets[:, start : start + seq_len].long())
         loss_sum, correct = loss_sum + loss, correct + right
     return _summary(loss_sum, correct, streams * stream_len)
 

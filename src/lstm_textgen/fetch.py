@@ -9,6 +9,7 @@ an immediate, clear failure for a 404 or a checksum mismatch.
 from __future__ import annotations
 
 import hashlib
+import shutil
 import time
 from pathlib import Path
 from urllib.parse import unquote, urlparse
@@ -38,7 +39,7 @@ def fetch(
     sha256: str | None = None,
     timeout_s: float = 30.0,
     retries: int = 3,
-    max_bytes: int = 512 * 2**20,
+    max_bytes: int = 16 * 2**30,
     backoff_s: float = 1.0,
     key: str = "sha256",
 ) -> str:
@@ -54,12 +55,46 @@ def fetch(
             actual = _copy_local(_local_path(source), tmp, max_bytes)
         else:
             raise DownloadError(f"{source}: unsupported scheme {scheme!r}; use https://, file:// or a path")
-        if sha256 is not None and actual != sha256.lower():
-            raise DownloadError(
-                f"checksum mismatch for {source}: expected sha256 {sha256}, got {actual}. "
-                f"The file changed or is corrupt; if the new content is intended, set {key} to {actual}"
-            )
+        _check_sha256(source, sha256, actual, key)
     return actual
+
+
+def local_file(source: str) -> Path | None:
+    """The path a file:// URL or plain path names; None for a network URL."""
+    return _local_path(source) if urlparse(source).scheme in ("file", "") else None
+
+
+def verify_local(path: Path, sha256: str | None, max_bytes: int, key: str = "sha256") -> str:
+    """Check a local source in place (no copy: a corpus of gigabytes is read, not duplicated)."""
+    if not path.is_file():
+        raise DownloadError(f"{path}: file not found (check data.corpus or the corpus's source)")
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise DownloadError(f"{path}: {size:,} bytes is over the size cap {max_bytes:,} (download.max_mb)")
+    digest = hashlib.sha256()
+    with path.open("rb") as src:
+        while chunk := src.read(CHUNK_BYTES * 16):
+            digest.update(chunk)
+    actual = digest.hexdigest()
+    _check_sha256(str(path), sha256, actual, key)
+    return actual
+
+
+def _check_sha256(source: str, expected: str | None, actual: str, key: str) -> None:
+    if expected is not None and actual != expected.lower():
+        raise DownloadError(
+            f"checksum mismatch for {source}: expected sha256 {expected}, got {actual}. "
+            f"The file changed or is corrupt; if the new content is intended, set {key} to {actual}"
+        )
+
+
+def _check_room(url: str, directory: Path, size: int) -> None:
+    free = shutil.disk_usage(directory).free
+    if size > free:
+        raise DownloadError(
+            f"{url}: {size / 2**20:,.0f} MB would not fit: {directory} has {free / 2**20:,.0f} MB free; "
+            "free some space or lower download.max_mb to refuse such files"
+        )
 
 
 def _local_path(source: str) -> Path:
@@ -112,6 +147,8 @@ def _download_once(url: str, tmp: Path, timeout_s: float, max_bytes: int) -> str
                 raise DownloadError(
                     f"{url}: {expected:,} bytes is over the size cap {max_bytes:,} (raise download.max_mb)"
                 )
+            if expected is not None:
+                _check_room(url, tmp.parent, expected)
             return _stream_body(response, tmp, expected, max_bytes, url)
     except requests.exceptions.Timeout:
         raise _Transient(f"no answer from {host} within {timeout_s:g} s (download.timeout_s)") from None

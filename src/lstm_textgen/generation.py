@@ -165,15 +165,14 @@ def sample_texts(
     unknown: UnknownPolicy = "error",
     replacement: str | None = None,
 ) -> list[str]:
-    """Prompts -> generated continuations as readable text (words joined at word level)."""
+    """Prompts -> generated continuations as readable text (words joined at word level, whole UTF-8
+    characters at byte and BPE level)."""
     ids = [encode_prompt(p, vocab, unknown, replacement) for p in prompts]
     generated = generate(model, vocab, ids, length, sampling)
-    if vocab.level == "char":
-        return [vocab.decode(g) for g in generated]
-    # join with the prompt's last token so spacing after it is right, then drop that token's text
-    return [_continuation(vocab, prompt_ids[-1], g) for prompt_ids, g in zip(ids, generated, strict=True)]
+    return [continuation(vocab, prompt_ids, g) for prompt_ids, g in zip(ids, generated, strict=True)]
 
 
-def _continuation(vocab: Vocabulary, last_prompt_id: int, generated: list[int]) -> str:
-    head = vocab.decode([last_prompt_id])
-    return vocab.decode([last_prompt_id, *generated])[len(head) :]
+def continuation(vocab: Vocabulary, prompt_ids: Sequence[int], generated: Sequence[int]) -> str:
+    """The text `generated` adds after the prompt: spaced against the prompt's last token."""
+    text = vocab.detokenizer(prompt_ids[-1])
+    return "".join(text.push(int(token)) for token in generated) + text.finish()

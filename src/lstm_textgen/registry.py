@@ -74,6 +74,7 @@ def pip_requirements() -> list[str]:
         f"pandas=={version('pandas')}",
         f"pydantic=={version('pydantic')}",
         f"pyyaml=={version('pyyaml')}",
+        f"tokenizers=={version('tokenizers')}",  # BPE models encode prompts with it
     ]
 
 

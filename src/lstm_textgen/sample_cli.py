@@ -80,16 +80,14 @@ def main(argv: list[str] | None = None) -> None:
         return
     ids = encode_prompt(prompts[0], loaded.vocab, unknown, replacement)
     sys.stdout.write(prompts[0])
-    previous = [ids[-1]]
+    text = loaded.vocab.detokenizer(ids[-1])  # word spacing, whole UTF-8 characters
 
-    def stream(token) -> None:  # decode against the previous token so word spacing is right
-        head = loaded.vocab.decode(previous)
-        sys.stdout.write(loaded.vocab.decode([previous[0], int(token[0])])[len(head) :])
+    def stream(token) -> None:
+        sys.stdout.write(text.push(int(token[0])))
         sys.stdout.flush()
-        previous[0] = int(token[0])
 
     generate(loaded.model, loaded.vocab, [ids], length, sampling, on_tokens=stream)
-    sys.stdout.write("\n")
+    sys.stdout.write(text.finish() + "\n")
 
 
 def entry_point() -> None:

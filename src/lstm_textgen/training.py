@@ -27,7 +27,14 @@ from tqdm import tqdm
 
 from lstm_textgen.batches import Batcher
 from lstm_textgen.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from lstm_textgen.devices import autocast, configure_backend, dtype_name, resolve_dtype, to_device_tokens
+from lstm_textgen.devices import (
+    autocast,
+    configure_backend,
+    dtype_name,
+    resolve_dtype,
+    to_device_tokens,
+    token_source,
+)
 from lstm_textgen.distributed import World
 from lstm_textgen.errors import UserError
 from lstm_textgen.evaluation import periodic_validation_loss
@@ -149,9 +156,16 @@ def new_train_state(
     model = RecurrentLM(vocab_size, params.model).to(device)
     if world.rank > 0:
         torch.manual_seed(tp.seed + world.rank)
-    tokens = to_device_tokens(train_ids, device)
+    tokens = token_source(train_ids, device)
     batcher = Batcher(
-        tokens, params.data.seq_len, tp.batch_size, tp.stateful, generator, world.rank, world.world_size
+        tokens,
+        params.data.seq_len,
+        tp.batch_size,
+        tp.stateful,
+        generator,
+        world.rank,
+        world.world_size,
+        device,
     )
     return TrainState(
         model=model,

@@ -1,27 +1,35 @@
-"""Tokenisers and the vocabulary: text <-> token ids, at character or word level.
+"""Tokenisers and the vocabulary: text <-> token ids, at character, word, byte or subword (BPE) level.
 
-The vocabulary is saved as JSON together with its settings (level, lowercase, unknown token), so a
-trained model can be used later without the corpus.
+The vocabulary is saved as JSON together with its settings (level, lowercase, unknown token, and at
+BPE level the Hugging Face tokenizer itself), so a trained model can be used later without the corpus.
+
+Byte and BPE tokens are written in GPT-2's printable alphabet for bytes (a space is 'Ġ'), so byte
+level is BPE without merges: both decode by joining the tokens' bytes, and both read any text (no
+token is ever unknown). Bytes that do not form valid UTF-8 (a model can generate them) decode to
+U+FFFD, so generated text is always valid UTF-8.
 """
 
 from __future__ import annotations
 
+import codecs
 import collections
+import json
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Literal
 
 import numpy as np
 
 from lstm_textgen.errors import UserError
 
-Level = Literal["char", "word"]
+Level = Literal["char", "word", "byte", "bpe"]
+BYTE_LEVELS = ("byte", "bpe")
 UNK = "<unk>"
 # A word-level token is a line break, or a word or punctuation mark that carries one leading space
 # when whitespace preceded it (" the", as GPT-2's tokens do), so joining the tokens gives the text
 # back: runs of spaces become one, spaces before a line break go, nothing else changes.
-_SPACED_TOKEN = re.compile(r"([^\S\n]*)(\n|\w+(?:['’]\w+)*|[^\w\s])")
 # Vocabularies saved before tokens carried their spaces: bare tokens, spaces guessed when joining.
 _LEGACY_TOKEN = re.compile(r"\n|\w+(?:['’]\w+)*|[^\w\s]")
 _NO_SPACE_BEFORE = set(".,;:!?)]}'’”%") | {"n't", "'s"}
@@ -32,21 +40,48 @@ class VocabularyError(UserError):
     """Text holds tokens the vocabulary lacks."""
 
 
+def byte_alphabet() -> tuple[str, ...]:
+    """GPT-2's `bytes_to_unicode`: byte b is shown as a printable character (HF ByteLevel's too)."""
+    ranges = (("!", "~"), ("¡", "¬"), ("®", "ÿ"))
+    printable = [b for first, last in ranges for b in range(ord(first), ord(last) + 1)]
+    shown, extra = {b: chr(b) for b in printable}, 0
+    for b in range(256):
+        if b not in shown:
+            shown[b], extra = chr(256 + extra), extra + 1
+    return tuple(shown[b] for b in range(256))
+
+
+BYTE_TOKENS = byte_alphabet()
+_BYTE_OF = {char: b for b, char in enumerate(BYTE_TOKENS)}
+
+
 def tokenize(text: str, level: Level, spaced: bool = True) -> list[str]:
-    """Characters, or line breaks / words / punctuation marks (with their leading space)."""
+    """Characters, bytes, or line breaks / words / punctuation marks (with their leading space).
+    BPE tokens need the trained tokenizer: `Vocabulary.tokenize`."""
     if level == "char":
         return list(text)
+    if level == "byte":
+        return [BYTE_TOKENS[b] for b in text.encode("utf-8")]
+    if level == "bpe":
+        raise ValueError("bpe tokens come from the trained tokenizer: use Vocabulary.tokenize")
     if not spaced:
         return _LEGACY_TOKEN.findall(text)
-    return [
-        token if token == "\n" or not space else " " + token for space, token in _SPACED_TOKEN.findall(text)
-    ]
+    return _SPACED_WORD.findall(_SPACES.sub(" ", text))
+
+
+# `tokenize`'s word rule, fast: collapse each run of spaces (not line breaks) to one space, then a
+# token is a line break or an optional space and a word or punctuation mark; a space before a line
+# break or at the end is dropped. Equal to `_SPACED_TOKEN` (a property test checks).
+_SPACES = re.compile(r"[^\S\n]+")
+_SPACED_WORD = re.compile(r"\n| ?(?:\w+(?:['’]\w+)*|[^\w\s])")
 
 
 def detokenize(tokens: Sequence[str], level: Level, spaced: bool = True) -> str:
     """Join tokens back into text. `<unk>` gets a space before it (its own was lost)."""
     if level == "char":
         return "".join(tokens)
+    if level in BYTE_LEVELS:
+        raise ValueError("byte and bpe tokens decode with Vocabulary.decode (they are bytes)")
     if not spaced:
         return _legacy_join(tokens)
     return "".join(
@@ -71,6 +106,7 @@ class Vocabulary:
     lowercase: bool = False
     unk: str | None = None
     spaced: bool = True  # word level: tokens carry their leading space (False: an older vocabulary)
+    tokenizer: dict[str, Any] | None = None  # bpe level: the Hugging Face tokenizer, as its JSON
     _index: dict[str, int] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -80,6 +116,10 @@ class Vocabulary:
             raise VocabularyError(f"the vocabulary lists {', '.join(map(repr, twice))} more than once")
         if self.level == "char" and any(len(t) != 1 for t in self.tokens):
             raise VocabularyError("a char vocabulary holds single characters only")
+        if self.level == "byte" and self.tokens != BYTE_TOKENS:
+            raise VocabularyError("a byte vocabulary holds the 256 byte tokens in byte order")
+        if self.level == "bpe" and self.tokenizer is None:
+            raise VocabularyError("a bpe vocabulary needs its tokenizer")
         object.__setattr__(self, "_index", index)
 
     @classmethod
@@ -96,12 +136,28 @@ class Vocabulary:
         counts = collections.Counter(tokens)
         if level == "char":
             return cls("char", tuple(sorted(counts)), lowercase)
+        return cls.words(counts, lowercase, min_freq, max_size)
+
+    @classmethod
+    def words(
+        cls, counts: dict[str, int], lowercase: bool, min_freq: int = 1, max_size: int | None = None
+    ) -> Vocabulary:
         kept = sorted(
             (t for t, n in counts.items() if n >= min_freq and t != UNK), key=lambda t: (-counts[t], t)
         )
         if max_size is not None:
             kept = kept[: max_size - 1]
         return cls("word", (UNK, *kept), lowercase, unk=UNK)
+
+    @classmethod
+    def byte_level(cls, lowercase: bool) -> Vocabulary:
+        return cls("byte", BYTE_TOKENS, lowercase)
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer: Any, lowercase: bool) -> Vocabulary:
+        """A trained byte-level BPE (`tokenizers.Tokenizer`): its tokens in id order, and itself."""
+        tokens = tuple(tokenizer.id_to_token(i) for i in range(tokenizer.get_vocab_size()))
+        return cls("bpe", tokens, lowercase, tokenizer=json.loads(tokenizer.to_str()))
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -130,46 +186,119 @@ class Vocabulary:
         return np.fromiter((self._index.get(t, unk_id) for t in tokens), dtype=self.dtype, count=len(tokens))
 
     def encode(self, text: str) -> np.ndarray:
-        text = self.normalise(text)
+        """Text (not yet lowercased) -> ids; vectorised or in Rust wherever the level allows."""
+        return self.encode_normalised(self.normalise(text))
+
+    def encode_normalised(self, text: str) -> np.ndarray:
+        """`encode` of a text already lowercased where the vocabulary is."""
         if self.level == "char":
             return self._encode_chars(text)
+        if self.level == "byte":
+            return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).copy()
+        if self.level == "bpe":
+            return np.asarray(self._bpe.encode(text).ids, dtype=self.dtype)
         return self.encode_tokens(self.tokenize(text))
+
+    def encode_batch(self, texts: list[str]) -> np.ndarray:
+        """Several (normalised) pieces of one text, concatenated; BPE encodes them in parallel."""
+        if self.level == "bpe":
+            encodings = self._bpe.encode_batch_fast(texts)
+            return np.fromiter((i for e in encodings for i in e.ids), dtype=self.dtype)
+        parts = [self.encode_normalised(t) for t in texts]
+        return np.concatenate(parts) if parts else np.zeros(0, self.dtype)
 
     def tokenize(self, text: str) -> list[str]:
         """`text` (already normalised) as this vocabulary's tokens."""
+        if self.level == "bpe":
+            return self._bpe.encode(text).tokens
         return tokenize(text, self.level, self.spaced)
 
+    @cached_property
+    def _bpe(self) -> Any:
+        from tokenizers import Tokenizer  # only BPE vocabularies need the library loaded
+
+        return Tokenizer.from_str(json.dumps(self.tokenizer))
+
+    @cached_property
+    def _char_table(self) -> np.ndarray:
+        """Code point -> id (-1: not in the vocabulary), one entry per code point up to the largest."""
+        points = np.frombuffer("".join(self.tokens).encode("utf-32-le"), dtype=np.uint32)
+        table = np.full(int(points.max()) + 2 if len(points) else 1, -1, dtype=np.int32)
+        table[points] = np.arange(len(points))
+        return table
+
     def _encode_chars(self, text: str) -> np.ndarray:
-        """Vectorised: code points looked up in the sorted character table (no Python loop). The
-        ids are the stored order's, so a vocabulary saved in another order still encodes right."""
+        """Vectorised: code points looked up in a table (no Python loop). The ids are the stored
+        order's, so a vocabulary saved in another order still encodes right."""
+        table = self._char_table
         points = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
-        stored = np.frombuffer("".join(self.tokens).encode("utf-32-le"), dtype=np.uint32)
-        order = np.argsort(stored, kind="stable")
-        table = stored[order]
-        found = np.searchsorted(table, points)
-        bad = (found >= len(table)) | (table[np.minimum(found, len(table) - 1)] != points)
-        ids = order[np.minimum(found, len(table) - 1)]
-        if bad.any():
-            missing = sorted({chr(p) for p in points[bad]})
+        ids = table[np.minimum(points, len(table) - 1)]
+        if (ids < 0).any():
+            missing = sorted({chr(p) for p in points[ids < 0]})
             raise VocabularyError(
                 f"{len(missing)} character(s) not in the vocabulary of {len(self)}: "
                 + ", ".join(repr(c) for c in missing[:20])
             )
         return ids.astype(self.dtype)
 
+    @cached_property
+    def token_bytes(self) -> tuple[bytes, ...]:
+        """Byte and BPE levels: the UTF-8 bytes each token stands for."""
+        return tuple(bytes(_BYTE_OF[c] for c in token) for token in self.tokens)
+
+    @cached_property
+    def character_counts(self) -> np.ndarray:
+        """Characters each token adds to the text (byte/bpe: its bytes that start a character)."""
+        if self.level in BYTE_LEVELS:
+            return np.array([sum((b & 0xC0) != 0x80 for b in t) for t in self.token_bytes], dtype=np.int64)
+        return np.array([len(t) for t in self.tokens], dtype=np.int64)
+
     def decode(self, ids: Iterable[int]) -> str:
+        if self.level in BYTE_LEVELS:
+            return b"".join(self.token_bytes[int(i)] for i in ids).decode("utf-8", errors="replace")
         return detokenize([self.tokens[int(i)] for i in ids], self.level, self.spaced)
 
+    def detokenizer(self, previous: int | None = None) -> Detokenizer:
+        """Text as it is generated, token by token; `previous` is the prompt's last token."""
+        return Detokenizer(self, previous)
+
     def to_dict(self) -> dict[str, Any]:
-        return {
+        saved = {
             "level": self.level,
             "lowercase": self.lowercase,
             "unk": self.unk,
             "spaced": self.spaced,
             "tokens": list(self.tokens),
         }
+        return saved | ({"tokenizer": self.tokenizer} if self.tokenizer is not None else {})
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Vocabulary:
         spaced = bool(data.get("spaced", data["level"] == "char"))  # word vocabularies before the key: legacy
-        return cls(data["level"], tuple(data["tokens"]), bool(data["lowercase"]), data.get("unk"), spaced)
+        tokens, unk = tuple(data["tokens"]), data.get("unk")
+        return cls(data["level"], tokens, bool(data["lowercase"]), unk, spaced, data.get("tokenizer"))
+
+
+class Detokenizer:
+    """Streams generated tokens as text: word tokens get their spacing from the token before them;
+    byte-level tokens pass through an incremental UTF-8 decoder, so a character whose bytes arrive
+    in two tokens is written once, whole, when its last byte arrives."""
+
+    def __init__(self, vocab: Vocabulary, previous: int | None = None) -> None:
+        self.vocab, self.previous = vocab, previous
+        self.bytes = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def push(self, token: int) -> str:
+        vocab = self.vocab
+        if vocab.level in BYTE_LEVELS:
+            return self.bytes.decode(vocab.token_bytes[token])
+        if vocab.level == "char" or self.previous is None:
+            text = vocab.decode([token])
+        else:
+            text = vocab.decode([self.previous, token])[len(vocab.decode([self.previous])) :]
+        self.previous = token
+        return text
+
+    def finish(self) -> str:
+        """What is still held back: an unfinished UTF-8 sequence, as U+FFFD."""
+        return self.bytes.decode(b"", final=True) if self.vocab.level in BYTE_LEVELS else ""

@@ -1,0 +1,337 @@
+"""Streaming preparation: corpus.txt -> vocabulary + train/val/test token arrays, in bounded memory.
+
+The text is read in pieces of about `chunk_bytes`, each cut right after a line break that has
+non-space characters on both sides, so no token of any level straddles two pieces (a word never
+spans a line break; GPT-2's pre-tokeniser treats a run of whitespace as a whole, hence the spaces
+around the cut) and lowercasing a piece equals lowercasing the whole. Memory follows the piece size
+and the vocabulary, never the corpus size.
+
+Each level reads the text twice:
+- char: count the code points, then encode with a code point -> id table;
+- byte: count the bytes, then copy them (the vocabulary is the 256 byte values);
+- word: tokenise once, writing provisional ids (first-seen order) to a scratch file; count the
+  training split's tokens from it; then map provisional ids to the final vocabulary's;
+- bpe: count characters, train the tokenizer on the training split's text, then encode each split.
+Char, byte and word splits are cut by tokens (train | val | test, contiguous); BPE splits are cut by
+characters, since the tokenizer must be trained on the training text before there are tokens.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lstm_textgen.errors import UserError
+from lstm_textgen.files import atomic_path, write_json
+from lstm_textgen.normalise import file_chunks
+from lstm_textgen.params import DataParams
+from lstm_textgen.vocab import Vocabulary, tokenize
+from lstm_textgen.windows import SPLITS, SplitSizes, save_split, split_sizes
+
+CHUNK_BYTES = 1 << 24
+# A text with no safe cut in this many chunks (and at least MIN_FORCED_CUT characters) is cut anyway:
+# one giant line must not hold the whole corpus in memory (a word there may then be split in two).
+MAX_CARRY = 8
+MIN_FORCED_CUT = 1 << 22
+VOCAB_FILE = "vocab.json"
+SPLITS_FILE = "splits.json"
+
+Pieces = Callable[[], Iterator[str]]
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading the text in pieces
+
+
+def safe_cut(text: str) -> int:
+    """The position after the last line break with non-space characters on both sides (0: none)."""
+    at = text.rfind("\n", 0, len(text) - 1)
+    while at > 0:
+        if not text[at - 1].isspace() and not text[at + 1].isspace():
+            return at + 1
+        at = text.rfind("\n", 0, at)
+    return 0
+
+
+def safe_pieces(chunks: Iterator[str], chunk_chars: int) -> Iterator[str]:
+    """`chunks` re-cut at safe places (see the module's docstring)."""
+    carry = ""
+    for chunk in chunks:
+        text = carry + chunk
+        cut = safe_cut(text) or (len(text) if len(text) > max(MAX_CARRY * chunk_chars, MIN_FORCED_CUT) else 0)
+        if cut:
+            yield text[:cut]
+        carry = text[cut:]
+    if carry:
+        yield carry
+
+
+def text_pieces(path: Path, lowercase: bool, chunk_bytes: int = CHUNK_BYTES) -> Pieces:
+    """A re-iterable source of the corpus's (lowercased) text pieces."""
+
+    def pieces() -> Iterator[str]:
+        for piece in safe_pieces(file_chunks(path, chunk_bytes), chunk_bytes):
+            yield piece.lower() if lowercase else piece
+
+    return pieces
+
+
+def sub_pieces(text: str, size: int) -> list[str]:
+    """`text` cut at safe places into pieces of about `size` characters (for parallel encoding)."""
+    out, start = [], 0
+    while len(text) - start > size:
+        cut = safe_cut(text[start : start + size])
+        if not cut:
+            break
+        out.append(text[start : start + cut])
+        start += cut
+    return [*out, text[start:]]
+
+
+# --------------------------------------------------------------------------------------------------
+# Writing the splits
+
+
+@dataclass
+class SplitWriter:
+    """Fills train.npy, val.npy and test.npy in order with the ids it is given, counting per split
+    the characters they stand for and the unknown tokens among them."""
+
+    sizes: SplitSizes
+    arrays: dict[str, np.ndarray]
+    unk_id: int | None = None
+    filled: int = 0
+    characters: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SPLITS, 0))
+    unknown: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SPLITS, 0))
+
+    def write(self, ids: np.ndarray, lengths: np.ndarray | None = None) -> None:
+        """`lengths[i]`: characters of token i (None: one each)."""
+        start = 0
+        for name in SPLITS:
+            begin = sum(getattr(self.sizes, s) for s in SPLITS[: SPLITS.index(name)])
+            end = begin + getattr(self.sizes, name)
+            lo, hi = max(begin, self.filled), min(end, self.filled + len(ids) - start)
+            if lo >= hi:
+                continue
+            part = ids[start : start + hi - lo]
+            self.arrays[name][lo - begin : hi - begin] = part
+            self.characters[name] += (
+                int(lengths[start : start + hi - lo].sum()) if lengths is not None else len(part)
+            )
+            if self.unk_id is not None:
+                self.unknown[name] += int(np.count_nonzero(part == self.unk_id))
+            start += hi - lo
+            self.filled = hi
+        if start != len(ids):
+            raise AssertionError(f"{len(ids) - start} ids beyond the counted total")
+
+    def split_summary(self) -> dict[str, dict[str, int]]:
+        return {n: {"tokens": getattr(self.sizes, n), "characters": self.characters[n]} for n in SPLITS}
+
+
+@contextlib.contextmanager
+def split_writer(out_dir: Path, sizes: SplitSizes, dtype: np.dtype[Any], unk_id: int | None = None):
+    """Memory-mapped .npy files written in place, each renamed into `out_dir` when complete."""
+    with contextlib.ExitStack() as stack:
+        arrays = {}
+        for name in SPLITS:
+            tmp = stack.enter_context(atomic_path(out_dir / f"{name}.npy", suffix=".npy"))
+            size = getattr(sizes, name)
+            if size == 0:  # an empty file cannot be memory-mapped
+                save_split(tmp, np.zeros(0, dtype))
+                arrays[name] = np.zeros(0, dtype)
+            else:
+                arrays[name] = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(size,))
+        writer = SplitWriter(sizes, arrays, unk_id)
+        yield writer
+        if writer.filled != sizes.train + sizes.val + sizes.test:
+            raise AssertionError(f"{writer.filled} ids written of {sizes}")
+        for array in arrays.values():
+            if isinstance(array, np.memmap):
+                array.flush()
+        arrays.clear()
+
+
+# --------------------------------------------------------------------------------------------------
+# The levels
+
+
+@dataclass(frozen=True)
+class Prepared:
+    vocab: Vocabulary
+    splits: dict[str, dict[str, int]]  # per split: tokens, characters
+    oov_rate: dict[str, float]
+    distinct: int  # distinct tokens the text uses (a vocabulary of byte values lists all 256)
+
+
+def prepare_chars(pieces: Pieces, data: DataParams, out_dir: Path, scratch: Path) -> Prepared:
+    counts = np.zeros(0x110000, dtype=np.int64)
+    for piece in pieces():
+        seen = np.bincount(np.frombuffer(piece.encode("utf-32-le"), dtype=np.uint32))
+        counts[: len(seen)] += seen
+    used = np.flatnonzero(counts)
+    vocab = Vocabulary("char", tuple(chr(c) for c in used), data.lowercase)
+    sizes = split_sizes(int(counts.sum()), data.val_fraction, data.test_fraction)
+    with split_writer(out_dir, sizes, vocab.dtype) as writer:
+        for piece in pieces():
+            writer.write(vocab.encode_normalised(piece))
+    return Prepared(vocab, writer.split_summary(), dict.fromkeys(SPLITS, 0.0), len(used))
+
+
+def prepare_bytes(pieces: Pieces, data: DataParams, out_dir: Path, scratch: Path) -> Prepared:
+    counts = np.zeros(256, dtype=np.int64)
+    for piece in pieces():
+        counts += np.bincount(np.frombuffer(piece.encode("utf-8"), dtype=np.uint8), minlength=256)
+    vocab = Vocabulary.byte_level(data.lowercase)
+    sizes = split_sizes(int(counts.sum()), data.val_fraction, data.test_fraction)
+    lengths = vocab.character_counts
+    with split_writer(out_dir, sizes, vocab.dtype) as writer:
+        for piece in pieces():
+            ids = vocab.encode_normalised(piece)
+            writer.write(ids, lengths[ids])
+    distinct = int(np.count_nonzero(counts))
+    return Prepared(vocab, writer.split_summary(), dict.fromkeys(SPLITS, 0.0), distinct)
+
+
+def prepare_words(pieces: Pieces, data: DataParams, out_dir: Path, scratch: Path) -> Prepared:
+    """Words are tokenised once; their provisional ids (first-seen order) wait in a scratch file
+    until the training split's counts have made the vocabulary."""
+    index: dict[str, int] = {}
+    with (scratch / "words").open("wb") as out:
+        for piece in pieces():
+            tokens = tokenize(piece, "word")
+            ids = np.fromiter((index.setdefault(t, len(index)) for t in tokens), np.uint32, len(tokens))
+            out.write(ids.tobytes())
+    provisional = _read_ids(scratch / "words", np.dtype(np.uint32))
+    sizes = split_sizes(len(provisional), data.val_fraction, data.test_fraction)
+    counts = np.zeros(len(index), dtype=np.int64)
+    for block in _blocks(provisional[: sizes.train]):
+        counts += np.bincount(block, minlength=len(index))
+    words = list(index)
+    seen = dict(zip(words, counts.tolist(), strict=True))
+    vocab = Vocabulary.words(seen, data.lowercase, data.min_freq, data.max_vocab)
+    to_final = vocab.encode_tokens(words)  # a word left out becomes <unk> (id 0)
+    lengths = np.array([len(w) for w in words], dtype=np.int64)
+    with split_writer(out_dir, sizes, vocab.dtype, unk_id=0) as writer:
+        for block in _blocks(provisional):
+            writer.write(to_final[block], lengths[block])
+    oov = {n: writer.unknown[n] / max(1, getattr(sizes, n)) for n in SPLITS}
+    return Prepared(vocab, writer.split_summary(), oov, len(vocab) - 1)
+
+
+def _read_ids(path: Path, dtype: np.dtype[Any]) -> np.ndarray:
+    """A scratch file of ids, memory-mapped (an empty file cannot be)."""
+    return np.memmap(path, dtype=dtype, mode="r") if path.stat().st_size else np.zeros(0, dtype)
+
+
+def _blocks(ids: np.ndarray, size: int = 1 << 22) -> Iterator[np.ndarray]:
+    for start in range(0, len(ids), size):
+        yield np.asarray(ids[start : start + size])
+
+
+def prepare_bpe(pieces: Pieces, data: DataParams, out_dir: Path, scratch: Path) -> Prepared:
+    """Train a byte-level BPE on the training text (Rust, every core), then encode each split into a
+    scratch file (its length is known only then) and copy the three into place."""
+    total = sum(len(piece) for piece in pieces())
+    chars = split_sizes(total, data.val_fraction, data.test_fraction)
+    tokenizer = train_bpe(lambda: _split_text(pieces, chars, "train"), data.vocab_size)
+    vocab = Vocabulary.from_tokenizer(tokenizer, data.lowercase)
+    counted: dict[str, int] = {}
+    for name in SPLITS:
+        with (scratch / name).open("wb") as out:
+            counted[name] = 0
+            for text in _split_text(pieces, chars, name):
+                ids = vocab.encode_batch(sub_pieces(text, 1 << 18))
+                out.write(ids.tobytes())
+                counted[name] += len(ids)
+    with split_writer(out_dir, SplitSizes(**counted), vocab.dtype) as writer:
+        for name in SPLITS:
+            for block in _blocks(_read_ids(scratch / name, vocab.dtype)):
+                writer.write(block)
+    summary = {n: {"tokens": counted[n], "characters": getattr(chars, n)} for n in SPLITS}
+    return Prepared(vocab, summary, dict.fromkeys(SPLITS, 0.0), len(vocab))
+
+
+def _split_text(pieces: Pieces, chars: SplitSizes, name: str) -> Iterator[str]:
+    """The text of split `name`, in pieces (the splits are cut by characters)."""
+    begin = sum(getattr(chars, s) for s in SPLITS[: SPLITS.index(name)])
+    end = begin + getattr(chars, name)
+    position = 0
+    for piece in pieces():
+        lo, hi = max(begin, position), min(end, position + len(piece))
+        if lo < hi:
+            yield piece[lo - position : hi - position]
+        position += len(piece)
+        if position >= end:
+            return
+
+
+def train_bpe(texts: Callable[[], Iterator[str]], vocab_size: int) -> Any:
+    """A GPT-2-style byte-level BPE: every byte is a token, so no text is ever unknown."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    tokenizer.train_from_iterator(texts(), trainer)
+    return tokenizer
+
+
+LEVELS: dict[str, Callable[[Pieces, DataParams, Path, Path], Prepared]] = {
+    "char": prepare_chars,
+    "byte": prepare_bytes,
+    "word": prepare_words,
+    "bpe": prepare_bpe,
+}
+
+
+def prepare_corpus(
+    corpus: Path,
+    data: DataParams,
+    out_dir: Path,
+    corpus_info: dict[str, Any] | None = None,
+    chunk_bytes: int = CHUNK_BYTES,
+) -> dict[str, Any]:
+    """Write the vocabulary, the three splits and their sizes to `out_dir`; return the statistics."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pieces = text_pieces(corpus, data.lowercase, chunk_bytes)
+    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".prepare-") as scratch:
+        prepared = LEVELS[data.level](pieces, data, out_dir, Path(scratch))
+    vocab = prepared.vocab
+    if prepared.distinct < 2:
+        named = (
+            [repr(t) for t in vocab.tokens if t != vocab.unk][:1] if data.level in ("char", "word") else []
+        )
+        raise UserError(
+            f"the corpus has {prepared.distinct} distinct {data.level} token(s)"
+            f"{' (' + named[0] + ')' if named else ''}: there is nothing to predict; use a corpus with at "
+            "least two (data.corpus), or lower data.min_freq at word level"
+        )
+    write_json(out_dir / VOCAB_FILE, vocab.to_dict())
+    write_json(out_dir / SPLITS_FILE, prepared.splits)
+    stats: dict[str, Any] = {
+        "level": data.level,
+        "vocab_size": len(vocab),
+        "bytes_per_token": vocab.dtype.itemsize,
+        "characters": sum(s["characters"] for s in prepared.splits.values()),
+        "tokens": {name: s["tokens"] for name, s in prepared.splits.items()},
+        "characters_per_token": _ratio(prepared.splits),
+        "oov_rate": prepared.oov_rate,
+    }
+    if corpus_info:
+        stats["corpus"] = {k: corpus_info[k] for k in ("name", "source", "text_sha256") if k in corpus_info}
+    return stats
+
+
+def _ratio(splits: dict[str, dict[str, int]]) -> float:
+    tokens = sum(s["tokens"] for s in splits.values())
+    return sum(s["characters"] for s in splits.values()) / max(1, tokens)

@@ -10,8 +10,9 @@ WITH_VENV := PATH="$(CURDIR)/$(BIN):$$PATH"
 export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := 1
 
-.PHONY: install install-dev repro exp test lint ui compare preset presets bench bench-ddp bench-serving gpu-check clean
+.PHONY: install install-dev repro exp test lint ui compare preset presets bench bench-ddp bench-serving bench-scale gpu-check clean
 BENCH_CORPUS ?= tinyshakespeare
+SIZES ?= 10,100,1000
 UI_PORT ?= 5000
 
 install: $(STAMP)
@@ -64,6 +65,9 @@ bench-ddp: $(STAMP)  ## training throughput on 1 and 2 local processes (DDP, glo
 
 bench-serving: $(STAMP)  ## the champion under 16 concurrent clients (after make repro)
 	$(WITH_VENV) $(BIN)/python -m benchmarks.bench_serving
+
+bench-scale: $(STAMP)  ## prepare time and peak memory on 10 MB, 100 MB, 1 GB corpora (SIZES=10,100,1000)
+	$(BIN)/python -m benchmarks.bench_scale --sizes $(SIZES)
 
 gpu-check: $(STAMP)  ## every GPU-specific check, < 10 min: benchmarks/results/<gpu>/report.md
 	$(BIN)/python -m benchmarks.gpu_check --corpus $(BENCH_CORPUS)

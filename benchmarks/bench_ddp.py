@@ -24,9 +24,9 @@ import yaml
 from benchmarks.bench.machine import machine
 from benchmarks.bench.measure import REPO
 from lstm_textgen.corpora import acquire
-from lstm_textgen.dataset import build_dataset, save_dataset
 from lstm_textgen.files import read_json, write_json, write_text
 from lstm_textgen.params import load_params
+from lstm_textgen.preparation import prepare_corpus
 
 # (processes, batch size per process): one process, then two sharing its batch, then two with a batch each
 SETUPS = ((1, 16), (2, 8), (2, 16))
@@ -44,9 +44,8 @@ def parse_args() -> argparse.Namespace:
 def prepare(workdir: Path) -> dict[str, Any]:
     params = load_params(REPO / "params.yaml")
     name = params.data.corpus
-    corpus = acquire(name, params.corpora[name], params.download, workdir)
-    dataset = build_dataset(corpus.text, params.data)
-    save_dataset(dataset, workdir / "prepared")
+    acquire(name, params.corpora[name], params.download, workdir / "corpus.txt")
+    prepare_corpus(workdir / "corpus.txt", params.data, workdir / "prepared")
     write_json(workdir / "corpus.json", {"name": name})
     return params.model_dump()
 

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -260,3 +261,19 @@ def repro_repo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     repo = tiny_repo(tmp_path_factory.mktemp("pipeline") / "repo")
     first = run(["dvc", "repro"], cwd=repo)
     return repo, first.stdout
+
+
+@pytest.fixture
+def full_disk() -> Path:
+    """A 64 KiB tmpfs: a real disk that fills up (needs the right to mount, as root in CI's container)."""
+    mount = Path(f"/tmp/lstm-textgen-full-{uuid.uuid4().hex[:8]}")
+    mount.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        mount.rmdir()
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)
+    mount.rmdir()

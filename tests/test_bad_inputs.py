@@ -4,9 +4,7 @@ where a command runs, and nothing half-written (docs/bad-inputs.md lists them wi
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
-import uuid
 from pathlib import Path
 
 import pytest
@@ -62,22 +60,6 @@ def test_a_write_into_a_path_that_cannot_be_a_directory_says_so(tmp_path: Path) 
         UserError, match=r"cannot write .*file/out\.json: .*permissions \(nothing was written"
     ):
         write_text(tmp_path / "file" / "out.json", "{}")
-
-
-@pytest.fixture
-def full_disk() -> Path:
-    """A 64 KiB tmpfs: a real disk that fills up (needs the right to mount, as root in CI's container)."""
-    mount = Path(f"/tmp/lstm-textgen-full-{uuid.uuid4().hex[:8]}")
-    mount.mkdir()
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], capture_output=True
-    )
-    if mounted.returncode != 0:
-        mount.rmdir()
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
-    yield mount
-    subprocess.run(["umount", str(mount)], check=True)
-    mount.rmdir()
 
 
 def test_a_full_disk_stops_the_write_with_the_path_and_leaves_nothing(full_disk: Path) -> None:

@@ -178,18 +178,11 @@ def test_compressed_sources_are_read_as_streams_over_http(tmp_path: Path, corpor
     assert not list(tmp_path.glob("*/.download-*"))  # no scratch left behind
 
 
-def test_a_download_that_would_not_fit_stops_before_writing(
-    tmp_path: Path, corpus_server: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A full disk is faked (shutil.disk_usage); the download, its size and the check are real."""
-    import shutil
-
-    full = shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000)
-    monkeypatch.setattr(shutil, "disk_usage", lambda path: full)
+def test_a_download_that_would_not_fit_stops_before_writing(full_disk: Path, corpus_server: str) -> None:
     spec = CorpusSpec(source=f"{corpus_server}/files/anna.txt")
     with pytest.raises(DownloadError, match=r"2 MB would not fit: .* has 0 MB free; free some space"):
-        acquire("anna", spec, DownloadParams(), tmp_path / "raw" / "corpus.txt")
-    assert not (tmp_path / "raw" / "corpus.txt").exists()
+        acquire("anna", spec, DownloadParams(), full_disk / "corpus.txt")
+    assert list(full_disk.iterdir()) == []  # nothing written, no scratch left
 
 
 MEMORY_LIMITED = """

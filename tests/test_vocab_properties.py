@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lstm_textgen.vocab import Vocabulary, VocabularyError, tokenize
+from lstm_textgen.vocab import Vocabulary, VocabularyError, code_points, tokenize
 
 TEXT = st.text(alphabet=st.characters(codec="utf-8", exclude_categories=("Cs",)), min_size=1, max_size=200)
 
@@ -45,6 +45,12 @@ _REFERENCE_WORD = re.compile(r"([^\S\n]*)(\n|\w+(?:['’]\w+)*|[^\w\s])")
 def test_word_tokens_equal_the_reference_rule(text: str) -> None:
     expected = [t if t == "\n" or not space else " " + t for space, t in _REFERENCE_WORD.findall(text)]
     assert tokenize(text, "word") == expected
+
+
+@settings(max_examples=300, deadline=None)
+@given(TEXT)
+def test_code_points_decode_utf8_as_python_does(text: str) -> None:
+    assert code_points(text).tolist() == [ord(c) for c in text]
 
 
 @settings(max_examples=200, deadline=None)

@@ -21,3 +21,10 @@ ANCHORS = {
 def verdict(value: float, goal: float, higher_is_better: bool = True) -> str:
     met = value >= goal if higher_is_better else value <= goal
     return "met" if met else "NOT met"
+
+
+# make bench-scale: prepare throughput (corpus MB/s) by level, its peak memory, and training
+# tokens/s on a 1 GB split within this fraction of a 1 MB split's
+SCALE_PREPARE_MB_S = {"char": 50, "byte": 50, "word": 10, "bpe": 10}
+SCALE_PREPARE_PEAK_MB = 1024
+SCALE_TRAINING_RATIO = 0.10

@@ -11,9 +11,11 @@ from lstm_textgen.params import CorpusSpec, Params
 
 def load_corpus(spec: str, params: Params, workdir: Path) -> str:
     """A key of params.yaml's corpora (downloaded and verified), a path, or a file:// or https:// URL."""
-    if spec in params.corpora:
-        return acquire(spec, params.corpora[spec], params.download, workdir).text
-    return acquire(Path(spec).stem, CorpusSpec(source=spec), params.download, workdir).text
+    name, corpus = (
+        (spec, params.corpora[spec]) if spec in params.corpora else (Path(spec).stem, CorpusSpec(source=spec))
+    )
+    acquire(name, corpus, params.download, workdir / "corpus.txt")
+    return (workdir / "corpus.txt").read_text(encoding="utf-8")
 
 
 def free_port() -> int:

@@ -30,6 +30,7 @@ from lstm_textgen.normalise import (
     TextSink,
     copy_range,
     decoded_chunks,
+    line_pieces,
     open_source,
     write_pieces,
 )
@@ -88,7 +89,7 @@ def normalise_file(
         raise CorpusError(f"{label}: format 'plays' is only for the embedded source '{EMBEDDED_SOURCE}'")
     _check_room(raw, out.parent, label)
     with open_source(raw, spec.member, label, max_bytes) as stream:
-        pieces: Iterator[str] = decoded_chunks(stream, label, chunk_bytes)
+        pieces: Iterator[str] = line_pieces(decoded_chunks(stream, label, chunk_bytes))
         if spec.format == "csv":
             write_pieces(pieces, scratch / "decoded.csv")
             pieces = csv_pieces(scratch / "decoded.csv", spec, label)

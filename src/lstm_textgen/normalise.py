@@ -121,8 +121,10 @@ def decoded_chunks(stream: Any, label: str, chunk_bytes: int = CHUNK_BYTES) -> I
         offset += len(raw)
         held = "\r" if raw and text.endswith("\r") else ""
         text = text[: len(text) - len(held)]
+        if "\r" in text:
+            text = text.replace("\r\n", "\n").replace("\r", "\n")
         if text:
-            yield text.replace("\r\n", "\n").replace("\r", "\n")
+            yield text
         if not raw:
             return
 
@@ -177,10 +179,12 @@ class Markers:
         closing = [c for c in self.closing if begin <= c < end]
         return begin, closing[-1] if closing else end
 
-    def scan(self, piece: str, offset: int) -> None:
-        """Record the markers of `piece` (whole lines), which starts at byte `offset`."""
+    def scan(self, piece: str, offset: int, encoded: bytes | None = None) -> None:
+        """Record the markers of `piece` (whole lines, `encoded` its UTF-8), which starts at byte
+        `offset`."""
         header_footer = "***" in piece
-        closing = any(needle in piece.encode("utf-8").lower() for needle in _CLOSING_NEEDLES)
+        lowered = (encoded if encoded is not None else piece.encode("utf-8")).lower()
+        closing = any(needle in lowered for needle in _CLOSING_NEEDLES)
         if not (header_footer or closing):  # the common case, at memory speed (the regexes are slow)
             return
 
@@ -220,10 +224,12 @@ class TextSink:
         self.lines += data.count(b"\n")
         if text and self.blank:
             self.blank = text.isspace()
-        lines = self._partial + text
-        lines_offset = self.bytes - len(self._partial.encode("utf-8"))
+        partial = self._partial.encode("utf-8")
+        lines, lines_offset = self._partial + text, self.bytes - len(partial)
         cut = lines.rfind("\n") + 1
-        if cut:
+        if cut == len(lines):  # the usual case: the piece ends a line, and its bytes are at hand
+            self.markers.scan(lines, lines_offset, partial + data)
+        elif cut:
             self.markers.scan(lines[:cut], lines_offset)
         self._partial = lines[cut:]
         self.bytes += len(data)

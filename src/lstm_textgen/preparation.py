@@ -31,7 +31,7 @@ from lstm_textgen.errors import UserError
 from lstm_textgen.files import atomic_path, write_json
 from lstm_textgen.normalise import file_chunks
 from lstm_textgen.params import DataParams
-from lstm_textgen.vocab import Vocabulary, tokenize
+from lstm_textgen.vocab import Vocabulary, code_points, tokenize
 from lstm_textgen.windows import SPLITS, SplitSizes, save_split, split_sizes
 
 CHUNK_BYTES = 1 << 24
@@ -39,6 +39,9 @@ CHUNK_BYTES = 1 << 24
 # one giant line must not hold the whole corpus in memory (a word there may then be split in two).
 MAX_CARRY = 8
 MIN_FORCED_CUT = 1 << 22
+# BPE texts go to the Rust library in pieces of about this many characters: small enough that its
+# per-sequence structures stay small, many enough to keep every core busy
+BPE_PIECE = 1 << 14
 VOCAB_FILE = "vocab.json"
 SPLITS_FILE = "splits.json"
 
@@ -173,7 +176,7 @@ class Prepared:
 def prepare_chars(pieces: Pieces, data: DataParams, out_dir: Path, scratch: Path) -> Prepared:
     counts = np.zeros(0x110000, dtype=np.int64)
     for piece in pieces():
-        seen = np.bincount(np.frombuffer(piece.encode("utf-32-le"), dtype=np.uint32))
+        seen = np.bincount(code_points(piece))
         counts[: len(seen)] += seen
     used = np.flatnonzero(counts)
     vocab = Vocabulary("char", tuple(chr(c) for c in used), data.lowercase)
@@ -240,14 +243,17 @@ def prepare_bpe(pieces: Pieces, data: DataParams, out_dir: Path, scratch: Path) 
     scratch file (its length is known only then) and copy the three into place."""
     total = sum(len(piece) for piece in pieces())
     chars = split_sizes(total, data.val_fraction, data.test_fraction)
-    tokenizer = train_bpe(lambda: _split_text(pieces, chars, "train"), data.vocab_size)
+    train_texts = (
+        small for text in _split_text(pieces, chars, "train") for small in sub_pieces(text, BPE_PIECE)
+    )
+    tokenizer = train_bpe(lambda: train_texts, data.vocab_size)
     vocab = Vocabulary.from_tokenizer(tokenizer, data.lowercase)
     counted: dict[str, int] = {}
     for name in SPLITS:
         with (scratch / name).open("wb") as out:
             counted[name] = 0
             for text in _split_text(pieces, chars, name):
-                ids = vocab.encode_batch(sub_pieces(text, 1 << 18))
+                ids = vocab.encode_batch(sub_pieces(text, BPE_PIECE))
                 out.write(ids.tobytes())
                 counted[name] += len(ids)
     with split_writer(out_dir, SplitSizes(**counted), vocab.dtype) as writer:

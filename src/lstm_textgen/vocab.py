@@ -51,6 +51,22 @@ def byte_alphabet() -> tuple[str, ...]:
     return tuple(shown[b] for b in range(256))
 
 
+def code_points(text: str) -> np.ndarray:
+    """The text's code points (int32), decoded from its UTF-8 bytes with whole-array operations:
+    several times faster than `str.encode('utf-32')`, whose encoder loops over the characters."""
+    data = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
+    points = data.astype(np.int32)
+    lead = np.flatnonzero(data >= 0xC0)  # the first byte of each multi-byte character
+    if len(lead):
+        padded = np.concatenate([data, np.zeros(3, np.uint8)]).astype(np.int32)
+        b0, b1, b2, b3 = (padded[lead + k] for k in range(4))
+        two = ((b0 & 0x1F) << 6) | (b1 & 0x3F)
+        three = ((b0 & 0x0F) << 12) | ((b1 & 0x3F) << 6) | (b2 & 0x3F)
+        four = ((b0 & 0x07) << 18) | ((b1 & 0x3F) << 12) | ((b2 & 0x3F) << 6) | (b3 & 0x3F)
+        points[lead] = np.where(b0 >= 0xF0, four, np.where(b0 >= 0xE0, three, two))
+    return points[(data & 0xC0) != 0x80]  # continuation bytes dropped
+
+
 BYTE_TOKENS = byte_alphabet()
 _BYTE_OF = {char: b for b, char in enumerate(BYTE_TOKENS)}
 
@@ -222,7 +238,7 @@ class Vocabulary:
     @cached_property
     def _char_table(self) -> np.ndarray:
         """Code point -> id (-1: not in the vocabulary), one entry per code point up to the largest."""
-        points = np.frombuffer("".join(self.tokens).encode("utf-32-le"), dtype=np.uint32)
+        points = code_points("".join(self.tokens))
         table = np.full(int(points.max()) + 2 if len(points) else 1, -1, dtype=np.int32)
         table[points] = np.arange(len(points))
         return table
@@ -231,7 +247,7 @@ class Vocabulary:
         """Vectorised: code points looked up in a table (no Python loop). The ids are the stored
         order's, so a vocabulary saved in another order still encodes right."""
         table = self._char_table
-        points = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+        points = code_points(text)
         ids = table[np.minimum(points, len(table) - 1)]
         if (ids < 0).any():
             missing = sorted({chr(p) for p in points[ids < 0]})

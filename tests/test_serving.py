@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest import model_server
+from conftest import model_server, run, tool_env
 
 pytestmark = pytest.mark.slow
 MODEL_NAME = "lstm-textgen-shakespeare-char"
@@ -181,3 +181,53 @@ def test_sixteen_clients_at_once_are_all_answered_as_if_alone(server: str) -> No
     for i, answer in enumerate(answers):
         assert answer.json()["predictions"] == alone[i % 6]
     assert requests.get(f"{server}/ping", timeout=5).status_code == 200
+
+
+def test_scores_agree_with_evaluate_the_command_and_the_server(
+    repro_repo: tuple[Path, str], server: str, tmp_path: Path
+) -> None:
+    """One scoring function: the validation text scores as evaluate's stateful loss; the command and
+    the served model's task=score give the same figures; Shakespeare beats its own shuffled letters."""
+    import random
+
+    import torch
+
+    from lstm_textgen.checkpoint import load_model
+    from lstm_textgen.dataset import load_dataset
+    from lstm_textgen.devices import resolve_dtype
+    from lstm_textgen.params import load_params
+    from lstm_textgen.scoring import score_text
+
+    repo, _ = repro_repo
+    loaded, params = load_model(repo / "data/model/model.pt"), load_params(repo / "params.yaml")
+    dataset = load_dataset(repo / "data/prepared")
+    dtype = resolve_dtype(params.train.dtype, torch.device("cpu"), params.model.cell)
+    scored = score_text(
+        loaded.model, loaded.vocab, loaded.vocab.decode(dataset.splits["val"]), params.evaluate, dtype
+    )
+    evaluated = json.loads((repo / "metrics/evaluate.json").read_text())["val"]
+    assert scored.nats / scored.predicted == pytest.approx(evaluated["loss"], rel=1e-5)
+    assert scored.bits_per_character == pytest.approx(evaluated["bits_per_character"], rel=1e-5)
+
+    excerpt = loaded.vocab.decode(dataset.splits["train"][:3000])
+    letters = list(excerpt)
+    random.Random(0).shuffle(letters)
+    shuffled = score_text(loaded.model, loaded.vocab, "".join(letters), params.evaluate, dtype)
+    assert score_text(loaded.model, loaded.vocab, excerpt, params.evaluate, dtype).nats < shuffled.nats
+
+    text = "ROMEO:\nWhat light through yonder window breaks?\n"
+    (tmp_path / "romeo.txt").write_text(text)
+    env = tool_env(repo) | {"MLFLOW_TRACKING_URI": f"sqlite:///{repo / 'mlflow.db'}"}
+    command = ["lstm-textgen-score", "--model", f"models:/{MODEL_NAME}@champion", "--json", "--tokens"]
+    figures = json.loads(run([*command, str(tmp_path / "romeo.txt")], cwd=repo, env=env).stdout)
+    answer = _post(
+        server, {"dataframe_records": [{"prompt": text}], "params": {"task": "score", "per_token": True}}
+    )
+    assert answer.status_code == 200, answer.text
+    served = answer.json()["predictions"][0]
+    for key in ("nats", "bits_per_character", "bits_per_token", "perplexity", "tokens", "predicted"):
+        assert served[key] == pytest.approx(figures[key], rel=1e-6), key
+    assert [token for token, _ in served["token_logprobs"]] == list(text[1:])
+    assert figures["unknown"] == 0 and figures["predicted"] == len(text) - 1
+    bad = _post(server, {"dataframe_records": [{"prompt": "naïve ☕"}], "params": {"task": "score"}})
+    assert bad.status_code == 400 and "not in the vocabulary" in bad.json()["message"]

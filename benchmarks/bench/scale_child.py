@@ -3,7 +3,7 @@ is its own. Prints one JSON line: the job's seconds (imports excluded) and its s
 
     python -m benchmarks.bench.scale_child normalise CORPUS OUT
     python -m benchmarks.bench.scale_child prepare LEVEL CORPUS OUT_DIR
-    python -m benchmarks.bench.scale_child train PREPARED_DIR STEPS
+    python -m benchmarks.bench.scale_child train PREPARED_DIR BASELINE_PREPARED_DIR STEPS
 """
 
 from __future__ import annotations
@@ -33,8 +33,10 @@ def prepare(level: str, corpus: Path, out: Path) -> dict[str, Any]:
     return {"vocab_size": stats["vocab_size"], "tokens": sum(stats["tokens"].values())}
 
 
-def train(prepared: Path, steps: int) -> dict[str, Any]:
-    """Tokens per second of the default model (params.yaml) on the prepared training split."""
+def train(prepared: Path, baseline: Path, steps: int, rounds: int = 5) -> dict[str, Any]:
+    """Tokens per second of the default model (params.yaml) on the prepared training split and on the
+    baseline's, in alternating rounds (a shared host's speed drifts); medians of the rounds."""
+    import statistics
 
     from benchmarks.bench.measure import REPO
     from lstm_textgen.dataset import load_dataset
@@ -43,20 +45,32 @@ def train(prepared: Path, steps: int) -> dict[str, Any]:
     from lstm_textgen.training import new_train_state, train_step
 
     params = load_params(REPO / "params.yaml")
-    dataset = load_dataset(prepared)
     device = resolve_device(params.train.device)
     dtype = resolve_dtype(params.train.dtype, device, params.model.cell)
     configure_backend(device, params.train.threads)
-    state = new_train_state(dataset.splits["train"], len(dataset.vocab), params, device, dtype)
-    for _ in range(20):  # warm-up: allocator, oneDNN kernels
-        train_step(state, state.model, params.train.lr, params.train, dtype)
-    started = time.perf_counter()
-    for _ in range(steps):
-        loss = train_step(state, state.model, params.train.lr, params.train, dtype)
-    loss.item()
-    seconds = time.perf_counter() - started
-    tokens = steps * params.train.batch_size * params.data.seq_len
-    return {"tokens_per_sec": tokens / seconds, "split_tokens": len(dataset.splits["train"])}
+    datasets = {"big": load_dataset(prepared), "small": load_dataset(baseline)}
+    splits = {name: dataset.splits["train"] for name, dataset in datasets.items()}
+    vocab_size = len(datasets["big"].vocab)  # one model shape for both
+    states = {name: new_train_state(ids, vocab_size, params, device, dtype) for name, ids in splits.items()}
+    rates: dict[str, list[float]] = {"big": [], "small": []}
+    for round_ in range(rounds + 1):  # round 0 warms up the allocator and the kernels
+        for name in ("small", "big") if round_ % 2 else ("big", "small"):
+            state = states[name]
+            started = time.perf_counter()
+            for _ in range(steps // rounds):
+                loss = train_step(state, state.model, params.train.lr, params.train, dtype)
+            loss.item()
+            if round_:
+                tokens = steps // rounds * params.train.batch_size * params.data.seq_len
+                rates[name].append(tokens / (time.perf_counter() - started))
+    ratios = [big / small for big, small in zip(rates["big"], rates["small"], strict=True)]
+    return {
+        "tokens_per_sec": statistics.median(rates["big"]),
+        "baseline_tokens_per_sec": statistics.median(rates["small"]),
+        "ratio": statistics.median(ratios),
+        "split_tokens": len(splits["big"]),
+        "baseline_tokens": len(splits["small"]),
+    }
 
 
 def peak_rss_kb() -> int:
@@ -75,7 +89,7 @@ def main(argv: list[str]) -> None:
     elif job == "prepare":
         result = prepare(args[0], Path(args[1]), Path(args[2]))
     elif job == "train":
-        result = train(Path(args[0]), int(args[1]))
+        result = train(Path(args[0]), Path(args[1]), int(args[2]))
     else:
         raise SystemExit(f"unknown job {job!r}")
     result |= {"seconds": time.perf_counter() - started, "start_rss_mb": start_rss_kb / 1024}

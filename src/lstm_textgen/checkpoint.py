@@ -53,14 +53,15 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 
 
 def serving_checkpoint(checkpoint: dict[str, Any], sample: SampleParams) -> dict[str, Any]:
-    """What a served model needs and nothing more: the weights, the vocabulary and the data, model and
-    `sample` params (today's, not those stored at training time). No optimizer, no history."""
+    """What a served model needs and nothing more: the weights, the vocabulary and the data, model,
+    evaluate and `sample` params (today's, not those stored at training time). No optimizer, no history."""
     params = checkpoint["params"]
     corpus = params["data"]["corpus"]
     kept = {
         "data": params["data"],
         "corpora": {name: spec for name, spec in params.get("corpora", {}).items() if name == corpus},
         "model": params["model"],
+        "evaluate": params.get("evaluate", {}),  # the windowing scores are computed with
         "sample": sample.model_dump(),
     }
     return {"model": checkpoint["model"], "vocab": checkpoint["vocab"], "params": kept}

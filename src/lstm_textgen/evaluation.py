@@ -62,22 +62,43 @@ def evaluate_stateless(
 def evaluate_stateful(
     model: RecurrentLM, ids: np.ndarray, seq_len: int, batch_size: int, dtype: torch.dtype = torch.float32
 ) -> dict[str, float]:
-    device = next(model.parameters()).device
     check_fits(len(ids), seq_len, "evaluation")
+    loss_sum, correct, count, _ = stateful_pass(model, ids, seq_len, batch_size, dtype)
+    return _summary(loss_sum, correct, count)
+
+
+@torch.no_grad()
+def stateful_pass(
+    model: RecurrentLM,
+    ids: np.ndarray,
+    seq_len: int,
+    batch_size: int,
+    dtype: torch.dtype = torch.float32,
+    keep_logprobs: bool = False,
+) -> tuple[float, int, int, torch.Tensor | None]:
+    """The text as up to `batch_size` contiguous streams read window after window, state carried:
+    (nats, correct, predictions, each prediction's log-probability in text order or None). Tokens
+    1 .. predictions are predicted, in order, each from its stream's text before it (a stream starts
+    from a zero state); the last (len - 1) % streams tokens are not. Needs at least two tokens."""
+    device = next(model.parameters()).device
     streams = max(1, min(batch_size, (len(ids) - 1) // seq_len))
     stream_len = (len(ids) - 1) // streams
     tokens = to_device_tokens(ids, device)  # narrow ids; each window widened to int64 on its own
     inputs = tokens[: streams * stream_len].view(streams, stream_len)
     targets = tokens[1 : streams * stream_len + 1].view(streams, stream_len)
     state: State | None = None
-    loss_sum, correct = 0.0, 0
+    loss_sum, correct, logprobs = 0.0, 0, []
     for start in range(0, stream_len, seq_len):
+        window = targets[:, start : start + seq_len].long()
         with autocast(device, dtype):
             logits, state = model(inputs[:, start : start + seq_len].long(), state)
         state = detach_state(state)
-        loss, right = _score(logits, targets[:, start : start + seq_len].long())
+        loss, right = _score(logits, window)
         loss_sum, correct = loss_sum + loss, correct + right
-    return _summary(loss_sum, correct, streams * stream_len)
+        if keep_logprobs:
+            logprobs.append(logits.float().log_softmax(-1).gather(-1, window[..., None])[..., 0].cpu())
+    kept = torch.cat(logprobs, dim=1).reshape(-1) if keep_logprobs else None
+    return loss_sum, correct, streams * stream_len, kept
 
 
 @torch.no_grad()

@@ -23,7 +23,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -31,8 +31,8 @@ from lstm_textgen.errors import UserError
 from lstm_textgen.files import atomic_path, write_json
 from lstm_textgen.normalise import file_chunks
 from lstm_textgen.params import DataParams
-from lstm_textgen.vocab import Vocabulary, code_points, tokenize
-from lstm_textgen.windows import SPLITS, SplitSizes, save_split, split_sizes
+from lstm_textgen.vocab import Vocabulary, multibyte_characters, tokenize
+from lstm_textgen.windows import SPLITS, SplitSizes, split_sizes
 
 CHUNK_BYTES = 1 << 24
 # A text with no safe cut in this many chunks (and at least MIN_FORCED_CUT characters) is cut anyway:
@@ -42,6 +42,10 @@ MIN_FORCED_CUT = 1 << 22
 # BPE texts go to the Rust library in pieces of about this many characters: small enough that its
 # per-sequence structures stay small, many enough to keep every core busy
 BPE_PIECE = 1 << 14
+# The BPE learns its merges from at most this many characters from the start of the training split
+# (as sentencepiece's input_sentence_size does): merges settle long before, and a corpus of gigabytes
+# would otherwise spend most of its preparation counting pairs
+BPE_TRAIN_CHARACTERS = 100_000_000
 VOCAB_FILE = "vocab.json"
 SPLITS_FILE = "splits.json"
 
@@ -63,16 +67,21 @@ def safe_cut(text: str) -> int:
 
 
 def safe_pieces(chunks: Iterator[str], chunk_chars: int) -> Iterator[str]:
-    """`chunks` re-cut at safe places (see the module's docstring)."""
-    carry = ""
+    """`chunks` re-cut at safe places (see the module's docstring); each piece is copied once."""
+    held: list[str] = []  # text since the last cut
+    held_chars = 0
     for chunk in chunks:
-        text = carry + chunk
-        cut = safe_cut(text) or (len(text) if len(text) > max(MAX_CARRY * chunk_chars, MIN_FORCED_CUT) else 0)
-        if cut:
-            yield text[:cut]
-        carry = text[cut:]
-    if carry:
-        yield carry
+        cut = safe_cut(chunk)  # safe in the whole text too (a cut at a chunk's seam is just missed)
+        forced = held_chars + len(chunk) > max(MAX_CARRY * chunk_chars, MIN_FORCED_CUT)
+        if cut or forced:
+            cut = cut or len(chunk)
+            yield "".join([*held, chunk[:cut]])
+            held, held_chars = [chunk[cut:]], len(chunk) - cut
+        else:
+            held.append(chunk)
+            held_chars += len(chunk)
+    if held_chars:
+        yield "".join(held)
 
 
 def text_pieces(path: Path, lowercase: bool, chunk_bytes: int = CHUNK_BYTES) -> Pieces:
@@ -104,10 +113,13 @@ def sub_pieces(text: str, size: int) -> list[str]:
 @dataclass
 class SplitWriter:
     """Fills train.npy, val.npy and test.npy in order with the ids it is given, counting per split
-    the characters they stand for and the unknown tokens among them."""
+    the characters they stand for and the unknown tokens among them. Written as plain appends after
+    each file's .npy header (not through a memory map, whose written pages would count as the
+    process's resident memory)."""
 
     sizes: SplitSizes
-    arrays: dict[str, np.ndarray]
+    files: dict[str, BinaryIO]
+    dtype: np.dtype[Any]
     unk_id: int | None = None
     filled: int = 0
     characters: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SPLITS, 0))
@@ -115,15 +127,15 @@ class SplitWriter:
 
     def write(self, ids: np.ndarray, lengths: np.ndarray | None = None) -> None:
         """`lengths[i]`: characters of token i (None: one each)."""
-        start = 0
+        start, begin = 0, 0
         for name in SPLITS:
-            begin = sum(getattr(self.sizes, s) for s in SPLITS[: SPLITS.index(name)])
             end = begin + getattr(self.sizes, name)
             lo, hi = max(begin, self.filled), min(end, self.filled + len(ids) - start)
+            begin = end
             if lo >= hi:
                 continue
             part = ids[start : start + hi - lo]
-            self.arrays[name][lo - begin : hi - begin] = part
+            self.files[name].write(np.ascontiguousarray(part, dtype=self.dtype).tobytes())
             self.characters[name] += (
                 int(lengths[start : start + hi - lo].sum()) if lengths is not None else len(part)
             )
@@ -139,26 +151,35 @@ class SplitWriter:
 
 
 @contextlib.contextmanager
-def split_writer(out_dir: Path, sizes: SplitSizes, dtype: np.dtype[Any], unk_id: int | None = None):
-    """Memory-mapped .npy files written in place, each renamed into `out_dir` when complete."""
+def split_writer(
+    out_dir: Path, sizes: SplitSizes, dtype: np.dtype[Any], unk_id: int | None = None
+) -> Iterator[SplitWriter]:
+    """The three .npy files, each renamed into `out_dir` when complete (and all ids are written)."""
     with contextlib.ExitStack() as stack:
-        arrays = {}
+        files = {}
         for name in SPLITS:
             tmp = stack.enter_context(atomic_path(out_dir / f"{name}.npy", suffix=".npy"))
-            size = getattr(sizes, name)
-            if size == 0:  # an empty file cannot be memory-mapped
-                save_split(tmp, np.zeros(0, dtype))
-                arrays[name] = np.zeros(0, dtype)
-            else:
-                arrays[name] = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(size,))
-        writer = SplitWriter(sizes, arrays, unk_id)
+            files[name] = stack.enter_context(tmp.open("wb"))
+            header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False}
+            np.lib.format.write_array_header_1_0(files[name], header | {"shape": (getattr(sizes, name),)})
+        writer = SplitWriter(sizes, files, dtype, unk_id)
         yield writer
         if writer.filled != sizes.train + sizes.val + sizes.test:
             raise AssertionError(f"{writer.filled} ids written of {sizes}")
-        for array in arrays.values():
-            if isinstance(array, np.memmap):
-                array.flush()
-        arrays.clear()
+
+
+def read_blocks(
+    path: Path, dtype: np.dtype[Any], stop: int | None = None, size: int = 1 << 22
+) -> Iterator[np.ndarray]:
+    """The ids of a raw scratch file (up to `stop`), a block at a time, read (not memory-mapped)."""
+    with path.open("rb") as file:
+        left = path.stat().st_size // dtype.itemsize if stop is None else stop
+        while left > 0:
+            block = np.fromfile(file, dtype=dtype, count=min(size, left))
+            if not len(block):
+                return
+            left -= len(block)
+            yield block
 
 
 # --------------------------------------------------------------------------------------------------
@@ -175,8 +196,10 @@ class Prepared:
 
 def prepare_chars(pieces: Pieces, data: DataParams, out_dir: Path, scratch: Path) -> Prepared:
     counts = np.zeros(0x110000, dtype=np.int64)
-    for piece in pieces():
-        seen = np.bincount(code_points(piece))
+    for piece in pieces():  # one-byte characters by their bytes, the others decoded
+        utf8 = np.frombuffer(piece.encode("utf-8"), dtype=np.uint8)
+        counts[:128] += np.bincount(utf8, minlength=256)[:128]
+        seen = np.bincount(multibyte_characters(utf8)[1])
         counts[: len(seen)] += seen
     used = np.flatnonzero(counts)
     vocab = Vocabulary("char", tuple(chr(c) for c in used), data.lowercase)
@@ -208,13 +231,11 @@ def prepare_words(pieces: Pieces, data: DataParams, out_dir: Path, scratch: Path
     index: dict[str, int] = {}
     with (scratch / "words").open("wb") as out:
         for piece in pieces():
-            tokens = tokenize(piece, "word")
-            ids = np.fromiter((index.setdefault(t, len(index)) for t in tokens), np.uint32, len(tokens))
-            out.write(ids.tobytes())
-    provisional = _read_ids(scratch / "words", np.dtype(np.uint32))
-    sizes = split_sizes(len(provisional), data.val_fraction, data.test_fraction)
+            out.write(provisional_ids(tokenize(piece, "word"), index).tobytes())
+    words_file, word_id = scratch / "words", np.dtype(np.uint32)
+    sizes = split_sizes(words_file.stat().st_size // word_id.itemsize, data.val_fraction, data.test_fraction)
     counts = np.zeros(len(index), dtype=np.int64)
-    for block in _blocks(provisional[: sizes.train]):
+    for block in read_blocks(words_file, word_id, stop=sizes.train):
         counts += np.bincount(block, minlength=len(index))
     words = list(index)
     seen = dict(zip(words, counts.tolist(), strict=True))
@@ -222,29 +243,31 @@ def prepare_words(pieces: Pieces, data: DataParams, out_dir: Path, scratch: Path
     to_final = vocab.encode_tokens(words)  # a word left out becomes <unk> (id 0)
     lengths = np.array([len(w) for w in words], dtype=np.int64)
     with split_writer(out_dir, sizes, vocab.dtype, unk_id=0) as writer:
-        for block in _blocks(provisional):
+        for block in read_blocks(words_file, word_id):
             writer.write(to_final[block], lengths[block])
     oov = {n: writer.unknown[n] / max(1, getattr(sizes, n)) for n in SPLITS}
     return Prepared(vocab, writer.split_summary(), oov, len(vocab) - 1)
 
 
-def _read_ids(path: Path, dtype: np.dtype[Any]) -> np.ndarray:
-    """A scratch file of ids, memory-mapped (an empty file cannot be)."""
-    return np.memmap(path, dtype=dtype, mode="r") if path.stat().st_size else np.zeros(0, dtype)
-
-
-def _blocks(ids: np.ndarray, size: int = 1 << 22) -> Iterator[np.ndarray]:
-    for start in range(0, len(ids), size):
-        yield np.asarray(ids[start : start + size])
+def provisional_ids(tokens: list[str], index: dict[str, int]) -> np.ndarray:
+    """Each token's id in `index`, new tokens added in first-seen order (a second pass only for the
+    pieces that bring new words, which soon are few)."""
+    get = index.get
+    ids = [get(t) for t in tokens]
+    if None in ids:
+        ids = [index.setdefault(t, len(index)) if i is None else i for t, i in zip(tokens, ids, strict=True)]
+    return np.array(ids, dtype=np.uint32)
 
 
 def prepare_bpe(pieces: Pieces, data: DataParams, out_dir: Path, scratch: Path) -> Prepared:
-    """Train a byte-level BPE on the training text (Rust, every core), then encode each split into a
+    """Train a byte-level BPE on the training text (its first BPE_TRAIN_CHARACTERS; Rust, every
+    core), then encode each split into a
     scratch file (its length is known only then) and copy the three into place."""
     total = sum(len(piece) for piece in pieces())
     chars = split_sizes(total, data.val_fraction, data.test_fraction)
+    sample = SplitSizes(min(chars.train, BPE_TRAIN_CHARACTERS), 0, 0)
     train_texts = (
-        small for text in _split_text(pieces, chars, "train") for small in sub_pieces(text, BPE_PIECE)
+        small for text in _split_text(pieces, sample, "train") for small in sub_pieces(text, BPE_PIECE)
     )
     tokenizer = train_bpe(lambda: train_texts, data.vocab_size)
     vocab = Vocabulary.from_tokenizer(tokenizer, data.lowercase)
@@ -258,7 +281,7 @@ def prepare_bpe(pieces: Pieces, data: DataParams, out_dir: Path, scratch: Path) 
                 counted[name] += len(ids)
     with split_writer(out_dir, SplitSizes(**counted), vocab.dtype) as writer:
         for name in SPLITS:
-            for block in _blocks(_read_ids(scratch / name, vocab.dtype)):
+            for block in read_blocks(scratch / name, vocab.dtype):
                 writer.write(block)
     summary = {n: {"tokens": counted[n], "characters": getattr(chars, n)} for n in SPLITS}
     return Prepared(vocab, summary, dict.fromkeys(SPLITS, 0.0), len(vocab))

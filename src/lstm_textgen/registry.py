@@ -59,8 +59,24 @@ def signature(sample: SampleParams) -> Any:
         "strategy": "string",
     }
     defaults = request_defaults(sample)
-    params = ParamSchema([ParamSpec(name, kinds[name], defaults[name]) for name in kinds])
-    return ModelSignature(inputs=inputs, outputs=Schema([ColSpec("string", "text")]), params=params)
+    specs = [ParamSpec(name, kinds[name], defaults[name]) for name in kinds]
+    specs += [ParamSpec("task", "string", "generate"), ParamSpec("per_token", "boolean", False)]
+    scored = [ColSpec("double", name, required=False) for name in SCORE_COLUMNS]
+    outputs = Schema([ColSpec("string", "text", required=False), *scored])
+    return ModelSignature(inputs=inputs, outputs=outputs, params=ParamSchema(specs))
+
+
+# task=score's answer, one row per prompt (scoring.TextScore.figures)
+SCORE_COLUMNS = (
+    "bits_per_character",
+    "bits_per_token",
+    "perplexity",
+    "nats",
+    "tokens",
+    "predicted",
+    "characters",
+    "unknown",
+)
 
 
 def pip_requirements() -> list[str]:
@@ -151,3 +167,14 @@ def _decide(
 
 def registration_summary(registration: Registration) -> dict[str, Any]:
     return asdict(registration)
+
+
+def load_registered(uri: str, device: str | Any = "cpu") -> Any:
+    """A logged or registered model (`models:/NAME@champion`, `models:/NAME/3`, `runs:/ID/model`) as
+    the `LoadedModel` it serves, on `device`."""
+    from lstm_textgen import tracking
+
+    mlflow = tracking.configure()
+    loaded = mlflow.pyfunc.load_model(uri).unwrap_python_model().loaded
+    loaded.model.to(device)
+    return loaded

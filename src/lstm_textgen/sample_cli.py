@@ -49,12 +49,9 @@ def load(args: argparse.Namespace) -> LoadedModel:
     device = resolve_device(args.device)
     if args.model_uri is None:
         return load_model(args.checkpoint, device)
-    from lstm_textgen import tracking
+    from lstm_textgen.registry import load_registered
 
-    mlflow = tracking.configure()
-    wrapper = mlflow.pyfunc.load_model(args.model_uri).unwrap_python_model()
-    wrapper.loaded.model.to(device)
-    return wrapper.loaded
+    return load_registered(args.model_uri, device)
 
 
 def main(argv: list[str] | None = None) -> None:

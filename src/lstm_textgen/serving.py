@@ -9,7 +9,9 @@ Request columns (or inference params of the same names): `prompt` (string, requi
 `max_new_tokens` (1..MAX_NEW_TOKENS), `temperature` (> 0), `top_k` (>= 1; 0 = off),
 `top_p` (0 < p <= 1; 1 = off), `seed` (-1 = unseeded), `strategy` (sample | greedy | mode). Their
 defaults, `draws` and the policy for tokens outside the vocabulary are the `sample.*` params the
-register stage handed to the model.
+register stage handed to the model. The inference param `task=score` scores each `prompt` instead
+(bits per character and per token, perplexity, nats, tokens, unknown; `per_token=true` adds each
+token's log-probability), with the same code as `lstm-textgen-score`.
 Bad values, and requests over the limits below (rows, prompt length, tokens in all), raise an
 MlflowException (INVALID_PARAMETER_VALUE) before any generation, which `mlflow models serve` turns
 into an HTTP 400 with the message; the server keeps serving.
@@ -33,6 +35,7 @@ DEFAULT_NEW_TOKENS = 200
 MAX_ROWS = 64
 MAX_PROMPT_CHARACTERS = 10_000
 MAX_TOKENS_PER_REQUEST = 32_000  # rows x max_new_tokens
+TASKS = ("generate", "score")
 OPTIONAL_COLUMNS = ("max_new_tokens", "temperature", "top_k", "top_p", "seed", "strategy")
 # Request values that mean "off", as MLflow's params schema needs a non-null default for each.
 TOP_K_OFF, TOP_P_OFF, UNSEEDED = 0, 1.0, -1
@@ -77,15 +80,7 @@ def _as_float(name: str, value: Any) -> float:
     return float(value)
 
 
-def request_settings(
-    row: dict[str, Any], params: dict[str, Any], sample: SampleParams
-) -> tuple[str, int, Sampling]:
-    """One row's prompt, length and sampling: its own columns, else the inference params, else the
-    model's defaults. Types are checked here; the ranges by `Sampling`, as everywhere else."""
-    defaults = request_defaults(sample)
-    merged = dict(defaults)
-    merged.update({k: _plain(v) for k, v in (params or {}).items() if k in defaults and not _is_missing(v)})
-    merged.update({k: _plain(row[k]) for k in OPTIONAL_COLUMNS if k in row and not _is_missing(row[k])})
+def checked_prompt(row: dict[str, Any]) -> str:
     prompt = row.get("prompt")
     if not isinstance(prompt, str):
         raise _bad_request(f"prompt must be a string, got {type(prompt).__name__} {prompt!r}")
@@ -96,6 +91,30 @@ def request_settings(
             f"prompt must be at most {MAX_PROMPT_CHARACTERS:,} characters, got {len(prompt):,} "
             "(its last characters carry most of the context: send those)"
         )
+    return prompt
+
+
+def request_task(params: dict[str, Any] | None) -> tuple[str, bool]:
+    """The inference params `task` (generate | score) and `per_token` (score: list each token)."""
+    task = (params or {}).get("task", "generate")
+    if task not in TASKS:
+        raise _bad_request(f"task must be one of {', '.join(TASKS)}, got {task!r}")
+    per_token = (params or {}).get("per_token", False)
+    if not isinstance(per_token, bool):
+        raise _bad_request(f"per_token must be true or false, got {per_token!r}")
+    return task, per_token
+
+
+def request_settings(
+    row: dict[str, Any], params: dict[str, Any], sample: SampleParams
+) -> tuple[str, int, Sampling]:
+    """One row's prompt, length and sampling: its own columns, else the inference params, else the
+    model's defaults. Types are checked here; the ranges by `Sampling`, as everywhere else."""
+    defaults = request_defaults(sample)
+    merged = dict(defaults)
+    merged.update({k: _plain(v) for k, v in (params or {}).items() if k in defaults and not _is_missing(v)})
+    merged.update({k: _plain(row[k]) for k in OPTIONAL_COLUMNS if k in row and not _is_missing(row[k])})
+    prompt = checked_prompt(row)
     max_new = _as_int("max_new_tokens", merged["max_new_tokens"])
     if not 1 <= max_new <= MAX_NEW_TOKENS:
         raise _bad_request(f"max_new_tokens must be between 1 and {MAX_NEW_TOKENS}, got {max_new}")
@@ -137,6 +156,9 @@ class TextGenerator(mlflow.pyfunc.PythonModel):
             raise _bad_request("the request needs a 'prompt' column")
         if len(frame) > MAX_ROWS:
             raise _bad_request(f"a request may hold at most {MAX_ROWS} rows, got {len(frame)}; send several")
+        task, per_token = request_task(params)
+        if task == "score":
+            return self.score(frame, per_token)
         sample = self.loaded.params.sample
         rows = [request_settings(row, params or {}, sample) for row in frame.to_dict(orient="records")]
         total = sum(length for _, length, _ in rows)
@@ -165,3 +187,30 @@ class TextGenerator(mlflow.pyfunc.PythonModel):
             for i, text in zip(indices, generated, strict=True):
                 texts[i] = text
         return pd.DataFrame({"text": texts})
+
+    def score(self, frame: pd.DataFrame, per_token: bool) -> pd.DataFrame:
+        """task=score: each row's `prompt` scored (scoring.py), one row of figures per prompt."""
+        from lstm_textgen.devices import resolve_dtype
+        from lstm_textgen.scoring import score_row, score_text
+
+        prompts = [checked_prompt(row) for row in frame.to_dict(orient="records")]
+        loaded, sample = self.loaded, self.loaded.params.sample
+        device = next(loaded.model.parameters()).device
+        dtype = resolve_dtype("auto", device, loaded.params.model.cell)
+        rows = []
+        for prompt in prompts:
+            try:
+                scored = score_text(
+                    loaded.model,
+                    loaded.vocab,
+                    prompt,
+                    loaded.params.evaluate,
+                    dtype,
+                    sample.unknown,
+                    sample.replacement,
+                    per_token,
+                )
+            except UserError as exc:
+                raise _bad_request(str(exc)) from None
+            rows.append(score_row(scored))
+        return pd.DataFrame(rows)

@@ -56,15 +56,22 @@ def code_points(text: str) -> np.ndarray:
     several times faster than `str.encode('utf-32')`, whose encoder loops over the characters."""
     data = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
     points = data.astype(np.int32)
-    lead = np.flatnonzero(data >= 0xC0)  # the first byte of each multi-byte character
-    if len(lead):
-        padded = np.concatenate([data, np.zeros(3, np.uint8)]).astype(np.int32)
-        b0, b1, b2, b3 = (padded[lead + k] for k in range(4))
-        two = ((b0 & 0x1F) << 6) | (b1 & 0x3F)
-        three = ((b0 & 0x0F) << 12) | ((b1 & 0x3F) << 6) | (b2 & 0x3F)
-        four = ((b0 & 0x07) << 18) | ((b1 & 0x3F) << 12) | ((b2 & 0x3F) << 6) | (b3 & 0x3F)
-        points[lead] = np.where(b0 >= 0xF0, four, np.where(b0 >= 0xE0, three, two))
+    lead, lead_points = multibyte_characters(data)
+    points[lead] = lead_points
     return points[(data & 0xC0) != 0x80]  # continuation bytes dropped
+
+
+def multibyte_characters(data: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Where the multi-byte characters of UTF-8 `data` start, and their code points."""
+    lead = np.flatnonzero(data >= 0xC0)
+    if not len(lead):
+        return lead, lead.astype(np.int32)
+    padded = np.concatenate([data, np.zeros(3, np.uint8)])
+    b0, b1, b2, b3 = (padded[lead + k].astype(np.int32) for k in range(4))
+    two = ((b0 & 0x1F) << 6) | (b1 & 0x3F)
+    three = ((b0 & 0x0F) << 12) | ((b1 & 0x3F) << 6) | (b2 & 0x3F)
+    four = ((b0 & 0x07) << 18) | ((b1 & 0x3F) << 12) | ((b2 & 0x3F) << 6) | (b3 & 0x3F)
+    return lead, np.where(b0 >= 0xF0, four, np.where(b0 >= 0xE0, three, two))
 
 
 BYTE_TOKENS = byte_alphabet()
@@ -88,7 +95,7 @@ def tokenize(text: str, level: Level, spaced: bool = True) -> list[str]:
 # `tokenize`'s word rule, fast: collapse each run of spaces (not line breaks) to one space, then a
 # token is a line break or an optional space and a word or punctuation mark; a space before a line
 # break or at the end is dropped. Equal to `_SPACED_TOKEN` (a property test checks).
-_SPACES = re.compile(r"[^\S\n]+")
+_SPACES = re.compile(r"[^\S\n]{2,}|[^\S\n ]")  # what is not already one plain space
 _SPACED_WORD = re.compile(r"\n| ?(?:\w+(?:['’]\w+)*|[^\w\s])")
 
 
@@ -244,18 +251,35 @@ class Vocabulary:
         return table
 
     def _encode_chars(self, text: str) -> np.ndarray:
-        """Vectorised: code points looked up in a table (no Python loop). The ids are the stored
-        order's, so a vocabulary saved in another order still encodes right."""
+        """Vectorised, on the UTF-8 bytes: one-byte characters through a 256-entry table, the few
+        multi-byte ones decoded where they start, their other bytes then dropped. The ids are the
+        stored order's, so a vocabulary saved in another order still encodes right."""
         table = self._char_table
-        points = code_points(text)
-        ids = table[np.minimum(points, len(table) - 1)]
-        if (ids < 0).any():
-            missing = sorted({chr(p) for p in points[ids < 0]})
+        data = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
+        present = np.flatnonzero(np.bincount(data, minlength=256)[:128])
+        missing = [chr(b) for b in present if b >= len(table) or table[b] < 0]
+        ids = self._ascii_ids[data]
+        lead, points = multibyte_characters(data)
+        if len(lead):
+            found = table[np.minimum(points, len(table) - 1)]
+            missing += sorted({chr(p) for p in points[found < 0]})
+            ids[lead] = found.astype(self.dtype)
+            ids = np.delete(ids, np.flatnonzero((data & 0xC0) == 0x80))
+        if missing:
+            missing = sorted(set(missing))
             raise VocabularyError(
                 f"{len(missing)} character(s) not in the vocabulary of {len(self)}: "
                 + ", ".join(repr(c) for c in missing[:20])
             )
-        return ids.astype(self.dtype)
+        return ids
+
+    @cached_property
+    def _ascii_ids(self) -> np.ndarray:
+        """Byte -> id for the one-byte characters (0 elsewhere: those bytes are fixed or dropped)."""
+        table = self._char_table[:128]
+        ids = np.zeros(256, dtype=self.dtype)
+        ids[: len(table)] = np.maximum(table, 0)
+        return ids
 
     @cached_property
     def token_bytes(self) -> tuple[bytes, ...]:

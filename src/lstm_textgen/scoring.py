@@ -1,0 +1,103 @@
+"""How likely a model finds a text: total nats, bits per character and per token, perplexity and, on
+request, every token's log-probability. One function for `lstm-textgen-score`, the served model's
+`task=score` and the tests.
+
+The text is read exactly as evaluate reads a split (`evaluation.stateful_pass`: up to
+`evaluate.batch_size` contiguous streams, windows of `evaluate.seq_len`, state carried), so the score
+of the validation split's text is evaluate's validation loss. A short text is one stream: every token
+but the first is predicted.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from lstm_textgen.errors import UserError
+from lstm_textgen.evaluation import stateful_pass
+from lstm_textgen.generation import PromptError, UnknownPolicy, encode_prompt
+from lstm_textgen.model import RecurrentLM
+from lstm_textgen.params import EvaluateParams
+from lstm_textgen.vocab import Vocabulary
+
+
+@dataclass(frozen=True)
+class TextScore:
+    tokens: int  # tokens of the text (after the unknown-token policy)
+    predicted: int  # tokens the model predicted (not the first of each stream)
+    characters: int  # characters those predicted tokens stand for
+    nats: float  # -log p of the predicted tokens, summed
+    unknown: int  # tokens of the text outside the vocabulary (skipped, replaced or <unk>)
+    token_logprobs: list[tuple[str, float]] | None = None  # (token's text, natural log-probability)
+
+    @property
+    def bits_per_token(self) -> float:
+        return self.nats / self.predicted / math.log(2)
+
+    @property
+    def bits_per_character(self) -> float:
+        return self.nats / max(1, self.characters) / math.log(2)
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(min(self.nats / self.predicted, 50.0))
+
+    def figures(self) -> dict[str, float | int]:
+        return {
+            "tokens": self.tokens,
+            "predicted": self.predicted,
+            "characters": self.characters,
+            "nats": self.nats,
+            "bits_per_character": self.bits_per_character,
+            "bits_per_token": self.bits_per_token,
+            "perplexity": self.perplexity,
+            "unknown": self.unknown,
+        }
+
+
+@torch.no_grad()
+def score_text(
+    model: RecurrentLM,
+    vocab: Vocabulary,
+    text: str,
+    windows: EvaluateParams,
+    dtype: torch.dtype = torch.float32,
+    unknown: UnknownPolicy = "error",
+    replacement: str | None = None,
+    per_token: bool = False,
+) -> TextScore:
+    """Score `text`; tokens outside the vocabulary follow `unknown` as a prompt's do."""
+    try:
+        ids = encode_prompt(text, vocab, unknown, replacement)
+    except PromptError as exc:
+        raise UserError(str(exc).replace("prompt", "text")) from None
+    if len(ids) < 2:
+        raise UserError(f"a text needs at least two tokens to be scored, got {len(ids)}")
+    outside = sum(1 for t in vocab.tokenize(vocab.normalise(text)) if t not in vocab)
+    nats, _, predicted, logprobs = stateful_pass(
+        model,
+        np.asarray(ids, dtype=vocab.dtype),
+        windows.seq_len,
+        windows.batch_size,
+        dtype,
+        keep_logprobs=per_token,
+    )
+    targets = ids[1 : predicted + 1]
+    counts = vocab.character_counts
+    characters = int(counts[np.asarray(targets, dtype=np.int64)].sum())
+    listed = None
+    if logprobs is not None:
+        listed = [(vocab.decode([t]), float(lp)) for t, lp in zip(targets, logprobs.tolist(), strict=True)]
+    return TextScore(len(ids), predicted, characters, nats, outside, listed)
+
+
+def score_row(score: TextScore) -> dict[str, Any]:
+    """One served row: the figures, and the per-token list as JSON-friendly pairs when asked."""
+    row: dict[str, Any] = dict(score.figures())
+    if score.token_logprobs is not None:
+        row["token_logprobs"] = [[token, logprob] for token, logprob in score.token_logprobs]
+    return row

@@ -8,24 +8,32 @@ from pathlib import Path
 
 from lstm_textgen.cli import run_main
 from lstm_textgen.files import read_json, write_json
+from lstm_textgen.finetune import load_resolved
 from lstm_textgen.params import load_params
 from lstm_textgen.preparation import prepare_corpus
+from lstm_textgen.vocab import Vocabulary
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--raw", type=Path, default=Path("data/raw"))
+    parser.add_argument("--init", type=Path, default=Path("data/init"))
     parser.add_argument("--out", type=Path, default=Path("data/prepared"))
     parser.add_argument("--metrics", type=Path, default=Path("metrics/prepare.json"))
     args = parser.parse_args()
 
     params = load_params(args.params)
     corpus_info = read_json(args.raw / "corpus.json")
-    stats = prepare_corpus(args.raw / "corpus.txt", params.data, args.out, corpus_info)
+    source = load_resolved(args.init, params)
+    base = Vocabulary.from_dict(source["vocab"]) if source else None
+    stats = prepare_corpus(args.raw / "corpus.txt", params.data, args.out, corpus_info, base=base)
     write_json(args.metrics, stats)
     counts = "/".join(f"{n:,}" for n in stats["tokens"].values())
-    print(f"prepare: {stats['level']} level, vocab {stats['vocab_size']}, tokens train/val/test {counts}")
+    added = f" ({stats['added_tokens']} new to the source model)" if "added_tokens" in stats else ""
+    print(
+        f"prepare: {stats['level']} level, vocab {stats['vocab_size']}{added}, tokens train/val/test {counts}"
+    )
 
 
 if __name__ == "__main__":

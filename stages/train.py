@@ -23,6 +23,7 @@ from lstm_textgen.devices import resolve_device
 from lstm_textgen.distributed import World, launch_local
 from lstm_textgen.errors import UserError
 from lstm_textgen.files import atomic_path, read_json, write_json, write_text
+from lstm_textgen.finetune import initial_weights, lineage_note
 from lstm_textgen.params import Params, flatten, load_params
 from lstm_textgen.plots import plot_losses
 from lstm_textgen.training import TrainResult, load_resumable, train
@@ -38,6 +39,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--prepared", type=Path, default=Path("data/prepared"))
     parser.add_argument("--corpus-info", type=Path, default=Path("data/raw/corpus.json"))
+    parser.add_argument("--init", type=Path, default=Path("data/init"))
     parser.add_argument("--out", type=Path, default=Path("data/model"))
     parser.add_argument("--resume-from", type=Path, default=Path("data/checkpoints/last.pt"))
     parser.add_argument("--metrics", type=Path, default=Path("metrics"))
@@ -71,6 +73,7 @@ def main() -> None:
                     args.out / "model.pt",
                     args.resume_from,
                     world=world,
+                    initial_weights=initial_weights(args.init, params, dataset.vocab),
                 )
     finally:
         world.stop()
@@ -95,6 +98,10 @@ def train_and_log(args: argparse.Namespace, params: Params, world: World) -> Non
     for run_id in tracking.close_abandoned_runs():
         print(f"train: MLflow run {run_id} was left RUNNING by a process that is gone; marked KILLED")
     saved = load_resumable(args.resume_from, params, dataset.vocab) if params.train.resume else None
+    start = initial_weights(args.init, params, dataset.vocab)
+    lineage = read_json(args.init / "source.json") if start is not None else {}
+    if start is not None:  # how many tokens the source model had never seen
+        lineage["init_added_tokens"] = str(len(dataset.vocab) - int(lineage["init_from_vocab_size"]))
     logged = {
         **flatten(params.model_dump(include={"data", "model", "train"})),
         **flatten({"corpus": corpus.get("spec", {})}),  # how the download stage read the corpus
@@ -104,7 +111,10 @@ def train_and_log(args: argparse.Namespace, params: Params, world: World) -> Non
         **tracking.run_tags(corpus, device.type),
         "world_size": str(world.world_size),
         "backend": world.backend(device) if world.launched else "none",
-        "mlflow.note.content": tracking.run_description(),
+        "mlflow.note.content": "\n\n".join(
+            [tracking.run_description(), *([lineage_note(lineage)] if lineage else [])]
+        ),
+        **lineage,
     }
     run_id = tracking.existing_run((saved or {}).get("labels", {}).get("mlflow_run_id"))
     with tracking.active_run(run_id=run_id, run_name=None if run_id else tracking.run_name()) as run:
@@ -122,6 +132,7 @@ def train_and_log(args: argparse.Namespace, params: Params, world: World) -> Non
             on_eval=log_evaluation,
             world=world,
             labels={"mlflow_run_id": run.info.run_id},
+            initial_weights=start,
         )
         metrics = {**result.metrics(), "mlflow_run_id": run.info.run_id}
         numeric = {f"final_{k}": float(v) for k, v in metrics.items() if isinstance(v, (int, float))}

@@ -124,6 +124,9 @@ class TrainParams(_Section):
     threads: int | None = Field(default=None, ge=1)
     compile: bool = False
     resume: bool = False
+    init_from: str | None = Field(
+        default=None, description="start from a trained model: a checkpoint path, models:/..., runs:/..."
+    )
     processes: int = Field(
         default=1, ge=1, le=1024, description="local data-parallel worker processes (torchrun, DDP)"
     )

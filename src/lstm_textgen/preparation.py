@@ -194,7 +194,9 @@ class Prepared:
     distinct: int  # distinct tokens the text uses (a vocabulary of byte values lists all 256)
 
 
-def prepare_chars(pieces: Pieces, data: DataParams, out_dir: Path, scratch: Path) -> Prepared:
+def prepare_chars(
+    pieces: Pieces, data: DataParams, out_dir: Path, scratch: Path, base: Vocabulary | None = None
+) -> Prepared:
     counts = np.zeros(0x110000, dtype=np.int64)
     for piece in pieces():  # one-byte characters by their bytes, the others decoded
         utf8 = np.frombuffer(piece.encode("utf-8"), dtype=np.uint8)
@@ -202,7 +204,7 @@ def prepare_chars(pieces: Pieces, data: DataParams, out_dir: Path, scratch: Path
         seen = np.bincount(multibyte_characters(utf8)[1])
         counts[: len(seen)] += seen
     used = np.flatnonzero(counts)
-    vocab = Vocabulary("char", tuple(chr(c) for c in used), data.lowercase)
+    vocab = extend(base, Vocabulary("char", tuple(chr(c) for c in used), data.lowercase))
     sizes = split_sizes(int(counts.sum()), data.val_fraction, data.test_fraction)
     with split_writer(out_dir, sizes, vocab.dtype) as writer:
         for piece in pieces():
@@ -210,7 +212,9 @@ def prepare_chars(pieces: Pieces, data: DataParams, out_dir: Path, scratch: Path
     return Prepared(vocab, writer.split_summary(), dict.fromkeys(SPLITS, 0.0), len(used))
 
 
-def prepare_bytes(pieces: Pieces, data: DataParams, out_dir: Path, scratch: Path) -> Prepared:
+def prepare_bytes(
+    pieces: Pieces, data: DataParams, out_dir: Path, scratch: Path, base: Vocabulary | None = None
+) -> Prepared:
     counts = np.zeros(256, dtype=np.int64)
     for piece in pieces():
         counts += np.bincount(np.frombuffer(piece.encode("utf-8"), dtype=np.uint8), minlength=256)
@@ -225,7 +229,9 @@ def prepare_bytes(pieces: Pieces, data: DataParams, out_dir: Path, scratch: Path
     return Prepared(vocab, writer.split_summary(), dict.fromkeys(SPLITS, 0.0), distinct)
 
 
-def prepare_words(pieces: Pieces, data: DataParams, out_dir: Path, scratch: Path) -> Prepared:
+def prepare_words(
+    pieces: Pieces, data: DataParams, out_dir: Path, scratch: Path, base: Vocabulary | None = None
+) -> Prepared:
     """Words are tokenised once; their provisional ids (first-seen order) wait in a scratch file
     until the training split's counts have made the vocabulary."""
     index: dict[str, int] = {}
@@ -239,7 +245,7 @@ def prepare_words(pieces: Pieces, data: DataParams, out_dir: Path, scratch: Path
         counts += np.bincount(block, minlength=len(index))
     words = list(index)
     seen = dict(zip(words, counts.tolist(), strict=True))
-    vocab = Vocabulary.words(seen, data.lowercase, data.min_freq, data.max_vocab)
+    vocab = extend(base, Vocabulary.words(seen, data.lowercase, data.min_freq), data.max_vocab)
     to_final = vocab.encode_tokens(words)  # a word left out becomes <unk> (id 0)
     lengths = np.array([len(w) for w in words], dtype=np.int64)
     with split_writer(out_dir, sizes, vocab.dtype, unk_id=0) as writer:
@@ -247,6 +253,18 @@ def prepare_words(pieces: Pieces, data: DataParams, out_dir: Path, scratch: Path
             writer.write(to_final[block], lengths[block])
     oov = {n: writer.unknown[n] / max(1, getattr(sizes, n)) for n in SPLITS}
     return Prepared(vocab, writer.split_summary(), oov, len(vocab) - 1)
+
+
+def extend(base: Vocabulary | None, new: Vocabulary, max_size: int | None = None) -> Vocabulary:
+    """`new` itself, or with a source vocabulary (fine-tuning): the source's tokens keep their ids and
+    the new corpus's other tokens follow, in `new`'s order, up to `max_size` in all."""
+    if base is None:
+        kept = new.tokens[:max_size] if max_size else new.tokens
+        return Vocabulary(new.level, kept, new.lowercase, new.unk, new.spaced, new.tokenizer)
+    added = tuple(t for t in new.tokens if t not in base)
+    if max_size is not None:
+        added = added[: max(0, max_size - len(base))]
+    return Vocabulary(base.level, base.tokens + added, base.lowercase, base.unk, base.spaced, base.tokenizer)
 
 
 def provisional_ids(tokens: list[str], index: dict[str, int]) -> np.ndarray:
@@ -259,7 +277,9 @@ def provisional_ids(tokens: list[str], index: dict[str, int]) -> np.ndarray:
     return np.array(ids, dtype=np.uint32)
 
 
-def prepare_bpe(pieces: Pieces, data: DataParams, out_dir: Path, scratch: Path) -> Prepared:
+def prepare_bpe(
+    pieces: Pieces, data: DataParams, out_dir: Path, scratch: Path, base: Vocabulary | None = None
+) -> Prepared:
     """Train a byte-level BPE on the training text (its first BPE_TRAIN_CHARACTERS; Rust, every
     core), then encode each split into a
     scratch file (its length is known only then) and copy the three into place."""
@@ -269,8 +289,10 @@ def prepare_bpe(pieces: Pieces, data: DataParams, out_dir: Path, scratch: Path) 
     train_texts = (
         small for text in _split_text(pieces, sample, "train") for small in sub_pieces(text, BPE_PIECE)
     )
-    tokenizer = train_bpe(lambda: train_texts, data.vocab_size)
-    vocab = Vocabulary.from_tokenizer(tokenizer, data.lowercase)
+    if base is not None:  # fine-tuning keeps the source's BPE: every text has its tokens already
+        vocab = base
+    else:
+        vocab = Vocabulary.from_tokenizer(train_bpe(lambda: train_texts, data.vocab_size), data.lowercase)
     counted: dict[str, int] = {}
     for name in SPLITS:
         with (scratch / name).open("wb") as out:
@@ -315,7 +337,7 @@ def train_bpe(texts: Callable[[], Iterator[str]], vocab_size: int) -> Any:
     return tokenizer
 
 
-LEVELS: dict[str, Callable[[Pieces, DataParams, Path, Path], Prepared]] = {
+LEVELS: dict[str, Callable[..., Prepared]] = {
     "char": prepare_chars,
     "byte": prepare_bytes,
     "word": prepare_words,
@@ -329,12 +351,14 @@ def prepare_corpus(
     out_dir: Path,
     corpus_info: dict[str, Any] | None = None,
     chunk_bytes: int = CHUNK_BYTES,
+    base: Vocabulary | None = None,
 ) -> dict[str, Any]:
-    """Write the vocabulary, the three splits and their sizes to `out_dir`; return the statistics."""
+    """Write the vocabulary, the three splits and their sizes to `out_dir`; return the statistics.
+    `base`: a fine-tuned model's vocabulary, whose tokens keep their ids (new ones are appended)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     pieces = text_pieces(corpus, data.lowercase, chunk_bytes)
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".prepare-") as scratch:
-        prepared = LEVELS[data.level](pieces, data, out_dir, Path(scratch))
+        prepared = LEVELS[data.level](pieces, data, out_dir, Path(scratch), base)
     vocab = prepared.vocab
     if prepared.distinct < 2:
         named = (
@@ -356,6 +380,8 @@ def prepare_corpus(
         "characters_per_token": _ratio(prepared.splits),
         "oov_rate": prepared.oov_rate,
     }
+    if base is not None:
+        stats["added_tokens"] = len(vocab) - len(base)  # tokens the fine-tuned model had not seen
     if corpus_info:
         stats["corpus"] = {k: corpus_info[k] for k in ("name", "source", "text_sha256") if k in corpus_info}
     return stats

@@ -146,14 +146,18 @@ def new_train_state(
     device: torch.device,
     dtype: torch.dtype,
     world: World | None = None,
+    initial_weights: dict[str, torch.Tensor] | None = None,
 ) -> TrainState:
     """A fresh state: seeds set first, so the same params give the same weights and batches. Every
     rank builds the same weights and draws from the same window generator (its slice of each global
-    batch); dropout masks differ by rank (seed + rank), rank 0's being a single process's."""
+    batch); dropout masks differ by rank (seed + rank), rank 0's being a single process's.
+    `initial_weights` (fine-tuning) replace the random ones."""
     tp, world = params.train, world or World()
     torch.manual_seed(tp.seed)
     generator = torch.Generator().manual_seed(tp.seed)
     model = RecurrentLM(vocab_size, params.model).to(device)
+    if initial_weights is not None:
+        model.load_state_dict(initial_weights)
     if world.rank > 0:
         torch.manual_seed(tp.seed + world.rank)
     tokens = token_source(train_ids, device)
@@ -431,6 +435,7 @@ def start_run(
     paths: tuple[Path, Path],
     world: World,
     labels: dict[str, str],
+    initial_weights: dict[str, torch.Tensor] | None = None,
 ) -> tuple[TrainState, TrainSetup]:
     """Checks, device and precision, a fresh state, or the last checkpoint's when resuming."""
     tp, seq_len = params.train, params.data.seq_len
@@ -439,7 +444,7 @@ def start_run(
     device = world.device(tp.device)
     dtype = resolve_dtype(tp.dtype, device, params.model.cell)
     configure_backend(device, world.threads(tp.threads))
-    state = new_train_state(splits["train"], len(vocab), params, device, dtype, world)
+    state = new_train_state(splits["train"], len(vocab), params, device, dtype, world, initial_weights)
     val_tokens = to_device_tokens(splits["val"], device)
     setup = TrainSetup(params, vocab, device, dtype, val_tokens, *paths, world, labels)
     if tp.resume:
@@ -456,13 +461,14 @@ def train(
     on_eval: EvalCallback | None = None,
     world: World | None = None,
     labels: dict[str, str] | None = None,
+    initial_weights: dict[str, torch.Tensor] | None = None,
 ) -> TrainResult:
     """Train per `params`; keep the best checkpoint (by validation loss) at `best_path` and the
     resumable latest at `last_path`, both carrying `labels`. In a distributed `world` (its process
     group started) every rank calls this; rank 0 alone writes and calls `on_eval`."""
     tp, world = params.train, world or World()
     paths = (best_path, last_path)
-    state, setup = start_run(splits, vocab, params, paths, world, labels or {})
+    state, setup = start_run(splits, vocab, params, paths, world, labels or {}, initial_weights)
     forward = world.wrap(state.model, setup.device)
     forward = torch.compile(forward) if tp.compile else forward
 

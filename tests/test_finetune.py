@@ -1,0 +1,116 @@
+"""Fine-tuning as a user runs it: pretrain on one corpus, `dvc exp run -S train.init_from=...` on
+another; the vocabulary grows by exactly the new characters, training starts far below a run from
+scratch, the lineage is in MLflow, and the result samples and is registered and servable."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import run, runs_by_name, store_client, tiny_repo, tool_env
+
+from lstm_textgen.corpora import to_text
+from lstm_textgen.params import CorpusSpec
+
+pytestmark = pytest.mark.slow
+SOURCE_MODEL = "lstm-textgen-tinyshakespeare-char"
+TRAINING = {"max_steps": 200, "eval_every": 20, "eval_batches": 4, "warmup_steps": 10, "lr": 0.01}
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory: pytest.TempPathFactory, corpora_dir: Path) -> Path:
+    repo = tiny_repo(tmp_path_factory.mktemp("finetune") / "repo")
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["data"]["corpus"] = "tinyshakespeare"
+    params["corpora"]["tinyshakespeare"]["source"] = str(corpora_dir / "tinyshakespeare.txt")
+    params["corpora"]["wonderland"]["source"] = str(corpora_dir / "wonderland.txt")
+    params["train"].update(TRAINING)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "pretraining"], cwd=repo)
+    run(["dvc", "repro"], cwd=repo, env=tool_env(repo))
+    return repo
+
+
+def first_val_loss(repo: Path) -> float:
+    with (repo / "metrics/train_history.csv").open() as file:
+        return float(next(csv.DictReader(file))["val_loss"])
+
+
+def test_fine_tuning_grows_the_vocabulary_and_starts_from_the_source(repo: Path, corpora_dir: Path) -> None:
+    env = tool_env(repo)
+    source_tokens = json.loads((repo / "data/prepared/vocab.json").read_text())["tokens"]
+    onto_alice = ["-S", "data.corpus=wonderland", "-S", "train.max_steps=20"]
+
+    run(["dvc", "exp", "run", "-n", "scratch", *onto_alice], cwd=repo, env=env)
+    scratch = first_val_loss(repo)
+    tuned = run(
+        [
+            "dvc",
+            "exp",
+            "run",
+            "-n",
+            "tuned",
+            *onto_alice,
+            "-S",
+            f"train.init_from=models:/{SOURCE_MODEL}@champion",
+        ],
+        cwd=repo,
+        env=env,
+    )
+    assert "Running stage 'init'" in tuned.stdout
+    assert first_val_loss(repo) < scratch - 0.5  # nats per character, after 20 steps of each
+
+    alice = to_text((corpora_dir / "wonderland.txt").read_bytes(), CorpusSpec(source="x"), "alice")
+    new_characters = sorted(set(alice) - set(source_tokens))
+    vocab = json.loads((repo / "data/prepared/vocab.json").read_text())["tokens"]
+    assert (
+        vocab[: len(source_tokens)] == source_tokens and sorted(vocab[len(source_tokens) :]) == new_characters
+    )
+    assert json.loads((repo / "metrics/prepare.json").read_text())["added_tokens"] == len(new_characters) > 0
+
+    runs = runs_by_name(repo)
+    tuned_run = next(r for r in runs.values() if r.data.tags.get("init_from_model") == SOURCE_MODEL)
+    assert tuned_run.data.tags["init_from_version"] == "1"
+    assert tuned_run.data.tags["init_added_tokens"] == str(len(new_characters))
+    assert f"#/models/{SOURCE_MODEL}/versions/1" in tuned_run.data.tags["mlflow.note.content"]
+
+    registered = json.loads((repo / "metrics/register.json").read_text())
+    assert registered["model_name"] == "lstm-textgen-wonderland-char"
+    checkpoint = torch.load(repo / "data/model/model.pt", weights_only=True)
+    assert checkpoint["model"]["embedding.weight"].shape[0] == len(vocab)
+    samples = json.loads((repo / "data/samples/samples.json").read_text())
+    assert all(s["text"] for s in samples)
+
+    import mlflow.pyfunc
+    import pandas as pd
+
+    mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
+    served = mlflow.pyfunc.load_model(f"models:/{registered['model_name']}/{registered['version']}")
+    prompt = "Alice was beginning to get very tired" + new_characters[0]  # a character only Alice has
+    assert len(served.predict(pd.DataFrame({"prompt": [prompt], "max_new_tokens": [20]}))["text"][0]) == 20
+    assert store_client(repo).get_run(tuned_run.info.run_id).info.status == "FINISHED"
+
+
+def test_a_model_setting_that_differs_from_the_source_is_refused(repo: Path) -> None:
+    result = run(
+        [
+            "dvc",
+            "exp",
+            "run",
+            "-S",
+            "data.corpus=wonderland",
+            "-S",
+            "model.hidden=48",
+            "-S",
+            f"train.init_from=models:/{SOURCE_MODEL}/1",
+        ],
+        cwd=repo,
+        env=tool_env(repo),
+        check=False,
+    )
+    assert result.returncode != 0
+    assert "model.hidden: 32 in the source, 48 in params.yaml" in result.stdout + result.stderr

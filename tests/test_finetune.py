@@ -47,21 +47,11 @@ def test_fine_tuning_grows_the_vocabulary_and_starts_from_the_source(repo: Path,
 
     run(["dvc", "exp", "run", "-n", "scratch", *onto_alice], cwd=repo, env=env)
     scratch = first_val_loss(repo)
-    tuned = run(
-        [
-            "dvc",
-            "exp",
-            "run",
-            "-n",
-            "tuned",
-            *onto_alice,
-            "-S",
-            f"train.init_from=models:/{SOURCE_MODEL}@champion",
-        ],
-        cwd=repo,
-        env=env,
-    )
+    # the fine-tuning preset, its source being this repo's champion (later -S values win)
+    preset = ["python", "-m", "lstm_textgen.presets", "run", "shakespeare-to-alice", *onto_alice]
+    tuned = run([*preset, "-S", f"train.init_from=models:/{SOURCE_MODEL}@champion"], cwd=repo, env=env)
     assert "Running stage 'init'" in tuned.stdout
+    run(["dvc", "exp", "apply", "shakespeare-to-alice"], cwd=repo, env=env)  # presets run with --temp
     assert first_val_loss(repo) < scratch - 0.5  # nats per character, after 20 steps of each
 
     alice = to_text((corpora_dir / "wonderland.txt").read_bytes(), CorpusSpec(source="x"), "alice")

@@ -74,7 +74,10 @@ def score_text(
     try:
         ids = encode_prompt(text, vocab, unknown, replacement)
     except PromptError as exc:
-        raise UserError(str(exc).replace("prompt", "text")) from None
+        message = (
+            str(exc).replace("prompt", "text").replace("sample.unknown", "sample.unknown (or --unknown)")
+        )
+        raise UserError(message) from None
     if len(ids) < 2:
         raise UserError(f"a text needs at least two tokens to be scored, got {len(ids)}")
     outside = sum(1 for t in vocab.tokenize(vocab.normalise(text)) if t not in vocab)

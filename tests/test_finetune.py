@@ -96,7 +96,7 @@ def test_a_model_setting_that_differs_from_the_source_is_refused(repo: Path) -> 
             "-S",
             "model.hidden=48",
             "-S",
-            f"train.init_from=models:/{SOURCE_MODEL}/1",
+            f"train.init_from={repo / 'data/model/model.pt'}",  # the checkpoint-path form
         ],
         cwd=repo,
         env=tool_env(repo),

@@ -25,7 +25,7 @@ def main() -> None:
 
     params = load_params(args.params)
     corpus_info = read_json(args.raw / "corpus.json")
-    source = load_resolved(args.init, params)
+    source = load_resolved(args.init, params, check_model=False)  # train checks the model's shape
     base = Vocabulary.from_dict(source["vocab"]) if source else None
     stats = prepare_corpus(args.raw / "corpus.txt", params.data, args.out, corpus_info, base=base)
     write_json(args.metrics, stats)

@@ -72,13 +72,14 @@ def checkpoint_digest(checkpoint: dict[str, Any]) -> str:
     return hashlib.sha256(buffer.getvalue()).hexdigest()
 
 
-def check_compatible(source: dict[str, Any], data: DataParams, model: ModelParams) -> None:
-    """The model's shape comes from the source: a differing model.* key (or level) is an error."""
+def check_compatible(source: dict[str, Any], data: DataParams, model: ModelParams | None) -> None:
+    """The model's shape comes from the source: a differing model.* key (or level) is an error.
+    Prepare checks the data keys only (it does not read model.*: a model change must not re-run it)."""
     saved_model, saved_data = source["params"]["model"], source["params"]["data"]
     differing = [
         f"model.{key}: {saved_model.get(key)} in the source, {getattr(model, key)} in params.yaml"
         for key in SHAPE_KEYS
-        if key in saved_model and saved_model[key] != getattr(model, key)
+        if model is not None and key in saved_model and saved_model[key] != getattr(model, key)
     ]
     for key in ("level", "lowercase"):
         if saved_data.get(key, getattr(data, key)) != getattr(data, key):
@@ -113,9 +114,9 @@ def grown_weights(state: dict[str, torch.Tensor], old: int, new: int, model: Mod
     return grown
 
 
-def load_resolved(init_dir: Path, params: Params) -> dict[str, Any] | None:
+def load_resolved(init_dir: Path, params: Params, check_model: bool = True) -> dict[str, Any] | None:
     """The source the init stage resolved for `train.init_from` (None when it is null), checked
-    against the params."""
+    against the params (the data keys, and the model's unless `check_model` is false)."""
     spec = params.train.init_from
     if spec is None:
         return None
@@ -123,7 +124,7 @@ def load_resolved(init_dir: Path, params: Params) -> dict[str, Any] | None:
     if not path.is_file() or not summary.is_file() or read_json(summary).get("init_from") != spec:
         raise UserError(f"{init_dir}: not resolved for train.init_from {spec}; run `dvc repro init`")
     source = torch.load(path, map_location="cpu", weights_only=True)
-    check_compatible(source, params.data, params.model)
+    check_compatible(source, params.data, params.model if check_model else None)
     return source
 
 

@@ -70,7 +70,7 @@ def test_compare_table_lists_every_preset_run(preset_runs, tmp_path: Path) -> No
     out = tmp_path / "runs.md"
     run(["lstm-textgen-compare", "--markdown", str(out)], cwd=tmp_path, env=env)
     table = out.read_text()
-    for name, settings in load_presets(PRESETS_FILE).items():
+    for name, settings in self_contained(load_presets(PRESETS_FILE)).items():
         row = next((line for line in table.splitlines() if f"| {name} |" in line), None)
         assert row is not None, name
         assert f"| {settings.get('data.corpus', 'shakespeare')} |" in row, row

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import REPO_ROOT, file_server
+from test_corpora import FILES
 
 from lstm_textgen.corpora import acquire, to_text
 from lstm_textgen.dataset import load_dataset
@@ -26,13 +27,6 @@ from lstm_textgen.normalise import CorpusError
 from lstm_textgen.params import CorpusSpec, DataParams, DownloadParams, load_params
 from lstm_textgen.preparation import prepare_corpus
 
-FILES = {
-    "tinyshakespeare": "tinyshakespeare.txt",
-    "wonderland": "wonderland.txt",
-    "anna": "anna.txt",
-    "reddit-cleanjokes": "reddit-cleanjokes.csv",
-    "ag_news": "ag_news_test.csv",
-}
 # sha256 of each shared corpus's normalised text as the whole-text implementation wrote it
 NORMALISED_SHA256 = {
     "tinyshakespeare": "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed",

@@ -66,11 +66,7 @@ def local_file(source: str) -> Path | None:
 
 def verify_local(path: Path, sha256: str | None, max_bytes: int, key: str = "sha256") -> str:
     """Check a local source in place (no copy: a corpus of gigabytes is read, not duplicated)."""
-    if not path.is_file():
-        raise DownloadError(f"{path}: file not found (check data.corpus or the corpus's source)")
-    size = path.stat().st_size
-    if size > max_bytes:
-        raise DownloadError(f"{path}: {size:,} bytes is over the size cap {max_bytes:,} (download.max_mb)")
+    _check_local(path, max_bytes)
     digest = hashlib.sha256()
     with path.open("rb") as src:
         while chunk := src.read(CHUNK_BYTES * 16):
@@ -97,17 +93,21 @@ def _check_room(url: str, directory: Path, size: int) -> None:
         )
 
 
+def _check_local(path: Path, max_bytes: int) -> None:
+    if not path.is_file():
+        raise DownloadError(f"{path}: file not found (check data.corpus or the corpus's source)")
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise DownloadError(f"{path}: {size:,} bytes is over the size cap {max_bytes:,} (download.max_mb)")
+
+
 def _local_path(source: str) -> Path:
     parsed = urlparse(source)
     return Path(unquote(parsed.path)) if parsed.scheme == "file" else Path(source).expanduser()
 
 
 def _copy_local(path: Path, tmp: Path, max_bytes: int) -> str:
-    if not path.is_file():
-        raise DownloadError(f"{path}: file not found (check data.corpus or the corpus's source)")
-    size = path.stat().st_size
-    if size > max_bytes:
-        raise DownloadError(f"{path}: {size:,} bytes is over the size cap {max_bytes:,} (download.max_mb)")
+    _check_local(path, max_bytes)
     digest = hashlib.sha256()
     with path.open("rb") as src, tmp.open("wb") as out:
         while chunk := src.read(CHUNK_BYTES):

@@ -5,15 +5,20 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEV_STAMP := $(VENV)/.installed-dev
+DEMO_STAMP := $(VENV)/.installed-demo
 # the venv's tools first: DVC runs each stage's `python` from PATH
 WITH_VENV := PATH="$(CURDIR)/$(BIN):$$PATH"
 export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := 1
 
-.PHONY: install install-dev repro exp test lint ui compare preset presets bench bench-ddp bench-serving bench-scale gpu-check clean
+.PHONY: install install-dev install-demo browser demo plots repro exp test lint ui compare preset presets bench bench-ddp bench-serving bench-scale gpu-check screenshots clean
 BENCH_CORPUS ?= tinyshakespeare
 SIZES ?= 10,100,1000
 UI_PORT ?= 5000
+DEMO_PORT ?= 7860
+CHROMIUM ?= /usr/bin/chromium
+# apt-get as root, else through sudo
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 install: $(STAMP)
 
@@ -26,9 +31,15 @@ $(STAMP): requirements.txt constraints.txt pyproject.toml
 	$(BIN)/python -m pip install -q --no-deps -e .
 	touch $(STAMP)
 
+install-demo: $(DEMO_STAMP)
+
+$(DEMO_STAMP): $(STAMP) requirements-demo.txt
+	$(BIN)/python -m pip install -q -c constraints.txt -r requirements-demo.txt
+	touch $(DEMO_STAMP)
+
 install-dev: $(DEV_STAMP)
 
-$(DEV_STAMP): $(STAMP) requirements-dev.txt
+$(DEV_STAMP): $(DEMO_STAMP) requirements-dev.txt
 	$(BIN)/python -m pip install -q -c constraints.txt -r requirements-dev.txt
 	touch $(DEV_STAMP)
 
@@ -38,11 +49,22 @@ repro: $(STAMP)  ## the whole pipeline on params.yaml
 exp: $(STAMP)  ## make exp ARGS="-S model.layers=4": a DVC experiment (ARGS go to `dvc exp run`)
 	$(WITH_VENV) $(BIN)/dvc exp run $(ARGS)
 
-test: $(DEV_STAMP)
+# The browser test drives Debian's chromium (Playwright's own browser download is not reachable).
+browser:
+	@test -x $(CHROMIUM) || $(SUDO) apt-get install -y -q --no-install-recommends chromium \
+		|| { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q --no-install-recommends chromium; }
+
+test: $(DEV_STAMP) browser
 	$(BIN)/ruff check src stages tests benchmarks
 	# pytest-xdist: a worker per core (up to four), each module on one of them, longest first (tests/conftest.py).
-	$(WITH_VENV) $(BIN)/python -m pytest -q -n auto --maxprocesses 4 \
+	$(WITH_VENV) CHROMIUM=$(CHROMIUM) $(BIN)/python -m pytest -q -n auto --maxprocesses 4 \
 		--dist loadfile --no-loadscope-reorder --durations 12
+
+demo: $(DEMO_STAMP)  ## the web page: http://127.0.0.1:$(DEMO_PORT) (MODEL=path/or/URI to show that model first)
+	$(WITH_VENV) $(BIN)/lstm-textgen-demo --port $(DEMO_PORT) $(if $(MODEL),--model $(MODEL))
+
+plots: $(DEMO_STAMP)  ## dvc_plots/index.html, rendering offline (ARGS="diff main workspace" to compare)
+	$(WITH_VENV) $(BIN)/lstm-textgen-plots $(ARGS)
 
 ui: $(STAMP)  ## the MLflow UI on the repository's store: http://127.0.0.1:$(UI_PORT)
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port $(UI_PORT) --workers 1
@@ -71,6 +93,10 @@ bench-scale: $(STAMP)  ## prepare time and peak memory on 10 MB, 100 MB, 1 GB co
 
 gpu-check: $(STAMP)  ## every GPU-specific check, < 10 min: benchmarks/results/<gpu>/report.md
 	$(BIN)/python -m benchmarks.gpu_check --corpus $(BENCH_CORPUS)
+
+screenshots: $(DEV_STAMP) browser  ## docs/images/: the demo's pictures, taken by its browser test
+	$(WITH_VENV) CHROMIUM=$(CHROMIUM) LSTM_TEXTGEN_SCREENSHOTS=$(CURDIR)/docs/images $(BIN)/python -m pytest -q \
+		tests/test_serving.py -k demo_page
 
 lint: $(DEV_STAMP)
 	$(BIN)/ruff check src stages tests benchmarks

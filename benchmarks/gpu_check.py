@@ -125,7 +125,7 @@ def generation_kernels(checkpoint: Path, device: torch.device, tokens: int) -> d
     prompt = [[loaded.vocab.encode("ROMEO:")[i] for i in range(6)]]
     greedy = Sampling(strategy="greedy")
     started = time.perf_counter()
-    by_step = generate(loaded.model, loaded.vocab, prompt, tokens, greedy)[0]
+    by_step = generate(loaded.model, prompt, tokens, greedy)[0]
     step_s = time.perf_counter() - started
     started = time.perf_counter()
     with torch.inference_mode():
@@ -150,7 +150,7 @@ def served_on_cpu(checkpoint: Path) -> dict[str, Any]:
     """What `mlflow models serve` on a CPU machine does with a model trained on the GPU."""
     loaded = load_model(checkpoint, "cpu")
     ids = loaded.vocab.encode("ROMEO:")
-    text = loaded.vocab.decode(generate(loaded.model, loaded.vocab, [ids], 40, Sampling(seed=1))[0])
+    text = loaded.vocab.decode(generate(loaded.model, [ids], 40, Sampling(seed=1))[0])
     return {"trained_on": loaded.checkpoint["device"], "generated_characters": len(text), "text": text}
 
 

@@ -37,6 +37,7 @@ def main() -> None:
             "level": level,
             "lowercase": str(trained["data"]["lowercase"]).lower(),
             "val_bits_per_token": f"{evaluated['bits_per_token']:.6f}",
+            "val_bits_per_character": f"{evaluated['bits_per_character']:.6f}",
             "val_accuracy": f"{evaluated['accuracy']:.6f}",
         },
         sample=params.sample,  # the served model's defaults and unknown-token policy: today's sample.*

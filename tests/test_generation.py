@@ -15,6 +15,7 @@ from lstm_textgen.generation import (
     invert_cdf,
     next_tokens,
     sample_texts,
+    stream_text,
 )
 from lstm_textgen.model import RecurrentLM
 from lstm_textgen.params import ModelParams
@@ -42,17 +43,17 @@ def model(request, vocab: Vocabulary) -> RecurrentLM:
 
 def test_greedy_is_deterministic(model: RecurrentLM, vocab: Vocabulary) -> None:
     prompts = [ids(vocab, "hello"), ids(vocab, "tiny te")]
-    first = generate(model, vocab, prompts, 30, Sampling(strategy="greedy"))
-    assert first == generate(model, vocab, prompts, 30, Sampling(strategy="greedy"))
+    first = generate(model, prompts, 30, Sampling(strategy="greedy"))
+    assert first == generate(model, prompts, 30, Sampling(strategy="greedy"))
     assert [len(g) for g in first] == [30, 30]
 
 
 def test_seed_repeats_and_differs(model: RecurrentLM, vocab: Vocabulary) -> None:
     prompts = [ids(vocab, "hello")] * 3
     settings = Sampling(strategy="sample", temperature=1.5, seed=7)
-    first = generate(model, vocab, prompts, 40, settings)
-    assert first == generate(model, vocab, prompts, 40, settings)
-    assert first != generate(model, vocab, prompts, 40, Sampling(strategy="sample", temperature=1.5, seed=8))
+    first = generate(model, prompts, 40, settings)
+    assert first == generate(model, prompts, 40, settings)
+    assert first != generate(model, prompts, 40, Sampling(strategy="sample", temperature=1.5, seed=8))
 
 
 def test_top_k_stays_in_the_k_most_likely() -> None:
@@ -84,7 +85,7 @@ def test_mode_of_draws_picks_the_most_likely() -> None:
 
 def test_stateful_generation_equals_refeeding(model: RecurrentLM, vocab: Vocabulary) -> None:
     prompt = ids(vocab, "this is")
-    generated = generate(model, vocab, [prompt], 25, Sampling(strategy="greedy"))[0]
+    generated = generate(model, [prompt], 25, Sampling(strategy="greedy"))[0]
     sequence = prompt + generated
     # stateful: one step at a time from the warmed state, through the same `step` generation uses
     with torch.no_grad():
@@ -136,8 +137,8 @@ def test_steps_record_no_graph_even_from_a_state_that_requires_grad() -> None:
 def test_batched_prompts_of_different_lengths_match_one_by_one(model: RecurrentLM, vocab: Vocabulary) -> None:
     # prompts of equal length are warmed in one call: interleaved lengths must keep their rows
     prompts = [ids(vocab, "a"), ids(vocab, "hello world, th"), ids(vocab, "t"), ids(vocab, "this is a tiny ")]
-    together = generate(model, vocab, prompts, 20, Sampling(strategy="greedy"))
-    alone = [generate(model, vocab, [p], 20, Sampling(strategy="greedy"))[0] for p in prompts]
+    together = generate(model, prompts, 20, Sampling(strategy="greedy"))
+    alone = [generate(model, [p], 20, Sampling(strategy="greedy"))[0] for p in prompts]
     assert together == alone
 
 
@@ -184,3 +185,20 @@ def test_inverse_cdf_draws_follow_the_distribution_and_skip_zero_probabilities()
     assert invert_cdf(edge, ends).tolist() == [1, 2]
     same = draw_one(probs[:50], torch.Generator().manual_seed(7))
     assert torch.equal(same, draw_one(probs[:50], torch.Generator().manual_seed(7)))
+
+
+def test_streamed_pieces_join_to_the_batch_text(model: RecurrentLM, vocab: Vocabulary) -> None:
+    settings = Sampling(strategy="sample", temperature=1.2, seed=5)
+    pieces = list(stream_text(model, vocab, ids(vocab, "hello"), 30, settings))
+    assert len(pieces) == 30  # one character per step at char level, each as soon as it is drawn
+    assert "".join(pieces) == sample_texts(model, vocab, ["hello"], 30, settings)[0]
+
+
+def test_streamed_bytes_come_out_as_whole_characters() -> None:
+    vocab = Vocabulary.byte_level(lowercase=False)
+    torch.manual_seed(0)
+    byte_model = RecurrentLM(len(vocab), ModelParams(layers=1, hidden=16, embedding_dim=8)).eval()
+    settings = Sampling(strategy="sample", temperature=3.0, seed=1)  # hot: many invalid sequences
+    pieces = list(stream_text(byte_model, vocab, ids(vocab, "é"), 200, settings))
+    assert "".join(pieces) == sample_texts(byte_model, vocab, ["é"], 200, settings)[0]
+    assert all(piece.encode("utf-8").decode("utf-8") == piece for piece in pieces)

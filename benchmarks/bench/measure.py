@@ -169,7 +169,7 @@ def measure_generation(
         ours, theirs = [], []
         for repeat in range(repeats):
             start = time.perf_counter()
-            generate(loaded.model, vocab, [prompt] * batch, ours_len, Sampling(seed=repeat))
+            generate(loaded.model, [prompt] * batch, ours_len, Sampling(seed=repeat))
             ours.append(batch * ours_len / (time.perf_counter() - start))
             windows = np.random.default_rng(repeat).integers(0, nb_vocab_size, (batch, notebook.WINDOW))
             start = time.perf_counter()

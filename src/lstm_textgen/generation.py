@@ -9,7 +9,7 @@ defaults are `params.Sampling`.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Literal
 
 import torch
@@ -126,16 +126,11 @@ def warm_up(
 
 
 @torch.inference_mode()
-def generate(
-    model: RecurrentLM,
-    vocab: Vocabulary,
-    prompt_ids: Sequence[Sequence[int]],
-    max_new_tokens: int,
-    sampling: Sampling,
-    on_tokens: Callable[[torch.Tensor], None] | None = None,
-) -> list[list[int]]:
-    """New token ids for each prompt. The state is warmed on each prompt (its own length), then all
-    prompts advance together, one token per step. `on_tokens` sees each step's [B] ids (streaming)."""
+def generation_steps(
+    model: RecurrentLM, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int, sampling: Sampling
+) -> Iterator[torch.Tensor]:
+    """Each step's [B] new token ids, as soon as they are drawn. The state is warmed on each prompt
+    (its own length), then all prompts advance together, one token per step."""
     model.eval()
     device = next(model.parameters()).device
     generator = None
@@ -143,17 +138,36 @@ def generate(
         generator = torch.Generator(device=device).manual_seed(sampling.seed)
     logits, state = warm_up(model, prompt_ids, device)
     step = model.stepper(state)
-    out: list[torch.Tensor] = []
     for position in range(max_new_tokens):
         token = next_tokens(logits, sampling, generator)
-        out.append(token)
-        if on_tokens is not None:
-            on_tokens(token)
+        yield token
         if position < max_new_tokens - 1:
             logits = step(token)
+
+
+def generate(
+    model: RecurrentLM, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int, sampling: Sampling
+) -> list[list[int]]:
+    """New token ids for each prompt."""
+    out = list(generation_steps(model, prompt_ids, max_new_tokens, sampling))
     if not out:
         return [[] for _ in prompt_ids]
     return torch.stack(out, dim=1).tolist()
+
+
+def stream_text(
+    model: RecurrentLM, vocab: Vocabulary, prompt_ids: Sequence[int], length: int, sampling: Sampling
+) -> Iterator[str]:
+    """One prompt's continuation, piece by piece as it is drawn (the command line and the web demo
+    print it as it grows); joined, the pieces equal `sample_texts`' text for the same seed."""
+    text = vocab.detokenizer(prompt_ids[-1])  # word spacing, whole UTF-8 characters
+    for token in generation_steps(model, [prompt_ids], length, sampling):
+        piece = text.push(int(token[0]))
+        if piece:
+            yield piece
+    tail = text.finish()
+    if tail:
+        yield tail
 
 
 def sample_texts(
@@ -168,7 +182,7 @@ def sample_texts(
     """Prompts -> generated continuations as readable text (words joined at word level, whole UTF-8
     characters at byte and BPE level)."""
     ids = [encode_prompt(p, vocab, unknown, replacement) for p in prompts]
-    generated = generate(model, vocab, ids, length, sampling)
+    generated = generate(model, ids, length, sampling)
     return [continuation(vocab, prompt_ids, g) for prompt_ids, g in zip(ids, generated, strict=True)]
 
 

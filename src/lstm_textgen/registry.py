@@ -178,3 +178,18 @@ def load_registered(uri: str, device: str | Any = "cpu") -> Any:
     loaded = mlflow.pyfunc.load_model(uri).unwrap_python_model().loaded
     loaded.model.to(device)
     return loaded
+
+
+def load_source(source: str, device: str | Any = "cpu") -> Any:
+    """A checkpoint path or a model URI (`models:/...`, `runs:/...`) as a `LoadedModel` on `device`."""
+    from lstm_textgen.checkpoint import load_model
+
+    if ":/" in source and not Path(source).exists():
+        return load_registered(source, device)
+    if not Path(source).is_file():
+        from lstm_textgen.errors import UserError
+
+        raise UserError(
+            f"{source}: no such checkpoint; give a .pt path or a model URI (models:/NAME@champion)"
+        )
+    return load_model(Path(source), device)

@@ -14,7 +14,7 @@ from pathlib import Path
 from lstm_textgen.checkpoint import LoadedModel, load_model
 from lstm_textgen.cli import run_main
 from lstm_textgen.devices import resolve_device
-from lstm_textgen.generation import encode_prompt, generate, sample_texts
+from lstm_textgen.generation import encode_prompt, sample_texts, stream_text
 from lstm_textgen.params import Sampling
 
 
@@ -77,14 +77,10 @@ def main(argv: list[str] | None = None) -> None:
         return
     ids = encode_prompt(prompts[0], loaded.vocab, unknown, replacement)
     sys.stdout.write(prompts[0])
-    text = loaded.vocab.detokenizer(ids[-1])  # word spacing, whole UTF-8 characters
-
-    def stream(token) -> None:
-        sys.stdout.write(text.push(int(token[0])))
+    for piece in stream_text(loaded.model, loaded.vocab, ids, length, sampling):
+        sys.stdout.write(piece)
         sys.stdout.flush()
-
-    generate(loaded.model, loaded.vocab, [ids], length, sampling, on_tokens=stream)
-    sys.stdout.write(text.finish() + "\n")
+    sys.stdout.write("\n")
 
 
 def entry_point() -> None:

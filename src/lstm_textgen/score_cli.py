@@ -13,7 +13,6 @@ import math
 import sys
 from pathlib import Path
 
-from lstm_textgen.checkpoint import LoadedModel, load_model
 from lstm_textgen.cli import run_main
 from lstm_textgen.devices import resolve_device, resolve_dtype
 from lstm_textgen.errors import UserError
@@ -35,14 +34,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--unknown", choices=["error", "skip", "replace"], default=None)
     parser.add_argument("--device", default="auto")
     return parser.parse_args(argv)
-
-
-def load(source: str, device: str) -> LoadedModel:
-    if ":/" in source and not Path(source).exists():
-        from lstm_textgen.registry import load_registered
-
-        return load_registered(source, resolve_device(device))
-    return load_model(Path(source), resolve_device(device))
 
 
 def read_text(file: str) -> str:
@@ -75,7 +66,9 @@ def report(score: TextScore, tokens: bool) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    loaded = load(args.model, args.device)
+    from lstm_textgen.registry import load_source  # imports mlflow: only once the arguments are good
+
+    loaded = load_source(args.model, resolve_device(args.device))
     device = next(loaded.model.parameters()).device
     sample = loaded.params.sample
     score = score_text(

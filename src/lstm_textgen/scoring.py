@@ -33,6 +33,7 @@ class TextScore:
     nats: float  # -log p of the predicted tokens, summed
     unknown: int  # tokens of the text outside the vocabulary (skipped, replaced or <unk>)
     token_logprobs: list[tuple[str, float]] | None = None  # (token's text, natural log-probability)
+    token_ids: list[int] | None = None  # with token_logprobs: every token of the text, the first too
 
     @property
     def bits_per_token(self) -> float:
@@ -92,10 +93,35 @@ def score_text(
     targets = ids[1 : predicted + 1]
     counts = vocab.character_counts
     characters = int(counts[np.asarray(targets, dtype=np.int64)].sum())
-    listed = None
-    if logprobs is not None:
-        listed = [(vocab.decode([t]), float(lp)) for t, lp in zip(targets, logprobs.tolist(), strict=True)]
-    return TextScore(len(ids), predicted, characters, nats, outside, listed)
+    if logprobs is None:
+        return TextScore(len(ids), predicted, characters, nats, outside)
+    listed = [(vocab.decode([t]), float(lp)) for t, lp in zip(targets, logprobs.tolist(), strict=True)]
+    return TextScore(len(ids), predicted, characters, nats, outside, listed, ids)
+
+
+def character_surprisal(vocab: Vocabulary, score: TextScore) -> list[tuple[str, float | None]]:
+    """The scored text as (piece, bits per character) pairs, for colouring each character by how
+    surprised the model was. A token's bits are spread evenly over the characters it completes: at
+    byte and BPE level a character may take several tokens, at word level a word's bits cover its
+    letters and the space before it. Tokens with no prediction (the first) get None."""
+    if score.token_ids is None or score.token_logprobs is None:
+        raise ValueError("score the text with per_token=True first")
+    text = vocab.detokenizer()
+    bits = [None, *(-lp / math.log(2) for _, lp in score.token_logprobs)]
+    bits += [None] * (len(score.token_ids) - len(bits))
+    pieces: list[tuple[str, float | None]] = []
+    pending: float | None = None
+    for token, token_bits in zip(score.token_ids, bits, strict=True):
+        if token_bits is not None:
+            pending = (pending or 0.0) + token_bits
+        piece = text.push(int(token))
+        if piece:
+            pieces.append((piece, None if pending is None else pending / len(piece)))
+            pending = None
+    tail = text.finish()
+    if tail:
+        pieces.append((tail, None if pending is None else pending / len(tail)))
+    return pieces
 
 
 def score_row(score: TextScore) -> dict[str, Any]:

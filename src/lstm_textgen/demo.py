@@ -1,0 +1,324 @@
+"""`lstm-textgen-demo` (`make demo`): a web page to show a model to someone who will not use curl.
+
+A gradio page on http://127.0.0.1:7860 with two tabs. Generate streams the text into the page as it
+is drawn, with a stop button; Score shows a text's bits per character and colours each character by
+the model's surprisal. A picker switches between the registered versions (the registry's champion
+first) or any model given with `--model` (a checkpoint path or a model URI).
+
+The page calls the served model's own code: `serving.request_settings` checks a request's values,
+`generation.encode_prompt` the prompt (the same messages, word for word), `generation.stream_text`
+draws the tokens and `scoring.score_text` scores. It works offline: gradio's fonts and scripts are
+served by the page itself, analytics are off and server-side rendering (a Node process) is not used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import os
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from lstm_textgen.cli import run_main
+from lstm_textgen.errors import UserError
+
+DEFAULT_PORT = 7860
+FRAME_SECONDS = 0.05  # the page is updated at most this often while text streams in
+HOT_BITS = 8.0  # surprisal shown in the strongest colour (and above)
+STRATEGIES = ("sample", "greedy", "mode")
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One choice in the picker: what to load and how to name it."""
+
+    source: str  # a model URI or a checkpoint path
+    label: str
+
+
+def version_label(name: str, version: Any, champion: bool) -> str:
+    """`NAME v3 (champion) · corpus · level · 2.08 bits/char · 2026-12-01 10:00` from the version's tags."""
+    tags = version.tags or {}
+    bpc = tags.get("val_bits_per_character")
+    created = datetime.fromtimestamp(version.creation_timestamp / 1000, UTC).strftime("%Y-%m-%d %H:%M")
+    parts = [
+        f"{name} v{version.version}" + (" (champion)" if champion else ""),
+        tags.get("corpus", "?"),
+        tags.get("level", "?"),
+        f"val {float(bpc):.3f} bits/char" if bpc else "val bits/char not recorded",
+        created,
+    ]
+    return " · ".join(parts)
+
+
+def registered_entries() -> list[ModelEntry]:
+    """Every registered version in the repository's store: each model's champion first, then the
+    newest versions; models with the most recent version first."""
+    from mlflow.tracking import MlflowClient
+
+    from lstm_textgen import tracking
+    from lstm_textgen.registry import CHAMPION
+
+    client = MlflowClient(tracking_uri=tracking.tracking_uri())
+    groups = []
+    for model in client.search_registered_models():
+        champion = model.aliases.get(CHAMPION) if model.aliases else None
+        versions = client.search_model_versions(f"name='{model.name}'")
+        versions.sort(key=lambda v: (str(v.version) != str(champion), -int(v.version)))
+        entries = [
+            ModelEntry(
+                f"models:/{model.name}/{v.version}",
+                version_label(model.name, v, str(v.version) == str(champion)),
+            )
+            for v in versions
+        ]
+        newest = max((v.creation_timestamp for v in versions), default=0)
+        groups.append((newest, entries))
+    groups.sort(key=lambda group: -group[0])
+    return [entry for _, entries in groups for entry in entries]
+
+
+def model_entries(extra: str | None, registered: list[ModelEntry]) -> list[ModelEntry]:
+    """The picker's choices: `--model` first when given, then the registry's versions."""
+    entries = list(registered)
+    if extra is not None and all(e.source != extra for e in entries):
+        entries.insert(0, ModelEntry(extra, extra))
+    if not entries:
+        raise UserError(
+            "no model to show: the registry holds none (run `make repro`), and --model was not given "
+            "(a checkpoint path such as data/model/model.pt, or a model URI)"
+        )
+    return entries
+
+
+class ModelCache:
+    """Models loaded once each, on first use; safe to call from gradio's worker threads."""
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+        self.loaded: dict[str, Any] = {}
+        self.lock = threading.Lock()
+
+    def get(self, source: str) -> Any:
+        from lstm_textgen.registry import load_source
+
+        with self.lock:
+            if source not in self.loaded:
+                self.loaded[source] = load_source(source, self.device)
+            return self.loaded[source]
+
+
+def describe(loaded: Any) -> str:
+    """A line about the model shown under the picker."""
+    params, vocab = loaded.params, loaded.vocab
+    model = params.model
+    size = sum(p.numel() for p in loaded.model.parameters())
+    return (
+        f"**{params.data.corpus}** · {vocab.level} level, {len(vocab):,} tokens · "
+        f"{model.cell.upper()} {model.layers}×{model.hidden} · {size / 1e6:.2f} M parameters"
+    )
+
+
+def error_html(exc: Exception) -> str:
+    """The message a served model would answer with (an MlflowException's, or a UserError's), as is."""
+    message = getattr(exc, "message", None) or str(exc)
+    return f'<p class="error"><strong>Error:</strong> {html.escape(message)}</p>'
+
+
+def stream_generation(loaded: Any, prompt: str, settings: dict[str, Any]) -> Iterator[tuple[str, str]]:
+    """(text so far, status) as the continuation grows; a bad request yields its message once.
+    `settings` are a request's optional columns (max_new_tokens, temperature, ...)."""
+    from mlflow.exceptions import MlflowException
+
+    from lstm_textgen.generation import encode_prompt, stream_text
+    from lstm_textgen.serving import request_settings
+
+    sample = loaded.params.sample
+    try:
+        prompt, length, sampling = request_settings({"prompt": prompt, **settings}, {}, sample)
+        ids = encode_prompt(prompt, loaded.vocab, sample.unknown, sample.replacement)
+    except (UserError, MlflowException) as exc:
+        yield prompt, error_html(exc)
+        return
+    text, shown, start = prompt, time.monotonic(), time.monotonic()
+    for piece in stream_text(loaded.model, loaded.vocab, ids, length, sampling):
+        text += piece
+        if time.monotonic() - shown >= FRAME_SECONDS:
+            shown = time.monotonic()
+            yield text, "generating…"
+    yield text, f"{length:,} tokens in {time.monotonic() - start:.2f} s"
+
+
+def surprisal_colour(bits: float | None) -> str:
+    """Transparent for no prediction; from pale to strong red as the bits grow to HOT_BITS."""
+    if bits is None:
+        return "transparent"
+    return f"rgba(220, 38, 38, {min(bits / HOT_BITS, 1.0):.3f})"
+
+
+def coloured_html(pieces: list[tuple[str, float | None]]) -> str:
+    """Each piece in a span coloured by its bits per character, the figure in its tooltip."""
+    spans = []
+    for piece, bits in pieces:
+        title = "no prediction (first token)" if bits is None else f"{bits:.2f} bits per character"
+        spans.append(
+            f'<span class="surprisal" data-bits="{"" if bits is None else f"{bits:.3f}"}" '
+            f'title="{title}" style="background:{surprisal_colour(bits)}">{html.escape(piece)}</span>'
+        )
+    legend = (
+        '<div class="surprisal-legend">surprisal: '
+        f'<span style="background:{surprisal_colour(0.5)}">&nbsp;low&nbsp;</span> '
+        f'<span style="background:{surprisal_colour(HOT_BITS / 2)}">&nbsp;{HOT_BITS / 2:g} bits&nbsp;</span> '
+        f'<span style="background:{surprisal_colour(HOT_BITS)}">&nbsp;{HOT_BITS:g}+ bits&nbsp;</span></div>'
+    )
+    body = "".join(spans)
+    return f'{legend}<div id="surprisal-text" style="white-space:pre-wrap;line-height:1.6">{body}</div>'
+
+
+def score_page(loaded: Any, text: str) -> tuple[str, str]:
+    """(figures, coloured text), both HTML, for the Score tab."""
+    from mlflow.exceptions import MlflowException
+
+    from lstm_textgen.devices import resolve_dtype
+    from lstm_textgen.scoring import character_surprisal, score_text
+    from lstm_textgen.serving import checked_prompt
+
+    sample = loaded.params.sample
+    device = next(loaded.model.parameters()).device
+    dtype = resolve_dtype("auto", device, loaded.params.model.cell)
+    try:
+        checked = checked_prompt({"prompt": text})
+        score = score_text(
+            loaded.model,
+            loaded.vocab,
+            checked,
+            loaded.params.evaluate,
+            dtype,
+            sample.unknown,
+            sample.replacement,
+            per_token=True,
+        )
+    except (UserError, MlflowException) as exc:
+        return error_html(exc), ""
+    figures = (
+        f'<h2 id="bits-per-character">{score.bits_per_character:.3f} bits per character</h2><p>'
+        f"{score.bits_per_token:.3f} bits per token · perplexity {score.perplexity:.2f} · "
+        f"{score.predicted:,} of {score.tokens:,} tokens predicted ({score.characters:,} characters)"
+        + (f" · {score.unknown:,} outside the vocabulary" if score.unknown else "")
+        + "</p>"
+    )
+    return figures, coloured_html(character_surprisal(loaded.vocab, score))
+
+
+def sampling_defaults(loaded: Any) -> dict[str, Any]:
+    """The controls' starting values: the model's own request defaults."""
+    from lstm_textgen.serving import request_defaults
+
+    return request_defaults(loaded.params.sample)
+
+
+def build_page(entries: list[ModelEntry], models: ModelCache) -> Any:
+    """The gradio Blocks: picker, Generate tab, Score tab, wired to the functions above."""
+    import gradio as gr
+
+    from lstm_textgen.serving import MAX_NEW_TOKENS
+
+    first = models.get(entries[0].source)
+    start = sampling_defaults(first)
+    with gr.Blocks(title="lstm-textgen", analytics_enabled=False) as page:
+        gr.Markdown("# lstm-textgen\nA recurrent language model, generating and scoring text.")
+        picker = gr.Dropdown(
+            [(e.label, e.source) for e in entries], value=entries[0].source, label="Model", elem_id="picker"
+        )
+        about = gr.Markdown(describe(first), elem_id="about")
+        with gr.Tab("Generate", elem_id="generate-tab"):
+            prompt = gr.Textbox(first.params.sample.prompts[0], label="Prompt", lines=3, elem_id="prompt")
+            with gr.Row():
+                length = gr.Slider(
+                    1,
+                    MAX_NEW_TOKENS,
+                    value=start["max_new_tokens"],
+                    step=1,
+                    label="Length (tokens)",
+                    elem_id="length",
+                )
+                strategy = gr.Radio(
+                    list(STRATEGIES), value=start["strategy"], label="Strategy", elem_id="strategy"
+                )
+            with gr.Row():
+                temperature = gr.Slider(0.05, 2.0, value=start["temperature"], step=0.05, label="Temperature")
+                top_k = gr.Number(start["top_k"], precision=0, minimum=0, label="Top-k (0 = off)")
+                top_p = gr.Slider(0.01, 1.0, value=start["top_p"], step=0.01, label="Top-p (1 = off)")
+                seed = gr.Number(
+                    start["seed"], precision=0, label="Seed (-1 = a different text each time)", elem_id="seed"
+                )
+            with gr.Row():
+                generate = gr.Button("Generate", variant="primary", elem_id="generate")
+                stop = gr.Button("Stop", variant="stop", elem_id="stop")
+            output = gr.Textbox(label="Text", lines=14, interactive=False, elem_id="output")
+            status = gr.HTML(elem_id="generate-status")
+        with gr.Tab("Score", elem_id="score-tab"):
+            text = gr.Textbox(label="Text to score", lines=6, elem_id="score-text")
+            score = gr.Button("Score", variant="primary", elem_id="score")
+            figures = gr.HTML(elem_id="score-figures")
+            coloured = gr.HTML(elem_id="score-coloured")
+
+        def on_generate(source, prompt_text, *values):
+            names = ("max_new_tokens", "strategy", "temperature", "top_k", "top_p", "seed")
+            yield from stream_generation(
+                models.get(source), prompt_text, dict(zip(names, values, strict=True))
+            )
+
+        def on_pick(source):
+            loaded = models.get(source)
+            chosen = sampling_defaults(loaded)
+            keys = ("strategy", "temperature", "top_k", "top_p")
+            return describe(loaded), *(chosen[k] for k in keys)
+
+        running = generate.click(
+            on_generate,
+            [picker, prompt, length, strategy, temperature, top_k, top_p, seed],
+            [output, status],
+            concurrency_limit=4,
+        )
+        stop.click(None, cancels=[running])
+        picker.change(on_pick, [picker], [about, strategy, temperature, top_k, top_p])
+        score.click(lambda source, t: score_page(models.get(source), t), [picker, text], [figures, coloured])
+    return page
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="lstm-textgen-demo", description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--model", default=None, help="a checkpoint path or model URI, shown first (default: the champion)"
+    )
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT)
+    parser.add_argument("--device", default="auto")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # before gradio is imported
+    from lstm_textgen.devices import resolve_device
+
+    entries = model_entries(args.model, registered_entries())
+    models = ModelCache(str(resolve_device(args.device)))
+    page = build_page(entries, models)
+    print(f"demo: {len(entries)} model(s); the first is {entries[0].label}", flush=True)
+    page.queue(default_concurrency_limit=4).launch(
+        server_name=args.host, server_port=args.port, ssr_mode=False, pwa=False, mcp_server=False, quiet=False
+    )
+
+
+def entry_point() -> None:
+    run_main(main)
+
+
+if __name__ == "__main__":
+    entry_point()

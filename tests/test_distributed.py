@@ -249,7 +249,8 @@ def assert_failed_cleanly(
     (mlflow_run,) = mlflow_runs(prepared_repo / "runs" / name / "mlflow.db")
     error = mlflow_run.data.tags.get("error", "")
     assert mlflow_run.info.status == status, error
-    assert re.search("Connection reset by peer|lost contact|SIGTERM", error), error
+    # gloo words a dead peer either way, depending on when the socket noticed
+    assert re.search("Connection (reset|closed) by peer|lost contact|SIGTERM", error), error
 
 
 @pytest.mark.slow

@@ -359,11 +359,12 @@ def stop_midway(page, prompt: str) -> str:
         arg=prompt,
     )
     page.click("#stop")
-    page.wait_for_timeout(1000)
+    page.wait_for_function("() => document.querySelector('#generate-status').innerText === 'stopped'")
+    page.wait_for_timeout(1000)  # what was already on its way arrives
     stopped = page.input_value("#output textarea")
     page.wait_for_timeout(1000)
     assert page.input_value("#output textarea") == stopped, "the text still grows after Stop"
-    assert "tokens in" not in page.inner_text("#generate-status")
+    assert page.inner_text("#generate-status") == "stopped"  # not "2,000 tokens in ...": it never finished
     return stopped
 
 

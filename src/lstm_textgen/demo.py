@@ -285,7 +285,7 @@ def build_page(entries: list[ModelEntry], models: ModelCache) -> Any:
             [output, status],
             concurrency_limit=4,
         )
-        stop.click(None, cancels=[running])
+        stop.click(lambda: "stopped", None, [status], cancels=[running])
         picker.change(on_pick, [picker], [about, strategy, temperature, top_k, top_p])
         score.click(lambda source, t: score_page(models.get(source), t), [picker, text], [figures, coloured])
     return page

@@ -285,7 +285,8 @@ def build_page(entries: list[ModelEntry], models: ModelCache) -> Any:
             [output, status],
             concurrency_limit=4,
         )
-        stop.click(lambda: "stopped", None, [status], cancels=[running])
+        # after the cancel has landed: gradio puts a cancelled event's outputs back as it ends
+        stop.click(None, cancels=[running]).then(lambda: "stopped", None, [status])
         picker.change(on_pick, [picker], [about, strategy, temperature, top_k, top_p])
         score.click(lambda source, t: score_page(models.get(source), t), [picker, text], [figures, coloured])
     return page

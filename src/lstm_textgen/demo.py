@@ -21,15 +21,15 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, get_args
 
 from lstm_textgen.cli import run_main
 from lstm_textgen.errors import UserError
+from lstm_textgen.params import Sampling
 
 DEFAULT_PORT = 7860
 FRAME_SECONDS = 0.05  # the page is updated at most this often while text streams in
 HOT_BITS = 8.0  # surprisal shown in the strongest colour (and above)
-STRATEGIES = ("sample", "greedy", "mode")
 
 
 @dataclass(frozen=True)
@@ -183,25 +183,11 @@ def score_page(loaded: Any, text: str) -> tuple[str, str]:
     """(figures, coloured text), both HTML, for the Score tab."""
     from mlflow.exceptions import MlflowException
 
-    from lstm_textgen.devices import resolve_dtype
-    from lstm_textgen.scoring import character_surprisal, score_text
+    from lstm_textgen.scoring import character_surprisal, score_loaded
     from lstm_textgen.serving import checked_prompt
 
-    sample = loaded.params.sample
-    device = next(loaded.model.parameters()).device
-    dtype = resolve_dtype("auto", device, loaded.params.model.cell)
     try:
-        checked = checked_prompt({"prompt": text})
-        score = score_text(
-            loaded.model,
-            loaded.vocab,
-            checked,
-            loaded.params.evaluate,
-            dtype,
-            sample.unknown,
-            sample.replacement,
-            per_token=True,
-        )
+        score = score_loaded(loaded, checked_prompt({"prompt": text}), per_token=True)
     except (UserError, MlflowException) as exc:
         return error_html(exc), ""
     figures = (
@@ -247,7 +233,10 @@ def build_page(entries: list[ModelEntry], models: ModelCache) -> Any:
                     elem_id="length",
                 )
                 strategy = gr.Radio(
-                    list(STRATEGIES), value=start["strategy"], label="Strategy", elem_id="strategy"
+                    list(get_args(Sampling.model_fields["strategy"].annotation)),
+                    value=start["strategy"],
+                    label="Strategy",
+                    elem_id="strategy",
                 )
             with gr.Row():
                 temperature = gr.Slider(0.05, 2.0, value=start["temperature"], step=0.05, label="Temperature")

@@ -14,9 +14,9 @@ import sys
 from pathlib import Path
 
 from lstm_textgen.cli import run_main
-from lstm_textgen.devices import resolve_device, resolve_dtype
+from lstm_textgen.devices import resolve_device
 from lstm_textgen.errors import UserError
-from lstm_textgen.scoring import TextScore, score_text
+from lstm_textgen.scoring import TextScore, score_loaded
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -69,18 +69,7 @@ def main(argv: list[str] | None = None) -> None:
     from lstm_textgen.registry import load_source  # imports mlflow: only once the arguments are good
 
     loaded = load_source(args.model, resolve_device(args.device))
-    device = next(loaded.model.parameters()).device
-    sample = loaded.params.sample
-    score = score_text(
-        loaded.model,
-        loaded.vocab,
-        read_text(args.file),
-        loaded.params.evaluate,
-        resolve_dtype("auto", device, loaded.params.model.cell),
-        args.unknown or sample.unknown,
-        sample.replacement,
-        per_token=args.tokens,
-    )
+    score = score_loaded(loaded, read_text(args.file), per_token=args.tokens, unknown=args.unknown)
     if args.json:
         row = score.figures() | ({"token_logprobs": score.token_logprobs} if args.tokens else {})
         print(json.dumps(row))

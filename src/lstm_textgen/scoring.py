@@ -99,6 +99,27 @@ def score_text(
     return TextScore(len(ids), predicted, characters, nats, outside, listed, ids)
 
 
+def score_loaded(
+    loaded: Any, text: str, per_token: bool = False, unknown: UnknownPolicy | None = None
+) -> TextScore:
+    """`score_text` with a loaded model's own windows, dtype and unknown-token policy (`unknown`
+    overrides the policy): what the command, the served model and the demo score with."""
+    from lstm_textgen.devices import resolve_dtype
+
+    sample = loaded.params.sample
+    device = next(loaded.model.parameters()).device
+    return score_text(
+        loaded.model,
+        loaded.vocab,
+        text,
+        loaded.params.evaluate,
+        resolve_dtype("auto", device, loaded.params.model.cell),
+        unknown or sample.unknown,
+        sample.replacement,
+        per_token,
+    )
+
+
 def character_surprisal(vocab: Vocabulary, score: TextScore) -> list[tuple[str, float | None]]:
     """The scored text as (piece, bits per character) pairs, for colouring each character by how
     surprised the model was. A token's bits are spread evenly over the characters it completes: at

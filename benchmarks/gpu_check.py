@@ -29,14 +29,15 @@ import torch
 from benchmarks.bench.goals import GPU_TARGET_LOSS
 from benchmarks.bench.local import free_port, load_corpus
 from benchmarks.bench.measure import REPO
-from lstm_textgen.checkpoint import load_checkpoint, load_model
-from lstm_textgen.dataset import Dataset, build_dataset
-from lstm_textgen.distributed import World
+from lstm_textgen.apps.presets import load_presets, with_settings
+from lstm_textgen.data.dataset import Dataset
+from lstm_textgen.data.preparation import build_dataset
 from lstm_textgen.files import write_text
-from lstm_textgen.generation import generate, warm_up
+from lstm_textgen.inference.generation import generate, warm_up
+from lstm_textgen.model.checkpoint import load_checkpoint, load_model
 from lstm_textgen.params import Params, Sampling, load_params
-from lstm_textgen.presets import load_presets, with_settings
-from lstm_textgen.training import TrainResult, train
+from lstm_textgen.train.distributed import World
+from lstm_textgen.train.loop import TrainResult, train
 
 
 def parse_args() -> argparse.Namespace:

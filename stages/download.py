@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from lstm_textgen.cli import run_main
-from lstm_textgen.corpora import acquire
+from lstm_textgen.data.corpora import acquire
+from lstm_textgen.errors import run_main
 from lstm_textgen.files import write_json
 from lstm_textgen.params import load_params
 

@@ -9,15 +9,14 @@ from pathlib import Path
 
 import mlflow
 
-from lstm_textgen import tracking
-from lstm_textgen.checkpoint import load_model
-from lstm_textgen.cli import run_main
-from lstm_textgen.dataset import load_dataset
+from lstm_textgen.data.dataset import load_dataset
 from lstm_textgen.devices import resolve_device, resolve_dtype
-from lstm_textgen.errors import UserError
-from lstm_textgen.evaluation import evaluate_splits
+from lstm_textgen.errors import UserError, run_main
 from lstm_textgen.files import read_json, write_json
+from lstm_textgen.inference.evaluation import evaluate_splits
+from lstm_textgen.model.checkpoint import load_model
 from lstm_textgen.params import flatten, load_params
+from lstm_textgen.tracking import store
 
 
 def main() -> None:
@@ -54,7 +53,7 @@ def main() -> None:
                 split_metrics[f"{kind}bits_per_character"] = bits / per_token
     write_json(args.out, results)
     run_id = read_json(args.train_metrics)["mlflow_run_id"]
-    with tracking.active_run(run_id=run_id):
+    with store.active_run(run_id=run_id):
         mlflow.log_metrics({f"eval.{k}": v for k, v in flatten(results).items()})
     for name, m in results.items():
         print(

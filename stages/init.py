@@ -9,14 +9,14 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from lstm_textgen.cli import run_main
+from lstm_textgen.errors import run_main
 from lstm_textgen.files import atomic_path, read_json, write_json
 from lstm_textgen.params import load_params
 
 
 def resolve(spec: str) -> tuple[dict[str, Any], dict[str, str]]:
     """The source's checkpoint and lineage (torch is imported only when there is a source)."""
-    from lstm_textgen.finetune import checkpoint_digest, resolve_source
+    from lstm_textgen.tracking.sources import checkpoint_digest, resolve_source
 
     source, lineage = resolve_source(spec)
     checkpoint = {k: source[k] for k in ("model", "vocab", "params")}

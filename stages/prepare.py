@@ -6,12 +6,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from lstm_textgen.cli import run_main
+from lstm_textgen.data.preparation import prepare_corpus
+from lstm_textgen.data.source import load_resolved
+from lstm_textgen.data.tokenisers import Vocabulary
+from lstm_textgen.errors import run_main
 from lstm_textgen.files import read_json, write_json
-from lstm_textgen.finetune import load_resolved
 from lstm_textgen.params import load_params
-from lstm_textgen.preparation import prepare_corpus
-from lstm_textgen.vocab import Vocabulary
 
 
 def main() -> None:

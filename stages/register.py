@@ -6,11 +6,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from lstm_textgen.checkpoint import load_checkpoint
-from lstm_textgen.cli import run_main
+from lstm_textgen.errors import run_main
 from lstm_textgen.files import read_json, write_json
+from lstm_textgen.model.checkpoint import load_checkpoint
 from lstm_textgen.params import load_params
-from lstm_textgen.registry import default_model_name, register, registration_summary
+from lstm_textgen.tracking.registry import default_model_name, register, registration_summary
 
 
 def main() -> None:

@@ -16,17 +16,16 @@ import mlflow
 import torch
 import yaml
 
-from lstm_textgen import tracking
-from lstm_textgen.cli import run_main
-from lstm_textgen.dataset import load_dataset
+from lstm_textgen.data.dataset import load_dataset
 from lstm_textgen.devices import resolve_device
-from lstm_textgen.distributed import World, launch_local
-from lstm_textgen.errors import UserError
+from lstm_textgen.errors import UserError, run_main
 from lstm_textgen.files import atomic_path, read_json, write_json, write_text
-from lstm_textgen.finetune import initial_weights, lineage_note
 from lstm_textgen.params import Params, flatten, load_params
-from lstm_textgen.plots import plot_losses
-from lstm_textgen.training import TrainResult, load_resumable, train
+from lstm_textgen.tracking import store
+from lstm_textgen.train.distributed import World, launch_local
+from lstm_textgen.train.finetune import initial_weights, lineage_note
+from lstm_textgen.train.loop import TrainResult, load_resumable, train
+from lstm_textgen.train.outputs import plot_losses
 
 
 def log_evaluation(record: dict[str, float]) -> None:
@@ -95,7 +94,7 @@ def train_and_log(args: argparse.Namespace, params: Params, world: World) -> Non
     device = world.device(params.train.device)
     if world.launched and params.train.processes not in (1, world.world_size):
         print(f"train: started by torchrun with {world.world_size} processes; train.processes is not used")
-    for run_id in tracking.close_abandoned_runs():
+    for run_id in store.close_abandoned_runs():
         print(f"train: MLflow run {run_id} was left RUNNING by a process that is gone; marked KILLED")
     saved = load_resumable(args.resume_from, params, dataset.vocab) if params.train.resume else None
     start = initial_weights(args.init, params, dataset.vocab)
@@ -108,16 +107,16 @@ def train_and_log(args: argparse.Namespace, params: Params, world: World) -> Non
         "vocab_size": len(dataset.vocab),
     }
     tags = {
-        **tracking.run_tags(corpus, device.type),
+        **store.run_tags(corpus, device.type),
         "world_size": str(world.world_size),
         "backend": world.backend(device) if world.launched else "none",
         "mlflow.note.content": "\n\n".join(
-            [tracking.run_description(), *([lineage_note(lineage)] if lineage else [])]
+            [store.run_description(), *([lineage_note(lineage)] if lineage else [])]
         ),
         **lineage,
     }
-    run_id = tracking.existing_run((saved or {}).get("labels", {}).get("mlflow_run_id"))
-    with tracking.active_run(run_id=run_id, run_name=None if run_id else tracking.run_name()) as run:
+    run_id = store.existing_run((saved or {}).get("labels", {}).get("mlflow_run_id"))
+    with store.active_run(run_id=run_id, run_name=None if run_id else store.run_name()) as run:
         if saved is None:
             mlflow.log_params({k: str(v) for k, v in logged.items()})
         else:

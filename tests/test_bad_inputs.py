@@ -10,13 +10,14 @@ from pathlib import Path
 import pytest
 from conftest import REPO_ROOT, run, tool_env
 
-from lstm_textgen.dataset import build_dataset, load_dataset, save_dataset
+from lstm_textgen.data.dataset import load_dataset, save_dataset
+from lstm_textgen.data.preparation import build_dataset
+from lstm_textgen.data.tokenisers import Vocabulary
+from lstm_textgen.data.windows import split
 from lstm_textgen.errors import UserError
 from lstm_textgen.files import write_text
 from lstm_textgen.params import DataParams, parse_params
-from lstm_textgen.training import train
-from lstm_textgen.vocab import Vocabulary
-from lstm_textgen.windows import split
+from lstm_textgen.train.loop import train
 
 TEXT = "the quick brown fox jumps over the lazy dog. " * 200
 

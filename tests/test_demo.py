@@ -11,13 +11,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from lstm_textgen.demo import ModelEntry, coloured_html, model_entries, version_label
+from lstm_textgen.apps.demo import ModelEntry, coloured_html, model_entries, version_label
+from lstm_textgen.apps.plots import dvc_plots_command, offline_template
+from lstm_textgen.data.tokenisers import Vocabulary
 from lstm_textgen.errors import UserError
-from lstm_textgen.model import RecurrentLM
+from lstm_textgen.inference.scoring import character_surprisal, score_text
+from lstm_textgen.model.recurrent import RecurrentLM
 from lstm_textgen.params import EvaluateParams, ModelParams
-from lstm_textgen.plots_offline import dvc_plots_command, offline_template
-from lstm_textgen.scoring import character_surprisal, score_text
-from lstm_textgen.vocab import Vocabulary
 
 TEXT = "Tomorrow, and tomorrow, and tomorrow — naïve café.\n"
 
@@ -60,7 +60,7 @@ def test_picker_lists_the_given_model_first_and_needs_one() -> None:
 
 
 def test_a_missing_checkpoint_is_named(tmp_path: Path) -> None:
-    from lstm_textgen.registry import load_source
+    from lstm_textgen.tracking.registry import load_source
 
     with pytest.raises(UserError, match=r"nope\.pt: no such checkpoint; give a \.pt path or a model URI"):
         load_source(str(tmp_path / "nope.pt"))

@@ -18,9 +18,9 @@ import torch
 import yaml
 from conftest import free_port, run, tiny_repo, tool_env, train_stage_command
 
-from lstm_textgen.batches import Batcher
-from lstm_textgen.distributed import root_failure
-from lstm_textgen.train_state import TrainState
+from lstm_textgen.train.batches import Batcher
+from lstm_textgen.train.distributed import root_failure
+from lstm_textgen.train.state import TrainState
 
 # Constant learning rate: a run stopped at step 10 and resumed to 20 follows the same schedule as
 # one that ran 20 steps straight.
@@ -152,7 +152,7 @@ def test_two_processes_train_exactly_as_one_with_twice_the_batch(prepared_repo: 
     assert mlflow_run.data.tags["world_size"] == "2" and mlflow_run.data.tags["backend"] == "gloo"
     assert mlflow_run.data.metrics["final_processes"] == 2
     # rank 0 saved the unwrapped model: a single process loads it as it loads any checkpoint
-    from lstm_textgen.checkpoint import load_model
+    from lstm_textgen.model.checkpoint import load_model
 
     assert load_model(prepared_repo / "runs" / f"two-{kind}" / "model" / "model.pt").model.training is False
 

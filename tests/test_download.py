@@ -12,7 +12,7 @@ import pytest
 import yaml
 from conftest import REPO_ROOT, tool_env
 
-from lstm_textgen.fetch import DownloadError, fetch
+from lstm_textgen.data.fetch import DownloadError, fetch
 
 TINY_SHA = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 FAST = {"timeout_s": 5.0, "retries": 1, "backoff_s": 0.01}  # generous: tests share the cores

@@ -13,7 +13,7 @@ import torch
 import yaml
 from conftest import run, runs_by_name, store_client, tiny_repo, tool_env
 
-from lstm_textgen.corpora import to_text
+from lstm_textgen.data.corpora import to_text
 from lstm_textgen.params import CorpusSpec
 
 pytestmark = pytest.mark.slow
@@ -43,10 +43,10 @@ def first_val_loss(repo: Path) -> float:
 def from_scratch_first_val_loss(repo: Path, tmp_path: Path) -> float:
     """The same training on the same prepared data from random weights: the baseline the fine-tune
     must beat (the library's `train`, as the stage calls it, without a second pipeline run)."""
-    from lstm_textgen.dataset import load_dataset
+    from lstm_textgen.apps.presets import with_settings
+    from lstm_textgen.data.dataset import load_dataset
     from lstm_textgen.params import load_params
-    from lstm_textgen.presets import with_settings
-    from lstm_textgen.training import train
+    from lstm_textgen.train.loop import train
 
     params = with_settings(load_params(repo / "params.yaml"), {"train.init_from": None})
     dataset = load_dataset(repo / "data/prepared")
@@ -62,7 +62,7 @@ def test_fine_tuning_grows_the_vocabulary_and_starts_from_the_source(
     onto_alice = ["-S", "data.corpus=wonderland", "-S", "train.max_steps=20"]
 
     # the fine-tuning preset, its source being this repo's champion (later -S values win)
-    preset = ["python", "-m", "lstm_textgen.presets", "run", "shakespeare-to-alice", *onto_alice]
+    preset = ["python", "-m", "lstm_textgen.apps.presets", "run", "shakespeare-to-alice", *onto_alice]
     tuned = run([*preset, "-S", f"train.init_from=models:/{SOURCE_MODEL}@champion"], cwd=repo, env=env)
     assert "Running stage 'init'" in tuned.stdout
     run(["dvc", "exp", "apply", "shakespeare-to-alice"], cwd=repo, env=env)  # presets run with --temp

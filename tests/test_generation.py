@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from lstm_textgen.data.tokenisers import Vocabulary, tokenize
 from lstm_textgen.errors import UserError
-from lstm_textgen.generation import (
+from lstm_textgen.inference.generation import (
     PromptError,
     Sampling,
     draw_one,
@@ -17,9 +18,8 @@ from lstm_textgen.generation import (
     sample_texts,
     stream_text,
 )
-from lstm_textgen.model import RecurrentLM
+from lstm_textgen.model.recurrent import RecurrentLM
 from lstm_textgen.params import ModelParams
-from lstm_textgen.vocab import Vocabulary, tokenize
 
 TEXT = "hello world, this is a tiny text.\n"
 

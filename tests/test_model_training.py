@@ -10,15 +10,15 @@ import numpy as np
 import pytest
 import torch
 
-from lstm_textgen.checkpoint import load_checkpoint, load_model
+from lstm_textgen.data.tokenisers import Vocabulary
+from lstm_textgen.data.windows import split
 from lstm_textgen.devices import DeviceError, resolve_dtype
 from lstm_textgen.errors import UserError
-from lstm_textgen.model import RecurrentLM
+from lstm_textgen.model.checkpoint import load_checkpoint, load_model
+from lstm_textgen.model.recurrent import RecurrentLM
 from lstm_textgen.params import ModelParams, Params, parse_params
-from lstm_textgen.schedule import lr_at, progress_by_clock
-from lstm_textgen.training import TrainingError, train
-from lstm_textgen.vocab import Vocabulary
-from lstm_textgen.windows import split
+from lstm_textgen.train.loop import TrainingError, train
+from lstm_textgen.train.schedule import lr_at, progress_by_clock
 
 TEXT = "the quick brown fox jumps over the lazy dog. " * 200
 
@@ -250,7 +250,7 @@ def test_sample_command_streams_and_repeats_with_a_seed(data, tmp_path: Path) ->
     command = [
         sys.executable,
         "-m",
-        "lstm_textgen.sample_cli",
+        "lstm_textgen.apps.sample",
         "--checkpoint",
         str(tmp_path / "best.pt"),
         "--prompt",
@@ -274,7 +274,7 @@ def test_sample_command_streams_and_repeats_with_a_seed(data, tmp_path: Path) ->
 def test_default_training_samples_well_from_a_short_prompt(tmp_path: Path) -> None:
     """The pitfall of stateful training with rare resets: near-random text from a zero state and a
     short prompt. Default training (random windows, each from a zero state) must not have it."""
-    from lstm_textgen.generation import Sampling, sample_texts
+    from lstm_textgen.inference.generation import Sampling, sample_texts
 
     text = "the quick brown fox jumps over the lazy dog. " * 300
     vocab = Vocabulary.build(text, "char", lowercase=False)

@@ -106,7 +106,7 @@ def test_stage_stops_with_the_message_and_nonzero_exit(tmp_path) -> None:
 def test_documented_preset_commands_match_presets_yaml() -> None:
     import shlex
 
-    from lstm_textgen.presets import command, load_presets
+    from lstm_textgen.apps.presets import command, load_presets
 
     readme = (REPO_ROOT / "docs" / "presets.md").read_text()
     presets = load_presets(REPO_ROOT / "presets.yaml")

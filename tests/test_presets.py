@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from conftest import run, runs_by_name, tiny_repo, tool_env
 
-from lstm_textgen.presets import command, load_presets
+from lstm_textgen.apps.presets import command, load_presets
 
 pytestmark = pytest.mark.slow
 

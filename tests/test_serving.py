@@ -44,7 +44,7 @@ def test_registered_champion_loads_and_predicts(store: Path) -> None:
 def test_champion_moves_only_on_improvement(store: Path) -> None:
     from mlflow.tracking import MlflowClient
 
-    from lstm_textgen.registry import register
+    from lstm_textgen.tracking.registry import register
 
     run_id = json.loads((store / "metrics/train.json").read_text())["mlflow_run_id"]
     client = MlflowClient()
@@ -82,7 +82,7 @@ def test_registered_model_follows_the_sample_params_and_carries_no_optimizer(sto
     from mlflow.exceptions import MlflowException
 
     from lstm_textgen.params import SampleParams
-    from lstm_textgen.registry import register
+    from lstm_textgen.tracking.registry import register
 
     run_id = json.loads((store / "metrics/train.json").read_text())["mlflow_run_id"]
     tags = {"corpus": "shakespeare", "level": "char", "lowercase": "false"}
@@ -197,11 +197,11 @@ def test_scores_agree_with_evaluate_the_command_and_the_server(
 
     import torch
 
-    from lstm_textgen.checkpoint import load_model
-    from lstm_textgen.dataset import load_dataset
+    from lstm_textgen.data.dataset import load_dataset
     from lstm_textgen.devices import resolve_dtype
+    from lstm_textgen.inference.scoring import score_text
+    from lstm_textgen.model.checkpoint import load_model
     from lstm_textgen.params import load_params
-    from lstm_textgen.scoring import score_text
 
     repo, _ = repro_repo
     loaded, params = load_model(repo / "data/model/model.pt"), load_params(repo / "params.yaml")
@@ -326,10 +326,10 @@ def register_large_untrained_version(store: Path, tmp_path: Path) -> int:
     description and what is generated, and it generates slowly enough to be stopped midway."""
     import torch
 
-    from lstm_textgen.checkpoint import load_checkpoint, save_checkpoint
-    from lstm_textgen.model import RecurrentLM
+    from lstm_textgen.model.checkpoint import load_checkpoint, save_checkpoint
+    from lstm_textgen.model.recurrent import RecurrentLM
     from lstm_textgen.params import parse_params
-    from lstm_textgen.registry import register
+    from lstm_textgen.tracking.registry import register
 
     checkpoint = load_checkpoint(store / "data/model/model.pt")
     checkpoint["params"]["model"].update(layers=2, hidden=1024)

@@ -20,12 +20,12 @@ import pytest
 from conftest import REPO_ROOT, file_server
 from test_corpora import FILES
 
-from lstm_textgen.corpora import acquire, to_text
-from lstm_textgen.dataset import load_dataset
-from lstm_textgen.fetch import DownloadError
-from lstm_textgen.normalise import CorpusError
+from lstm_textgen.data.corpora import acquire, to_text
+from lstm_textgen.data.dataset import load_dataset
+from lstm_textgen.data.fetch import DownloadError
+from lstm_textgen.data.normalise import CorpusError
+from lstm_textgen.data.preparation import prepare_corpus
 from lstm_textgen.params import CorpusSpec, DataParams, DownloadParams, load_params
-from lstm_textgen.preparation import prepare_corpus
 
 # sha256 of each shared corpus's normalised text as the whole-text implementation wrote it
 NORMALISED_SHA256 = {
@@ -184,9 +184,9 @@ import resource, sys, time
 from pathlib import Path
 import numpy as np, torch
 from lstm_textgen.params import DataParams, parse_params
-from lstm_textgen.preparation import prepare_corpus
-from lstm_textgen.dataset import load_dataset
-from lstm_textgen.training import new_train_state, train_step
+from lstm_textgen.data.preparation import prepare_corpus
+from lstm_textgen.data.dataset import load_dataset
+from lstm_textgen.train.loop import new_train_state, train_step
 
 def data_kb():
     return int(next(l.split()[1] for l in open("/proc/self/status") if l.startswith("VmData")))

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lstm_textgen.vocab import Vocabulary, VocabularyError, code_points, tokenize
+from lstm_textgen.data.tokenisers import Vocabulary, VocabularyError, code_points, tokenize
 
 TEXT = st.text(alphabet=st.characters(codec="utf-8", exclude_categories=("Cs",)), min_size=1, max_size=200)
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lstm_textgen.dataset import build_dataset, load_dataset, save_dataset
+from lstm_textgen.data.dataset import load_dataset, save_dataset
+from lstm_textgen.data.preparation import build_dataset
+from lstm_textgen.data.tokenisers import UNK, Vocabulary, VocabularyError, detokenize, tokenize
+from lstm_textgen.data.windows import split, window_views
 from lstm_textgen.errors import UserError
 from lstm_textgen.params import DataParams
-from lstm_textgen.vocab import UNK, Vocabulary, VocabularyError, detokenize, tokenize
-from lstm_textgen.windows import split, window_views
 
 TEXT = "To be, or not to be: that is the question.\nWhether 'tis nobler in the mind to suffer\n"
 

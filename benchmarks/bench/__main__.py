@@ -30,7 +30,7 @@ from benchmarks.bench.measure import (
     measure_training,
 )
 from benchmarks.bench.report import write_report
-from lstm_textgen.dataset import build_dataset
+from lstm_textgen.data.preparation import build_dataset
 from lstm_textgen.devices import DTYPES, resolve_device
 from lstm_textgen.files import write_text
 from lstm_textgen.params import load_params

@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 from pathlib import Path
 
-from lstm_textgen.corpora import acquire
+from lstm_textgen.data.corpora import acquire
 from lstm_textgen.params import CorpusSpec, Params
 
 

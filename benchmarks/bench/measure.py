@@ -17,14 +17,14 @@ import torch
 
 from benchmarks import notebook_baseline as notebook
 from benchmarks.bench.goals import GPU_TARGET_LOSS
-from lstm_textgen.checkpoint import load_model
+from lstm_textgen.apps.presets import load_presets, with_settings
+from lstm_textgen.data.tokenisers import Vocabulary
 from lstm_textgen.devices import resolve_device, resolve_dtype
-from lstm_textgen.evaluation import evaluate_stateful
-from lstm_textgen.generation import generate
+from lstm_textgen.inference.evaluation import evaluate_stateful
+from lstm_textgen.inference.generation import generate
+from lstm_textgen.model.checkpoint import load_model
 from lstm_textgen.params import Params, Sampling, parse_params
-from lstm_textgen.presets import load_presets, with_settings
-from lstm_textgen.training import new_train_state, train, train_step
-from lstm_textgen.vocab import Vocabulary
+from lstm_textgen.train.loop import new_train_state, train, train_step
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from benchmarks import notebook_baseline as notebook
-from lstm_textgen.dataset import build_dataset
+from lstm_textgen.data.preparation import build_dataset
 from lstm_textgen.params import DataParams
 
 

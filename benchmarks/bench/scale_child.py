@@ -20,14 +20,14 @@ BPE_VOCAB = 1024
 
 
 def normalise(corpus: Path, out: Path) -> dict[str, Any]:
-    from lstm_textgen.corpora import acquire
+    from lstm_textgen.data.corpora import acquire
 
     summary = acquire("synthetic", CorpusSpec(source=str(corpus)), DownloadParams(), out)
     return {"characters": summary["characters"]}
 
 
 def prepare(level: str, corpus: Path, out: Path) -> dict[str, Any]:
-    from lstm_textgen.preparation import prepare_corpus
+    from lstm_textgen.data.preparation import prepare_corpus
 
     stats = prepare_corpus(corpus, DataParams(level=level, vocab_size=BPE_VOCAB), out)
     return {"vocab_size": stats["vocab_size"], "tokens": sum(stats["tokens"].values())}
@@ -39,10 +39,10 @@ def train(prepared: Path, baseline: Path, steps: int, rounds: int = 5) -> dict[s
     import statistics
 
     from benchmarks.bench.measure import REPO
-    from lstm_textgen.dataset import load_dataset
+    from lstm_textgen.data.dataset import load_dataset
     from lstm_textgen.devices import configure_backend, resolve_device, resolve_dtype
     from lstm_textgen.params import load_params
-    from lstm_textgen.training import new_train_state, train_step
+    from lstm_textgen.train.loop import new_train_state, train_step
 
     params = load_params(REPO / "params.yaml")
     device = resolve_device(params.train.device)

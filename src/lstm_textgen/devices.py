@@ -61,7 +61,7 @@ def resolve_dtype(preference: str, device: torch.device, cell: str = "lstm") -> 
 
 
 def _check_cpu_autocast(dtype: torch.dtype, cell: str, name: str) -> None:
-    from lstm_textgen.model import CELLS
+    from lstm_textgen.model.recurrent import CELLS
 
     probe = CELLS[cell](4, 8, num_layers=2, batch_first=True)
     try:

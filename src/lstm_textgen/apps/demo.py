@@ -23,8 +23,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, get_args
 
-from lstm_textgen.cli import run_main
-from lstm_textgen.errors import UserError
+from lstm_textgen.errors import UserError, run_main
 from lstm_textgen.params import Sampling
 
 DEFAULT_PORT = 7860
@@ -60,10 +59,10 @@ def registered_entries() -> list[ModelEntry]:
     newest versions; models with the most recent version first."""
     from mlflow.tracking import MlflowClient
 
-    from lstm_textgen import tracking
-    from lstm_textgen.registry import CHAMPION
+    from lstm_textgen.tracking import store
+    from lstm_textgen.tracking.registry import CHAMPION
 
-    client = MlflowClient(tracking_uri=tracking.tracking_uri())
+    client = MlflowClient(tracking_uri=store.tracking_uri())
     groups = []
     for model in client.search_registered_models():
         champion = model.aliases.get(CHAMPION) if model.aliases else None
@@ -104,7 +103,7 @@ class ModelCache:
         self.lock = threading.Lock()
 
     def get(self, source: str) -> Any:
-        from lstm_textgen.registry import load_source
+        from lstm_textgen.tracking.registry import load_source
 
         with self.lock:
             if source not in self.loaded:
@@ -134,8 +133,8 @@ def stream_generation(loaded: Any, prompt: str, settings: dict[str, Any]) -> Ite
     `settings` are a request's optional columns (max_new_tokens, temperature, ...)."""
     from mlflow.exceptions import MlflowException
 
-    from lstm_textgen.generation import encode_prompt, stream_text
-    from lstm_textgen.serving import request_settings
+    from lstm_textgen.inference.generation import encode_prompt, stream_text
+    from lstm_textgen.serving.model import request_settings
 
     sample = loaded.params.sample
     try:
@@ -183,8 +182,8 @@ def score_page(loaded: Any, text: str) -> tuple[str, str]:
     """(figures, coloured text), both HTML, for the Score tab."""
     from mlflow.exceptions import MlflowException
 
-    from lstm_textgen.scoring import character_surprisal, score_loaded
-    from lstm_textgen.serving import checked_prompt
+    from lstm_textgen.inference.scoring import character_surprisal, score_loaded
+    from lstm_textgen.serving.model import checked_prompt
 
     try:
         score = score_loaded(loaded, checked_prompt({"prompt": text}), per_token=True)
@@ -202,7 +201,7 @@ def score_page(loaded: Any, text: str) -> tuple[str, str]:
 
 def sampling_defaults(loaded: Any) -> dict[str, Any]:
     """The controls' starting values: the model's own request defaults."""
-    from lstm_textgen.serving import request_defaults
+    from lstm_textgen.serving.model import request_defaults
 
     return request_defaults(loaded.params.sample)
 
@@ -211,7 +210,7 @@ def build_page(entries: list[ModelEntry], models: ModelCache) -> Any:
     """The gradio Blocks: picker, Generate tab, Score tab, wired to the functions above."""
     import gradio as gr
 
-    from lstm_textgen.serving import MAX_NEW_TOKENS
+    from lstm_textgen.serving.model import MAX_NEW_TOKENS
 
     first = models.get(entries[0].source)
     start = sampling_defaults(first)

@@ -12,9 +12,9 @@ from typing import Any
 
 import torch
 
-from lstm_textgen.batches import Batcher
-from lstm_textgen.distributed import World
-from lstm_textgen.model import RecurrentLM, State
+from lstm_textgen.model.recurrent import RecurrentLM, State
+from lstm_textgen.train.batches import Batcher
+from lstm_textgen.train.distributed import World
 
 Weights = dict[str, torch.Tensor]
 

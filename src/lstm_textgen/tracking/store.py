@@ -17,8 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from lstm_textgen.cli import shutting_down
-from lstm_textgen.errors import Terminated
+from lstm_textgen.errors import Terminated, shutting_down
 
 EXPERIMENT_NAME = "lstm-textgen"
 # MLflow 3's UI opens an experiment of this kind on its runs, not on the GenAI overview

@@ -11,10 +11,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from lstm_textgen.checkpoint import LoadedModel, load_model
-from lstm_textgen.cli import run_main
 from lstm_textgen.devices import resolve_device
-from lstm_textgen.generation import encode_prompt, sample_texts, stream_text
+from lstm_textgen.errors import run_main
+from lstm_textgen.inference.generation import encode_prompt, sample_texts, stream_text
+from lstm_textgen.model.checkpoint import LoadedModel, load_model
 from lstm_textgen.params import Sampling
 
 
@@ -49,7 +49,7 @@ def load(args: argparse.Namespace) -> LoadedModel:
     device = resolve_device(args.device)
     if args.model_uri is None:
         return load_model(args.checkpoint, device)
-    from lstm_textgen.registry import load_registered
+    from lstm_textgen.tracking.registry import load_registered
 
     return load_registered(args.model_uri, device)
 

@@ -17,12 +17,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from lstm_textgen.data.tokenisers import Vocabulary
 from lstm_textgen.errors import UserError
-from lstm_textgen.evaluation import stateful_pass
-from lstm_textgen.generation import PromptError, UnknownPolicy, encode_prompt
-from lstm_textgen.model import RecurrentLM
+from lstm_textgen.inference.evaluation import stateful_pass
+from lstm_textgen.inference.generation import PromptError, UnknownPolicy, encode_prompt
+from lstm_textgen.model.recurrent import RecurrentLM
 from lstm_textgen.params import EvaluateParams
-from lstm_textgen.vocab import Vocabulary
 
 
 @dataclass(frozen=True)

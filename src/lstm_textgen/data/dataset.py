@@ -8,19 +8,19 @@ val/test figures are honest; byte level needs no building (256 byte values).
 
 from __future__ import annotations
 
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from lstm_textgen.data.tokenisers import Vocabulary
+from lstm_textgen.data.windows import SPLITS, load_split, save_split
 from lstm_textgen.errors import UserError
 from lstm_textgen.files import read_json, write_json
-from lstm_textgen.params import DataParams
-from lstm_textgen.preparation import SPLITS_FILE, VOCAB_FILE, prepare_corpus
-from lstm_textgen.vocab import Vocabulary
-from lstm_textgen.windows import SPLITS, load_split, save_split
+
+VOCAB_FILE = "vocab.json"
+SPLITS_FILE = "splits.json"
 
 
 @dataclass(frozen=True)
@@ -35,16 +35,6 @@ class Dataset:
         if not sizes or not sizes["tokens"]:
             return 1.0 if self.vocab.level == "char" else None
         return sizes["characters"] / sizes["tokens"]
-
-
-def build_dataset(text: str, data: DataParams, corpus_info: dict[str, Any] | None = None) -> Dataset:
-    """In memory, for tests and benchmarks: the prepare stage's streaming path on `text`."""
-    with tempfile.TemporaryDirectory() as tmp:
-        corpus = Path(tmp) / "corpus.txt"
-        corpus.write_text(text, encoding="utf-8", newline="")
-        stats = prepare_corpus(corpus, data, Path(tmp) / "prepared", corpus_info)
-        loaded = load_dataset(Path(tmp) / "prepared", mmap=False)
-    return Dataset(loaded.vocab, loaded.splits, {**stats, **loaded.stats})
 
 
 def save_dataset(dataset: Dataset, out_dir: Path) -> None:

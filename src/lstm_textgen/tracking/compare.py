@@ -9,9 +9,9 @@ from typing import Any
 
 import pandas as pd
 
-from lstm_textgen import tracking
-from lstm_textgen.cli import run_main
+from lstm_textgen.errors import run_main
 from lstm_textgen.files import atomic_path, write_text
+from lstm_textgen.tracking import store
 
 COLUMNS = {
     "run": "tags.mlflow.runName",
@@ -36,8 +36,8 @@ COLUMNS = {
 
 
 def runs_table(max_runs: int = 100) -> pd.DataFrame:
-    mlflow = tracking.configure()
-    runs = mlflow.search_runs(experiment_names=[tracking.experiment_name()], max_results=max_runs)
+    mlflow = store.configure()
+    runs = mlflow.search_runs(experiment_names=[store.experiment_name()], max_results=max_runs)
     table = pd.DataFrame({name: runs.get(col) for name, col in COLUMNS.items()})
     table.insert(0, "run_id", runs.get("run_id", []))
     if len(runs):
@@ -66,7 +66,7 @@ def plot_val_loss_vs_time(run_ids: list[str], path: Path) -> None:
     import matplotlib.pyplot as plt
     from mlflow.tracking import MlflowClient
 
-    tracking.configure()
+    store.configure()
     client = MlflowClient()
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
     for run_id in run_ids:
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     table = runs_table(args.max_runs)
     if table.empty:
-        print(f"no runs yet in {tracking.tracking_uri()} (run `make repro` first)")
+        print(f"no runs yet in {store.tracking_uri()} (run `make repro` first)")
         return
     with pd.option_context("display.width", 250, "display.max_columns", 30, "display.precision", 4):
         print(table.drop(columns=["run_id"]).to_string(index=False))

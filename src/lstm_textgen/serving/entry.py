@@ -2,6 +2,6 @@
 
 import mlflow.models
 
-from lstm_textgen.serving import TextGenerator
+from lstm_textgen.serving.model import TextGenerator
 
 mlflow.models.set_model(TextGenerator())

@@ -13,10 +13,9 @@ import math
 import sys
 from pathlib import Path
 
-from lstm_textgen.cli import run_main
 from lstm_textgen.devices import resolve_device
-from lstm_textgen.errors import UserError
-from lstm_textgen.scoring import TextScore, score_loaded
+from lstm_textgen.errors import UserError, run_main
+from lstm_textgen.inference.scoring import TextScore, score_loaded
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -66,7 +65,7 @@ def report(score: TextScore, tokens: bool) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    from lstm_textgen.registry import load_source  # imports mlflow: only once the arguments are good
+    from lstm_textgen.tracking.registry import load_source  # imports mlflow: only once the arguments are good
 
     loaded = load_source(args.model, resolve_device(args.device))
     score = score_loaded(loaded, read_text(args.file), per_token=args.tokens, unknown=args.unknown)

@@ -25,9 +25,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from lstm_textgen.cli import shutting_down
 from lstm_textgen.devices import resolve_device
-from lstm_textgen.errors import Terminated, UserError
+from lstm_textgen.errors import Terminated, UserError, shutting_down
 
 # A rank that waits longer than this in a collective gives up (a peer died or hangs).
 COLLECTIVE_TIMEOUT = timedelta(minutes=10)

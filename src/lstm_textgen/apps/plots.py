@@ -14,8 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from lstm_textgen.cli import run_main
-from lstm_textgen.errors import UserError
+from lstm_textgen.errors import UserError, run_main
 from lstm_textgen.files import write_text
 
 VEGA_LITE_VERSION = "5.8"  # DVC's templates are Vega-Lite 5 specs; the oldest v5 the wheel bundles

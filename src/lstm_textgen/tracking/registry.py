@@ -11,13 +11,15 @@ from typing import Any
 
 import pandas as pd
 
-from lstm_textgen import tracking
-from lstm_textgen.checkpoint import load_checkpoint, save_checkpoint, serving_checkpoint
+from lstm_textgen.model.checkpoint import load_checkpoint, save_checkpoint, serving_checkpoint
 from lstm_textgen.params import SampleParams
-from lstm_textgen.serving import request_defaults
+from lstm_textgen.serving.model import request_defaults
+from lstm_textgen.tracking import store
 
 CHAMPION = "champion"
-PACKAGE_DIR = Path(__file__).resolve().parent
+# The logged model ships the whole package (its code is the model: no pickle) and is built by this file.
+PACKAGE_DIR = Path(__file__).resolve().parents[1]
+SERVED_ENTRY = PACKAGE_DIR / "serving" / "entry.py"
 
 
 @dataclass(frozen=True)
@@ -113,12 +115,12 @@ def register(
     trained = load_checkpoint(checkpoint)
     sample = sample or SampleParams.model_validate(trained["params"]["sample"])
     served = serving_checkpoint(trained, sample)
-    with tempfile.TemporaryDirectory() as tmp, tracking.active_run(run_id=run_id):
+    with tempfile.TemporaryDirectory() as tmp, store.active_run(run_id=run_id):
         # the active run configures the store, which MlflowClient() then uses
         save_checkpoint(Path(tmp) / "model.pt", served)
         info = mlflow.pyfunc.log_model(
             name="model",
-            python_model=str(PACKAGE_DIR / "pyfunc_entry.py"),
+            python_model=str(SERVED_ENTRY),
             artifacts={"checkpoint": str(Path(tmp) / "model.pt")},
             code_paths=[str(PACKAGE_DIR)],
             signature=signature(sample),
@@ -131,7 +133,7 @@ def register(
     for key, value in {**version_tags, "val_loss": f"{val_loss:.6f}", "run_id": run_id}.items():
         client.set_model_version_tag(model_name, str(version), key, value)
 
-    with tracking.registry_lock():  # read the champion and move it as one step
+    with store.registry_lock():  # read the champion and move it as one step
         promoted, reason, champion_version = _decide(client, model_name, version, val_loss, version_tags)
         if promoted:
             client.set_registered_model_alias(model_name, CHAMPION, str(version))
@@ -172,9 +174,9 @@ def registration_summary(registration: Registration) -> dict[str, Any]:
 def load_registered(uri: str, device: str | Any = "cpu") -> Any:
     """A logged or registered model (`models:/NAME@champion`, `models:/NAME/3`, `runs:/ID/model`) as
     the `LoadedModel` it serves, on `device`."""
-    from lstm_textgen import tracking
+    from lstm_textgen.tracking import store
 
-    mlflow = tracking.configure()
+    mlflow = store.configure()
     loaded = mlflow.pyfunc.load_model(uri).unwrap_python_model().loaded
     loaded.model.to(device)
     return loaded
@@ -182,7 +184,7 @@ def load_registered(uri: str, device: str | Any = "cpu") -> Any:
 
 def load_source(source: str, device: str | Any = "cpu") -> Any:
     """A checkpoint path or a model URI (`models:/...`, `runs:/...`) as a `LoadedModel` on `device`."""
-    from lstm_textgen.checkpoint import load_model
+    from lstm_textgen.model.checkpoint import load_model
 
     if ":/" in source and not Path(source).exists():
         return load_registered(source, device)

@@ -9,11 +9,11 @@ from typing import Any
 
 import torch
 
+from lstm_textgen.data.tokenisers import Vocabulary
 from lstm_textgen.errors import UserError
 from lstm_textgen.files import atomic_path
-from lstm_textgen.model import RecurrentLM
+from lstm_textgen.model.recurrent import RecurrentLM
 from lstm_textgen.params import Params, SampleParams, parse_params
-from lstm_textgen.vocab import Vocabulary
 
 FORMAT_VERSION = 1
 

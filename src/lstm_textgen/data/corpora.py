@@ -20,9 +20,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lstm_textgen.fetch import fetch, local_file, verify_local
-from lstm_textgen.files import atomic_path
-from lstm_textgen.normalise import (
+from lstm_textgen.data.fetch import fetch, local_file, verify_local
+from lstm_textgen.data.normalise import (
     CHUNK_BYTES,
     CorpusError,
     TextSink,
@@ -32,6 +31,7 @@ from lstm_textgen.normalise import (
     open_source,
     write_pieces,
 )
+from lstm_textgen.files import atomic_path
 from lstm_textgen.params import CorpusSpec, DownloadParams
 
 if TYPE_CHECKING:  # pandas is imported only to read a CSV corpus

@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from lstm_textgen.batches import Batcher
-from lstm_textgen.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from lstm_textgen.data.tokenisers import Vocabulary
+from lstm_textgen.data.windows import check_fits
 from lstm_textgen.devices import (
     autocast,
     configure_backend,
@@ -35,16 +35,16 @@ from lstm_textgen.devices import (
     to_device_tokens,
     token_source,
 )
-from lstm_textgen.distributed import World
 from lstm_textgen.errors import UserError
-from lstm_textgen.evaluation import periodic_validation_loss
-from lstm_textgen.model import RecurrentLM, count_parameters, detach_state
+from lstm_textgen.inference.evaluation import periodic_validation_loss
+from lstm_textgen.model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from lstm_textgen.model.recurrent import RecurrentLM, count_parameters, detach_state
 from lstm_textgen.params import Params, TrainParams, flatten
-from lstm_textgen.schedule import Clock, lr_at
-from lstm_textgen.stopping import StopRequest, stop_requests
-from lstm_textgen.train_state import LossWindow, TrainState
-from lstm_textgen.vocab import Vocabulary
-from lstm_textgen.windows import check_fits
+from lstm_textgen.train.batches import Batcher
+from lstm_textgen.train.distributed import World
+from lstm_textgen.train.schedule import Clock, lr_at
+from lstm_textgen.train.state import LossWindow, TrainState
+from lstm_textgen.train.stopping import StopRequest, stop_requests
 
 Stopped = Literal["max_steps", "max_minutes", "early_stopping", "requested"]
 # Called after each evaluation with its record; returning True asks the loop to stop there.

@@ -27,12 +27,13 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
+from lstm_textgen.data.dataset import SPLITS_FILE, VOCAB_FILE, Dataset, load_dataset
+from lstm_textgen.data.normalise import file_chunks
+from lstm_textgen.data.tokenisers import Vocabulary, multibyte_characters, tokenize
+from lstm_textgen.data.windows import SPLITS, SplitSizes, split_sizes
 from lstm_textgen.errors import UserError
 from lstm_textgen.files import atomic_path, write_json
-from lstm_textgen.normalise import file_chunks
 from lstm_textgen.params import DataParams
-from lstm_textgen.vocab import Vocabulary, multibyte_characters, tokenize
-from lstm_textgen.windows import SPLITS, SplitSizes, split_sizes
 
 CHUNK_BYTES = 1 << 24
 # A text with no safe cut in this many chunks (and at least MIN_FORCED_CUT characters) is cut anyway:
@@ -46,8 +47,6 @@ BPE_PIECE = 1 << 14
 # (as sentencepiece's input_sentence_size does): merges settle long before, and a corpus of gigabytes
 # would otherwise spend most of its preparation counting pairs
 BPE_TRAIN_CHARACTERS = 100_000_000
-VOCAB_FILE = "vocab.json"
-SPLITS_FILE = "splits.json"
 
 Pieces = Callable[[], Iterator[str]]
 
@@ -390,3 +389,13 @@ def prepare_corpus(
 def _ratio(splits: dict[str, dict[str, int]]) -> float:
     tokens = sum(s["tokens"] for s in splits.values())
     return sum(s["characters"] for s in splits.values()) / max(1, tokens)
+
+
+def build_dataset(text: str, data: DataParams, corpus_info: dict[str, Any] | None = None) -> Dataset:
+    """In memory, for tests and benchmarks: the prepare stage's streaming path on `text`."""
+    with tempfile.TemporaryDirectory() as tmp:
+        corpus = Path(tmp) / "corpus.txt"
+        corpus.write_text(text, encoding="utf-8", newline="")
+        stats = prepare_corpus(corpus, data, Path(tmp) / "prepared", corpus_info)
+        loaded = load_dataset(Path(tmp) / "prepared", mmap=False)
+    return Dataset(loaded.vocab, loaded.splits, {**stats, **loaded.stats})

@@ -17,9 +17,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from lstm_textgen.data.windows import check_fits
 from lstm_textgen.devices import autocast, to_device_tokens
-from lstm_textgen.model import RecurrentLM, State, detach_state
-from lstm_textgen.windows import check_fits
+from lstm_textgen.model.recurrent import RecurrentLM, State, detach_state
 
 
 def _summary(loss_sum: float, correct: int, count: int) -> dict[str, float]:

@@ -140,7 +140,7 @@ class TextGenerator(mlflow.pyfunc.PythonModel):
     def load_context(self, context: Any) -> None:
         import torch
 
-        from lstm_textgen.checkpoint import load_model
+        from lstm_textgen.model.checkpoint import load_model
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
         self.loaded = load_model(Path(context.artifacts["checkpoint"]), device)
@@ -149,7 +149,7 @@ class TextGenerator(mlflow.pyfunc.PythonModel):
     def predict(
         self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None
     ) -> pd.DataFrame:
-        from lstm_textgen.generation import sample_texts
+        from lstm_textgen.inference.generation import sample_texts
 
         frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
         if "prompt" not in frame.columns:
@@ -190,7 +190,7 @@ class TextGenerator(mlflow.pyfunc.PythonModel):
 
     def score(self, frame: pd.DataFrame, per_token: bool) -> pd.DataFrame:
         """task=score: each row's `prompt` scored (scoring.py), one row of figures per prompt."""
-        from lstm_textgen.scoring import score_loaded, score_row
+        from lstm_textgen.inference.scoring import score_loaded, score_row
 
         prompts = [checked_prompt(row) for row in frame.to_dict(orient="records")]
         rows = []

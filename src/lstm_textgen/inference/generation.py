@@ -14,10 +14,10 @@ from typing import Literal
 
 import torch
 
+from lstm_textgen.data.tokenisers import Vocabulary
 from lstm_textgen.errors import UserError
-from lstm_textgen.model import RecurrentLM, State
+from lstm_textgen.model.recurrent import RecurrentLM, State
 from lstm_textgen.params import Sampling
-from lstm_textgen.vocab import Vocabulary
 
 UnknownPolicy = Literal["error", "skip", "replace"]
 

@@ -1,0 +1,1 @@
+"""The `lstm-textgen` command and what it runs: sample, score, demo, plots, compare, presets."""

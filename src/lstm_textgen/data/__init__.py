@@ -1,0 +1,1 @@
+"""Data: corpora fetched and normalised, tokenised per level, split and stored as token arrays."""

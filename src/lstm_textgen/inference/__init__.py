@@ -1,0 +1,1 @@
+"""Inference: evaluation of a split, scoring of a text, generation."""

@@ -11,7 +11,7 @@ WITH_VENV := PATH="$(CURDIR)/$(BIN):$$PATH"
 export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := 1
 
-.PHONY: install install-dev install-demo browser demo plots repro exp test lint ui compare preset presets bench bench-ddp bench-serving bench-scale gpu-check screenshots clean
+.PHONY: install install-dev install-demo browser demo plots repro exp test test-fast lint ui params compare preset presets bench bench-ddp bench-serving bench-scale gpu-check screenshots clean
 BENCH_CORPUS ?= tinyshakespeare
 SIZES ?= 10,100,1000
 UI_PORT ?= 5000
@@ -54,6 +54,11 @@ browser:
 	@test -x $(CHROMIUM) || $(SUDO) apt-get install -y -q --no-install-recommends chromium \
 		|| { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q --no-install-recommends chromium; }
 
+# The edit-test loop: every test that starts no pipeline, server or browser (under 2 minutes).
+test-fast: $(DEV_STAMP)
+	$(BIN)/ruff check src stages tests benchmarks
+	$(WITH_VENV) $(BIN)/python -m pytest -q -n auto --maxprocesses 4 -m "not slow"
+
 test: $(DEV_STAMP) browser
 	$(BIN)/ruff check src stages tests benchmarks
 	# pytest-xdist: a worker per core (up to four), each module on one of them, longest first (tests/conftest.py).
@@ -61,22 +66,25 @@ test: $(DEV_STAMP) browser
 		--dist loadfile --no-loadscope-reorder --durations 12
 
 demo: $(DEMO_STAMP)  ## the web page: http://127.0.0.1:$(DEMO_PORT) (MODEL=path/or/URI to show that model first)
-	$(WITH_VENV) $(BIN)/lstm-textgen-demo --port $(DEMO_PORT) $(if $(MODEL),--model $(MODEL))
+	$(WITH_VENV) $(BIN)/lstm-textgen demo --port $(DEMO_PORT) $(if $(MODEL),--model $(MODEL))
 
 plots: $(DEMO_STAMP)  ## dvc_plots/index.html, rendering offline (ARGS="diff main workspace" to compare)
-	$(WITH_VENV) $(BIN)/lstm-textgen-plots $(ARGS)
+	$(WITH_VENV) $(BIN)/lstm-textgen plots $(ARGS)
 
-ui: $(STAMP)  ## the MLflow UI on the repository's store: http://127.0.0.1:$(UI_PORT)
-	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port $(UI_PORT) --workers 1
+ui: $(STAMP)  ## the MLflow UI on the repository's store; prints the link to its runs table
+	$(WITH_VENV) $(BIN)/lstm-textgen ui --port $(UI_PORT)
+
+params: $(STAMP)  ## docs/params.md: the table of every parameter, from params.py
+	$(BIN)/lstm-textgen params > docs/params.md.tmp && mv docs/params.md.tmp docs/params.md
 
 compare: $(STAMP)  ## table of runs, as text and runs.md, plus val loss against time
-	$(BIN)/lstm-textgen-compare --markdown runs.md --plot runs.png
+	$(BIN)/lstm-textgen compare --markdown runs.md --plot runs.png
 
 presets: $(STAMP)
-	$(BIN)/python -m lstm_textgen.apps.presets list
+	$(BIN)/lstm-textgen presets list
 
 preset: $(STAMP)  ## make preset NAME=anna-notebook [ARGS="-S train.max_steps=5000"]
-	$(WITH_VENV) $(BIN)/python -m lstm_textgen.apps.presets run $(NAME) $(ARGS)
+	$(WITH_VENV) $(BIN)/lstm-textgen presets run $(NAME) $(ARGS)
 
 bench: $(STAMP)  ## benchmarks/results/<machine>/: us vs the notebook (BENCH_CORPUS=path/or/url), then serving
 	$(BIN)/python -m benchmarks.bench --corpus $(BENCH_CORPUS)

@@ -14,9 +14,9 @@ from lstm_textgen.apps.code_deps import (
     declared_code,
     differences,
     import_closure,
-    main,
     shortest_deps,
     stage_scripts,
+    update,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -109,6 +109,6 @@ def test_a_missing_or_extra_file_is_named_and_rewritten(tmp_path: Path) -> None:
     )
     assert "stage download: lists src/lstm_textgen/apps/demo.py but never runs it" in problems
 
-    assert main(tmp_path / "dvc.yaml", tmp_path / "src", check=True) == 1
-    assert main(tmp_path / "dvc.yaml", tmp_path / "src") == 0  # rewrites the lists, keeps the rest
+    assert update(tmp_path / "dvc.yaml", tmp_path / "src", check=True) == 1
+    assert update(tmp_path / "dvc.yaml", tmp_path / "src") == 0  # rewrites the lists, keeps the rest
     assert (tmp_path / "dvc.yaml").read_text() == text

@@ -208,7 +208,8 @@ def test_compare_table_lists_the_runs(experiments: Experiments, tmp_path: Path) 
     out = tmp_path / "runs.md"
     result = run(
         [
-            "lstm-textgen-compare",
+            "lstm-textgen",
+            "compare",
             "--markdown",
             str(out),
             "--plot",

@@ -62,7 +62,7 @@ def test_fine_tuning_grows_the_vocabulary_and_starts_from_the_source(
     onto_alice = ["-S", "data.corpus=wonderland", "-S", "train.max_steps=20"]
 
     # the fine-tuning preset, its source being this repo's champion (later -S values win)
-    preset = ["python", "-m", "lstm_textgen.apps.presets", "run", "shakespeare-to-alice", *onto_alice]
+    preset = ["lstm-textgen", "presets", "run", "shakespeare-to-alice", *onto_alice]
     tuned = run([*preset, "-S", f"train.init_from=models:/{SOURCE_MODEL}@champion"], cwd=repo, env=env)
     assert "Running stage 'init'" in tuned.stdout
     run(["dvc", "exp", "apply", "shakespeare-to-alice"], cwd=repo, env=env)  # presets run with --temp

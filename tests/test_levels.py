@@ -52,7 +52,7 @@ def test_byte_and_bpe_levels_train_evaluate_register_and_serve(repo: Path) -> No
     assert isinstance(text, str) and text.encode("utf-8")  # valid UTF-8, whatever bytes were drawn
 
     sampled = run(
-        ["lstm-textgen-sample", "--prompt", prompt, "--length", "40", "--seed", "3"],
+        ["lstm-textgen", "sample", "--prompt", prompt, "--length", "40", "--seed", "3"],
         cwd=repo,
         env=tool_env(repo),
     )

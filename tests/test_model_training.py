@@ -250,7 +250,8 @@ def test_sample_command_streams_and_repeats_with_a_seed(data, tmp_path: Path) ->
     command = [
         sys.executable,
         "-m",
-        "lstm_textgen.apps.sample",
+        "lstm_textgen.apps.cli",
+        "sample",
         "--checkpoint",
         str(tmp_path / "best.pt"),
         "--prompt",

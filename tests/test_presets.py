@@ -77,7 +77,7 @@ def test_compare_table_lists_every_preset_run(preset_runs, tmp_path: Path) -> No
     repo, _ = preset_runs
     env = {**tool_env(repo), "MLFLOW_TRACKING_URI": f"sqlite:///{repo / 'mlflow.db'}"}
     out = tmp_path / "runs.md"
-    run(["lstm-textgen-compare", "--markdown", str(out)], cwd=tmp_path, env=env)
+    run(["lstm-textgen", "compare", "--markdown", str(out)], cwd=tmp_path, env=env)
     table = out.read_text()
     for name, settings in self_contained(load_presets(PRESETS_FILE)).items():
         row = next((line for line in table.splitlines() if f"| {name} |" in line), None)

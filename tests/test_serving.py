@@ -223,7 +223,7 @@ def test_scores_agree_with_evaluate_the_command_and_the_server(
     text = "ROMEO:\nWhat light through yonder window breaks?\n"
     (tmp_path / "romeo.txt").write_text(text)
     env = tool_env(repo) | {"MLFLOW_TRACKING_URI": f"sqlite:///{repo / 'mlflow.db'}"}
-    command = ["lstm-textgen-score", "--model", f"models:/{MODEL_NAME}@champion", "--json", "--tokens"]
+    command = ["lstm-textgen", "score", "--model", f"models:/{MODEL_NAME}@champion", "--json", "--tokens"]
     figures = json.loads(run([*command, str(tmp_path / "romeo.txt")], cwd=repo, env=env).stdout)
     answer = _post(
         server, {"dataframe_records": [{"prompt": text}], "params": {"task": "score", "per_token": True}}
@@ -256,13 +256,13 @@ def require_browser() -> None:
 
 @contextlib.contextmanager
 def demo_page(repo: Path, log: Path) -> Iterator[tuple[object, list[str]]]:
-    """`lstm-textgen-demo` on a free port in `repo`, opened in headless Chromium with the network cut:
+    """`lstm-textgen demo` on a free port in `repo`, opened in headless Chromium with the network cut:
     every request that is not to the page's own server is refused and listed."""
     require_browser()
     from playwright.sync_api import sync_playwright
 
     port = free_port()
-    command = ["lstm-textgen-demo", "--port", str(port)]
+    command = ["lstm-textgen", "demo", "--port", str(port)]
     output = log.open("w")
     process = subprocess.Popen(command, cwd=repo, env=tool_env(repo), stdout=output, stderr=output)
     external: list[str] = []
@@ -428,8 +428,41 @@ def keep_screenshots(*shots: Path) -> None:
             shutil.copy(shot, Path(folder) / shot.name)
 
 
+def test_ui_link_lands_on_the_runs_table(store: Path, tmp_path: Path) -> None:
+    """MLflow 3 rewrites a plain experiment link to its GenAI overview; the printed link must stay on
+    the runs table, with the pipeline's run listed."""
+    require_browser()
+    from playwright.sync_api import sync_playwright
+
+    port, log = free_port(), tmp_path / "ui.log"
+    with log.open("w") as output:
+        process = subprocess.Popen(
+            ["lstm-textgen", "ui", "--port", str(port)],
+            cwd=store,
+            env=tool_env(store),
+            stdout=output,
+            stderr=output,
+        )
+    try:
+        wait_for_page(process, f"http://127.0.0.1:{port}", log)
+        link = log.read_text().split("ui: the runs table: ")[1].split()[0]
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            page.goto(link)
+            page.wait_for_selector("text=Run Name", timeout=60_000)
+            page.wait_for_timeout(1500)  # a redirect to the GenAI pages would have happened by now
+            url, body = page.url, page.inner_text("body")
+            browser.close()
+    finally:
+        process.terminate()
+        process.wait(timeout=20)
+    assert "/runs" in url and "genai" not in url.lower(), url
+    assert "Traces" not in body.split("Run Name")[0] or "workflowType=machine_learning" in url
+
+
 def test_plots_page_draws_its_charts_offline(store: Path) -> None:
-    run(["lstm-textgen-plots"], cwd=store)
+    run(["lstm-textgen", "plots"], cwd=store)
     index = store / "dvc_plots/index.html"
     assert "cdn.jsdelivr" not in index.read_text()
     require_browser()

@@ -8,6 +8,7 @@ that holds only its docstring. Folders are named when the stage runs every modul
 
 from __future__ import annotations
 
+import argparse
 import ast
 import re
 from collections.abc import Iterable
@@ -187,7 +188,7 @@ def rewrite_code_deps(text: str, wanted: dict[str, list[str]]) -> str:
     return "".join(out)
 
 
-def main(dvc_yaml: Path = Path("dvc.yaml"), src: Path = Path("src"), check: bool = False) -> int:
+def update(dvc_yaml: Path = Path("dvc.yaml"), src: Path = Path("src"), check: bool = False) -> int:
     """Rewrite the stages' code deps in `dvc.yaml` from the code; with `check`, only report the
     differences (exit status 1 when there are any)."""
     problems = differences(dvc_yaml, src)
@@ -198,3 +199,14 @@ def main(dvc_yaml: Path = Path("dvc.yaml"), src: Path = Path("src"), check: bool
     dvc_yaml.write_text(rewrite_code_deps(text, stage_code_deps(dvc_yaml, src)), encoding="utf-8")
     print("\n".join(problems) + f"\n{dvc_yaml}: rewritten; `dvc status` shows the stages this re-runs")
     return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="lstm-textgen code-deps", description=__doc__)
+    parser.add_argument("--check", action="store_true", help="only report differences (exit status 1 if any)")
+    parser.add_argument("--dvc-yaml", type=Path, default=Path("dvc.yaml"))
+    parser.add_argument("--src", type=Path, default=Path("src"), help="the folder that holds the package")
+    args = parser.parse_args(argv)
+    status = update(args.dvc_yaml, args.src, args.check)
+    if status:
+        raise SystemExit(status)

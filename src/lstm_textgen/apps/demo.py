@@ -1,4 +1,4 @@
-"""`lstm-textgen-demo` (`make demo`): a web page to show a model to someone who will not use curl.
+"""`lstm-textgen demo` (`make demo`): a web page to show a model to someone who will not use curl.
 
 A gradio page on http://127.0.0.1:7860 with two tabs. Generate streams the text into the page as it
 is drawn, with a stop button; Score shows a text's bits per character and colours each character by
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, get_args
 
-from lstm_textgen.errors import UserError, run_main
+from lstm_textgen.errors import UserError
 from lstm_textgen.params import Sampling
 
 DEFAULT_PORT = 7860
@@ -281,7 +281,7 @@ def build_page(entries: list[ModelEntry], models: ModelCache) -> Any:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="lstm-textgen-demo", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="lstm-textgen demo", description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--model", default=None, help="a checkpoint path or model URI, shown first (default: the champion)"
     )
@@ -303,11 +303,3 @@ def main(argv: list[str] | None = None) -> None:
     page.queue(default_concurrency_limit=4).launch(
         server_name=args.host, server_port=args.port, ssr_mode=False, pwa=False, mcp_server=False, quiet=False
     )
-
-
-def entry_point() -> None:
-    run_main(main)
-
-
-if __name__ == "__main__":
-    entry_point()

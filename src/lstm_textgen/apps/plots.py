@@ -1,4 +1,4 @@
-"""`lstm-textgen-plots` (`make plots`): DVC's plots as a page that renders without a network.
+"""`lstm-textgen plots` (`make plots`): DVC's plots as a page that renders without a network.
 
 `dvc plots show` writes dvc_plots/index.html, whose scripts (vega, vega-lite, vega-embed) come from
 a CDN: offline, a blank page. DVC takes a page template (`--html-template`, the placeholder
@@ -14,7 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from lstm_textgen.errors import UserError, run_main
+from lstm_textgen.errors import UserError
 from lstm_textgen.files import write_text
 
 VEGA_LITE_VERSION = "5.8"  # DVC's templates are Vega-Lite 5 specs; the oldest v5 the wheel bundles
@@ -45,25 +45,17 @@ def dvc_plots_command(dvc_args: list[str], template: Path) -> list[str]:
     """`dvc plots <args> --html-template <template>`; `show` when no subcommand is given."""
     args = dvc_args or ["show"]
     if args[0] not in ("show", "diff"):
-        raise UserError(f"lstm-textgen-plots passes `show` or `diff` to dvc plots, got {args[0]!r}")
+        raise UserError(f"lstm-textgen plots passes `show` or `diff` to dvc plots, got {args[0]!r}")
     return [sys.executable, "-m", "dvc", "plots", *args, "--html-template", str(template)]
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="lstm-textgen-plots", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="lstm-textgen plots", description=__doc__.split("\n\n")[0])
     parser.add_argument("dvc_args", nargs=argparse.REMAINDER, help="passed to `dvc plots` (default: show)")
     args = parser.parse_args(argv)
     if not Path(".dvc").is_dir():
-        raise UserError("run lstm-textgen-plots from the repository root (where .dvc/ is)")
+        raise UserError("run lstm-textgen plots from the repository root (where .dvc/ is)")
     template = write_template(TEMPLATE)
     completed = subprocess.run(dvc_plots_command(args.dvc_args, template), check=False)
     if completed.returncode != 0:
         raise SystemExit(completed.returncode)
-
-
-def entry_point() -> None:
-    run_main(main)
-
-
-if __name__ == "__main__":
-    entry_point()

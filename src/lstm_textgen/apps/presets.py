@@ -1,7 +1,7 @@
 """Notebook presets (presets.yaml) as `dvc exp run` commands: listed, printed, or run.
 
-python -m lstm_textgen.apps.presets                      # the commands, one per preset
-python -m lstm_textgen.apps.presets run anna-notebook [-S train.max_steps=5000 ...]
+lstm-textgen presets                      # the commands, one per preset
+lstm-textgen presets run anna-notebook [-S train.max_steps=5000 ...]
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def command(name: str, presets: dict[str, dict[str, Any]], extra: list[str] | No
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m lstm_textgen.apps.presets",
+        prog="lstm-textgen presets",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -74,11 +74,5 @@ def main(argv: list[str] | None = None) -> None:
             print(shlex.join(command(name, presets, ["--temp"])))
         return
     if not args.name:
-        raise UserError("which preset? e.g. `python -m lstm_textgen.apps.presets run anna-notebook`")
+        raise UserError("which preset? e.g. `lstm-textgen presets run anna-notebook`")
     sys.exit(subprocess.call(command(args.name, presets, ["--temp", *extra])))
-
-
-if __name__ == "__main__":
-    from lstm_textgen.errors import run_main
-
-    run_main(main)

@@ -1,8 +1,8 @@
-"""`lstm-textgen-sample`: generate text from a checkpoint or a registered model, streaming characters
+"""`lstm-textgen sample`: generate text from a checkpoint or a registered model, streaming characters
 to the terminal as they are produced (like char-rnn's sample.lua or nanoGPT's sample.py).
 
-    lstm-textgen-sample --prompt "ROMEO:" --length 300
-    lstm-textgen-sample --model-uri models:/lstm-textgen-shakespeare-char@champion --strategy greedy
+    lstm-textgen sample --prompt "ROMEO:" --length 300
+    lstm-textgen sample --model-uri models:/lstm-textgen-shakespeare-char@champion --strategy greedy
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 from lstm_textgen.devices import resolve_device
-from lstm_textgen.errors import run_main
 from lstm_textgen.inference.generation import encode_prompt, sample_texts, stream_text
 from lstm_textgen.model.checkpoint import LoadedModel, load_model
 from lstm_textgen.params import Sampling
@@ -20,7 +19,7 @@ from lstm_textgen.params import Sampling
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="lstm-textgen-sample", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="lstm-textgen sample", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--checkpoint", type=Path, default=Path("data/model/model.pt"))
@@ -81,11 +80,3 @@ def main(argv: list[str] | None = None) -> None:
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
-
-
-def entry_point() -> None:
-    run_main(main)
-
-
-if __name__ == "__main__":
-    entry_point()

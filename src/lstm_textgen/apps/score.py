@@ -1,8 +1,8 @@
-"""`lstm-textgen-score`: how likely a model finds a text, in bits per character and per token,
+"""`lstm-textgen score`: how likely a model finds a text, in bits per character and per token,
 perplexity and total nats; `--tokens` adds every token's log-probability.
 
-    lstm-textgen-score --model models:/lstm-textgen-shakespeare-char@champion hamlet.txt
-    echo "To be, or not to be" | lstm-textgen-score --tokens -
+    lstm-textgen score --model models:/lstm-textgen-shakespeare-char@champion hamlet.txt
+    echo "To be, or not to be" | lstm-textgen score --tokens -
 """
 
 from __future__ import annotations
@@ -14,13 +14,13 @@ import sys
 from pathlib import Path
 
 from lstm_textgen.devices import resolve_device
-from lstm_textgen.errors import UserError, run_main
+from lstm_textgen.errors import UserError
 from lstm_textgen.inference.scoring import TextScore, score_loaded
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="lstm-textgen-score", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="lstm-textgen score", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
         "--model",
@@ -74,11 +74,3 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(row))
     else:
         print(report(score, args.tokens))
-
-
-def entry_point() -> None:
-    run_main(main)
-
-
-if __name__ == "__main__":
-    entry_point()

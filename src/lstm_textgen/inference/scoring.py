@@ -1,5 +1,5 @@
 """How likely a model finds a text: total nats, bits per character and per token, perplexity and, on
-request, every token's log-probability. One function for `lstm-textgen-score`, the served model's
+request, every token's log-probability. One function for `lstm-textgen score`, the served model's
 `task=score` and the tests.
 
 The text is read exactly as evaluate reads a split (`evaluation.stateful_pass`: up to

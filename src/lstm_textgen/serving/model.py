@@ -11,7 +11,7 @@ Request columns (or inference params of the same names): `prompt` (string, requi
 defaults, `draws` and the policy for tokens outside the vocabulary are the `sample.*` params the
 register stage handed to the model. The inference param `task=score` scores each `prompt` instead
 (bits per character and per token, perplexity, nats, tokens, unknown; `per_token=true` adds each
-token's log-probability), with the same code as `lstm-textgen-score`.
+token's log-probability), with the same code as `lstm-textgen score`.
 Bad values, and requests over the limits below (rows, prompt length, tokens in all), raise an
 MlflowException (INVALID_PARAMETER_VALUE) before any generation, which `mlflow models serve` turns
 into an HTTP 400 with the message; the server keeps serving.

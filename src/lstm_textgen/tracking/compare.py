@@ -1,4 +1,4 @@
-"""`lstm-textgen-compare` (`make compare`): a table of the runs in the MLflow store, side by side, as
+"""`lstm-textgen compare` (`make compare`): a table of the runs in the MLflow store, side by side, as
 text or Markdown, and a plot of validation loss against training time for chosen runs."""
 
 from __future__ import annotations
@@ -9,7 +9,6 @@ from typing import Any
 
 import pandas as pd
 
-from lstm_textgen.errors import run_main
 from lstm_textgen.files import atomic_path, write_text
 from lstm_textgen.tracking import store
 
@@ -90,7 +89,7 @@ def plot_val_loss_vs_time(run_ids: list[str], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="lstm-textgen-compare", description=__doc__)
+    parser = argparse.ArgumentParser(prog="lstm-textgen compare", description=__doc__)
     parser.add_argument("--markdown", type=Path, help="also write the table as Markdown to this file")
     parser.add_argument("--plot", type=Path, help="write validation loss against training time as PNG")
     parser.add_argument("--runs", help="comma-separated run ids or names to plot (default: all finished)")
@@ -112,11 +111,3 @@ def main(argv: list[str] | None = None) -> None:
             chosen = table[table["run_id"].isin(wanted) | table["run"].isin(wanted)]
         plot_val_loss_vs_time(list(chosen["run_id"]), args.plot)
         print(f"wrote {args.plot}")
-
-
-def entry_point() -> None:
-    run_main(main)
-
-
-if __name__ == "__main__":
-    entry_point()

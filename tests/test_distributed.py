@@ -58,12 +58,12 @@ def test_checkpoint_joins_the_ranks_carried_states_and_each_rank_takes_its_own_b
         return TrainState(model, optimizer, scaler, batcher, carried=carried)  # type: ignore[arg-type]
 
     zero, one = state(0), state(1)
-    saved = zero.to_checkpoint([zero.rank_part(), one.rank_part()])
+    saved = zero.state_dict([zero.rank_part(), one.rank_part()])
     assert saved["world_size"] == 2 and len(saved["rng"]["ranks"]) == 2
     h, c = saved["carried_state"]
     assert h.shape == c.shape == (1, 4, 3) and h[0, :, 0].tolist() == [0, 0, 1, 1]
     one.carried = None
-    one.restore(saved, rank=1)
+    one.load_state_dict(saved, rank=1)
     assert torch.equal(one.carried[0], torch.ones(1, 2, 3)) and torch.equal(
         one.carried[1], torch.full((1, 2, 3), 11.0)
     )

@@ -17,6 +17,7 @@ from lstm_textgen.errors import UserError
 from lstm_textgen.model.checkpoint import load_checkpoint, load_model
 from lstm_textgen.model.recurrent import RecurrentLM
 from lstm_textgen.params import ModelParams, Params, parse_params
+from lstm_textgen.train.checkpointer import ResumeError
 from lstm_textgen.train.loop import TrainingError, train
 from lstm_textgen.train.schedule import lr_at, progress_by_clock
 
@@ -171,7 +172,7 @@ def with_train(params: Params, **train_values: object) -> Params:
 def test_resume_without_a_checkpoint_names_the_file_and_the_way_out(data, tmp_path: Path) -> None:
     splits, vocab = data
     params = with_train(tiny_params(), resume=True)
-    with pytest.raises(TrainingError, match=r"no checkpoint to resume at .*l\.pt; set train\.resume=false"):
+    with pytest.raises(ResumeError, match=r"no checkpoint to resume at .*l\.pt; set train\.resume=false"):
         train(splits, vocab, params, tmp_path / "b.pt", tmp_path / "l.pt")
 
 
@@ -181,7 +182,7 @@ def test_resume_from_a_truncated_checkpoint_says_so_and_loads_nothing(data, tmp_
     train(splits, vocab, tiny_params(train={"max_steps": 10}), tmp_path / "b.pt", last)
     last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
     with pytest.raises(
-        TrainingError,
+        ResumeError,
         match=r"l\.pt cannot be read: it is truncated or corrupted .*resume=false.*dvc checkout",
     ):
         train(splits, vocab, with_train(tiny_params(), resume=True), tmp_path / "b.pt", last)
@@ -194,13 +195,28 @@ def test_resume_refuses_a_checkpoint_of_other_settings_naming_them(data, tmp_pat
     before = last.read_bytes()
     other = tiny_params(model={"hidden": 48}, train={"lr": 0.02, "resume": True, "max_steps": 40})
     with pytest.raises(
-        TrainingError, match=r"other settings.*model\.hidden: 32 -> 48; train\.lr: 0\.01 -> 0\.02"
+        ResumeError, match=r"other settings.*model\.hidden: 32 -> 48; train\.lr: 0\.01 -> 0\.02"
     ):
         train(splits, vocab, other, tmp_path / "b.pt", last)
     assert last.read_bytes() == before
     fewer_chars = Vocabulary.build(TEXT.replace("z", ""), "char", lowercase=False)
-    with pytest.raises(TrainingError, match="the vocabulary of data/prepared"):
+    with pytest.raises(ResumeError, match="the vocabulary of data/prepared"):
         train(splits, fewer_chars, with_train(tiny_params(), resume=True), tmp_path / "b.pt", last)
+
+
+def test_resume_refuses_an_older_format_but_its_model_still_loads(data, tmp_path: Path) -> None:
+    """Format 1 checkpoints came in several layouts of the training state; only their model is read."""
+    splits, vocab = data
+    best, last = tmp_path / "b.pt", tmp_path / "l.pt"
+    train(splits, vocab, tiny_params(train={"max_steps": 10}), best, last)
+    for path in (best, last):
+        old = torch.load(path, map_location="cpu", weights_only=True)
+        torch.save({**old, "format_version": 1}, path)
+    with pytest.raises(
+        ResumeError, match=r"checkpoint format 1, written by an older lstm-textgen.*resume=false"
+    ):
+        train(splits, vocab, with_train(tiny_params(), resume=True), best, last)
+    assert load_model(best).vocab == vocab
 
 
 def test_checkpoint_round_trip_with_weights_only(data, tmp_path: Path) -> None:

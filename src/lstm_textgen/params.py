@@ -20,6 +20,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from lstm_textgen.errors import UserError
 
 SHA256_PATTERN = r"^[0-9a-f]{64}$"
+# Field markers, read by `marked_keys`: a setting's roles are declared beside its type and default.
+SHAPE = {"shape": True}  # decides the weights' shapes: a fine-tuned model must keep the source's value
+RESUMABLE = {"resumable": True}  # where a run goes on, how long, how watched: may change on resume
 
 
 class ParamsError(UserError):
@@ -105,16 +108,26 @@ class DownloadParams(_Section):
 
 
 class ModelParams(_Section):
-    cell: Literal["lstm", "gru", "rnn"] = Field(default="lstm", description="the recurrent cell")
-    input: Literal["embedding", "onehot", "scalar"] = Field(
-        default="embedding", description="how a token enters: learnt vector, one-hot, or id / vocab size"
+    cell: Literal["lstm", "gru", "rnn"] = Field(
+        json_schema_extra=SHAPE, default="lstm", description="the recurrent cell"
     )
-    embedding_dim: int = Field(default=64, ge=1, le=65536, description="input: embedding: its width")
-    layers: int = Field(default=1, ge=1, le=32, description="stacked recurrent layers")
-    hidden: int = Field(default=320, ge=1, le=65536, description="units per layer")
+    input: Literal["embedding", "onehot", "scalar"] = Field(
+        json_schema_extra=SHAPE,
+        default="embedding",
+        description="how a token enters: learnt vector, one-hot, or id / vocab size",
+    )
+    embedding_dim: int = Field(
+        json_schema_extra=SHAPE, default=64, ge=1, le=65536, description="input: embedding: its width"
+    )
+    layers: int = Field(
+        json_schema_extra=SHAPE, default=1, ge=1, le=32, description="stacked recurrent layers"
+    )
+    hidden: int = Field(json_schema_extra=SHAPE, default=320, ge=1, le=65536, description="units per layer")
     dropout: float = Field(default=0.0, ge=0, lt=1, description="between layers and before the output layer")
     tie_weights: bool = Field(
-        default=False, description="share the embedding and output weights (embedding_dim == hidden)"
+        json_schema_extra=SHAPE,
+        default=False,
+        description="share the embedding and output weights (embedding_dim == hidden)",
     )
 
     @model_validator(mode="after")
@@ -132,7 +145,13 @@ class TrainParams(_Section):
         default="all", description="all: predict every next token; last: only the token after each window"
     )
     stateful: bool = Field(default=False, description="carry the hidden state across consecutive windows")
-    batch_size: int = Field(default=16, ge=1, le=65536, description="windows per step of each process")
+    batch_size: int = Field(
+        json_schema_extra=RESUMABLE,
+        default=16,
+        ge=1,
+        le=65536,
+        description="windows per step of each process",
+    )
     lr: float = Field(default=6.5e-3, gt=0, le=10, description="peak learning rate (AdamW), per step")
     weight_decay: float = Field(default=0.1, ge=0, description="AdamW's decoupled weight decay")
     beta1: float = Field(default=0.8, ge=0, lt=1, description="AdamW's first-moment decay")
@@ -143,34 +162,53 @@ class TrainParams(_Section):
     warmup_steps: int = Field(default=150, ge=0, description="steps of linear warm-up")
     min_lr_ratio: float = Field(default=0.1, ge=0, le=1, description="cosine: the final lr as a share of lr")
     grad_clip: float = Field(default=1.0, ge=0, description="0 turns clipping off")
-    max_steps: int = Field(default=10800, ge=1, description="optimizer steps")
+    max_steps: int = Field(json_schema_extra=RESUMABLE, default=10800, ge=1, description="optimizer steps")
     max_minutes: float | None = Field(
+        json_schema_extra=RESUMABLE,
         default=None,
         gt=0,
         description="minutes of training (evaluations excluded); the schedule then decays by the clock",
     )
     eval_every: int = Field(
-        default=1000, ge=1, description="steps between periodic evaluations and checkpoints"
+        json_schema_extra=RESUMABLE,
+        default=1000,
+        ge=1,
+        description="steps between periodic evaluations and checkpoints",
     )
     eval_batches: int = Field(
-        default=160, ge=1, description="validation batches per periodic evaluation (at most the whole split)"
+        json_schema_extra=RESUMABLE,
+        default=160,
+        ge=1,
+        description="validation batches per periodic evaluation (at most the whole split)",
     )
-    patience: int | None = Field(default=None, ge=1, description="evaluations without improvement")
+    patience: int | None = Field(
+        json_schema_extra=RESUMABLE, default=None, ge=1, description="evaluations without improvement"
+    )
     seed: int = Field(default=1337, description="seeds the weights, the batches and dropout")
     device: Literal["auto", "cpu", "cuda", "mps"] = Field(
-        default="auto", description="auto: cuda, then mps, then cpu"
+        json_schema_extra=RESUMABLE, default="auto", description="auto: cuda, then mps, then cpu"
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        default="auto", description="autocast dtype; auto: bfloat16 where the device runs it natively"
+        json_schema_extra=RESUMABLE,
+        default="auto",
+        description="autocast dtype; auto: bfloat16 where the device runs it natively",
     )
-    threads: int | None = Field(default=None, ge=1, description="CPU threads (null: all cores)")
-    compile: bool = Field(default=False, description="torch.compile the model")
-    resume: bool = Field(default=False, description="continue from the last checkpoint")
+    threads: int | None = Field(
+        json_schema_extra=RESUMABLE, default=None, ge=1, description="CPU threads (null: all cores)"
+    )
+    compile: bool = Field(json_schema_extra=RESUMABLE, default=False, description="torch.compile the model")
+    resume: bool = Field(
+        json_schema_extra=RESUMABLE, default=False, description="continue from the last checkpoint"
+    )
     init_from: str | None = Field(
         default=None, description="start from a trained model: a checkpoint path, models:/..., runs:/..."
     )
     processes: int = Field(
-        default=1, ge=1, le=1024, description="local data-parallel worker processes (torchrun, DDP)"
+        json_schema_extra=RESUMABLE,
+        default=1,
+        ge=1,
+        le=1024,
+        description="local data-parallel worker processes (torchrun, DDP)",
     )
 
     @property
@@ -393,6 +431,16 @@ def _keys_at(model: type[BaseModel], loc: list[str]) -> list[str]:
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return [f.alias or name for name, f in annotation.model_fields.items()]
     return []
+
+
+def marked_keys(section: type[BaseModel], marker: dict[str, bool], prefix: str = "") -> frozenset[str]:
+    """The keys of `section` whose field carries `marker` (e.g. `marked_keys(TrainParams, RESUMABLE,
+    "train.")`)."""
+    return frozenset(
+        f"{prefix}{name}"
+        for name, field in section.model_fields.items()
+        if isinstance(field.json_schema_extra, dict) and marker.items() <= field.json_schema_extra.items()
+    )
 
 
 def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -71,6 +71,12 @@ def default(field: FieldInfo) -> str:
     return f"`{json.dumps(value, ensure_ascii=False)}`"
 
 
+def _roles(field: FieldInfo) -> str:
+    extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+    roles = {"shape": "fine-tuning keeps the source's value", "resumable": "may change when resuming"}
+    return "".join(f" ({text})" for key, text in roles.items() if extra.get(key))
+
+
 def rows(model: type[BaseModel], prefix: str) -> Iterator[tuple[str, ...]]:
     """(key, type, default, allowed, meaning) for every leaf field of `model`."""
     for name, field in model.model_fields.items():
@@ -81,7 +87,8 @@ def rows(model: type[BaseModel], prefix: str) -> Iterator[tuple[str, ...]]:
         elif typing.get_origin(inner) is dict:
             continue  # the corpora table: documented by CorpusSpec below
         else:
-            meaning = (field.description or "").replace("|", "\\|").replace("<", "&lt;")
+            meaning = (field.description or "") + _roles(field)
+            meaning = meaning.replace("|", "\\|").replace("<", "&lt;")
             yield key, type_name(field.annotation), default(field), allowed(field), meaning
 
 

@@ -9,9 +9,10 @@ from typing import Any
 
 from lstm_textgen.errors import UserError
 from lstm_textgen.files import read_json
-from lstm_textgen.params import DataParams, ModelParams, Params
+from lstm_textgen.params import SHAPE, DataParams, ModelParams, Params, marked_keys
 
-SHAPE_KEYS = ("cell", "input", "embedding_dim", "layers", "hidden", "tie_weights")
+# the model keys that decide the weights' shapes: a fine-tuned model keeps the source's values
+SHAPE_KEYS = sorted(marked_keys(ModelParams, SHAPE))
 
 
 def check_compatible(source: dict[str, Any], data: DataParams, model: ModelParams | None) -> None:

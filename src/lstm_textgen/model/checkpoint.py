@@ -15,7 +15,11 @@ from lstm_textgen.files import atomic_path
 from lstm_textgen.model.recurrent import RecurrentLM
 from lstm_textgen.params import Params, SampleParams, parse_params
 
-FORMAT_VERSION = 1
+# The layout this code writes. 2: the training state as `TrainState.state_dict` writes it, with no
+# older variant read back. The model's part (model, vocab, params) is the same in 1 and 2, so a model
+# of either loads; resuming needs 2 (train/checkpointer.py).
+FORMAT_VERSION = 2
+MODEL_FORMATS = (1, 2)
 
 
 @dataclass(frozen=True)
@@ -44,11 +48,14 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     except Exception as exc:  # a truncated zip, foreign bytes, a pickle with code in it
         reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
         raise CheckpointError(f"{path} cannot be read: it is truncated or corrupted ({reason})") from None
-    if not isinstance(checkpoint, dict) or checkpoint.get("format_version") != FORMAT_VERSION:
+    if not isinstance(checkpoint, dict) or checkpoint.get("format_version") not in MODEL_FORMATS:
         found = (
             checkpoint.get("format_version") if isinstance(checkpoint, dict) else type(checkpoint).__name__
         )
-        raise CheckpointError(f"{path}: checkpoint format {found} is not {FORMAT_VERSION}")
+        known = " or ".join(map(str, MODEL_FORMATS))
+        raise CheckpointError(
+            f"{path}: checkpoint format {found} is not {known} (not an lstm-textgen checkpoint?)"
+        )
     return checkpoint
 
 

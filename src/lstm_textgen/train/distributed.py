@@ -96,6 +96,18 @@ class World:
             dist.destroy_process_group()
 
     @contextmanager
+    def running(self, preference: str) -> Iterator[torch.device]:
+        """This process's device (`train.device`), with the process group started when launched and
+        stopped on the way out, and a peer's failure named (`peers_watched`)."""
+        device = self.device(preference)
+        self.start(device)
+        try:
+            with self.peers_watched():
+                yield device
+        finally:
+            self.stop()
+
+    @contextmanager
     def peers_watched(self) -> Iterator[None]:
         """A collective that fails because a peer died (gloo's "Connection reset by peer", NCCL's
         errors) becomes one PeerLostError instead of a traceback on every surviving rank."""
@@ -163,10 +175,20 @@ def die_with_parent() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
-def launch_local(processes: int, script: list[str]) -> None:
+def check_processes(processes: int, device: torch.device) -> None:
+    """One GPU per process: more processes than GPUs is refused before any starts."""
+    if device.type == "cuda" and processes > torch.cuda.device_count():
+        raise DistributedError(
+            f"train.processes: {processes} processes need {processes} GPUs (one each), this machine has "
+            f"{torch.cuda.device_count()}; lower train.processes"
+        )
+
+
+def launch_local(processes: int, script: list[str], device_preference: str = "auto") -> None:
     """Run `python *script` as `processes` workers on this machine through torchrun's launcher API
     (c10d rendezvous on a free local port, no restarts). If one worker fails, torchrun stops the
     others; this then raises one DistributedError naming the first rank that failed."""
+    check_processes(processes, resolve_device(device_preference))
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch

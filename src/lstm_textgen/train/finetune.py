@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 from lstm_textgen.data.source import load_resolved
 from lstm_textgen.data.tokenisers import Vocabulary
 from lstm_textgen.errors import UserError
+from lstm_textgen.files import read_json
 from lstm_textgen.params import ModelParams, Params
 
 if TYPE_CHECKING:
@@ -54,12 +55,7 @@ def initial_weights(init_dir: Path, params: Params, vocab: Vocabulary) -> dict[s
     return grown_weights(source["model"], len(old), len(vocab), params.model)
 
 
-def lineage_note(lineage: dict[str, str]) -> str:
-    """A line for the run's description in the MLflow UI, with a link to the source."""
-    if "init_from_model" in lineage:
-        name, version = lineage["init_from_model"], lineage["init_from_version"]
-        return f"Fine-tuned from [{name} version {version}](#/models/{name}/versions/{version})."
-    if lineage.get("init_from_run_id"):
-        return f"Fine-tuned from the model of run `{lineage['init_from_run_id']}`."
-    digest = lineage["init_from_sha256"][:12]
-    return f"Fine-tuned from the checkpoint `{lineage['init_from']}` (sha256 {digest})."
+def source_lineage(init_dir: Path, vocab_size: int) -> dict[str, str]:
+    """The resolved source's lineage (source.json), plus how many tokens the source model never saw."""
+    lineage = read_json(init_dir / "source.json")
+    return {**lineage, "init_added_tokens": str(vocab_size - int(lineage["init_from_vocab_size"]))}

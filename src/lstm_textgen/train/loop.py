@@ -1,6 +1,6 @@
-"""The training loop, assembled from small parts: a `TrainState` (train_state.py) that checkpoints
-itself, one `train_step` (shared with the benchmark), one `evaluate_and_checkpoint`, a `Clock` for the
-minutes budget (schedule.py) and a stop decision.
+"""The training loop, assembled from small parts: a `TrainState` (state.py) whose `state_dict` a
+`Checkpointer` (checkpointer.py) writes and resumes from, one `train_step` (shared with the benchmark),
+one `evaluate_and_checkpoint`, a `Clock` for the minutes budget (schedule.py) and a stop decision.
 
 Knows nothing of DVC or MLflow: progress goes out through the `on_eval` callback, which may also ask
 the loop to stop.
@@ -37,10 +37,10 @@ from lstm_textgen.devices import (
 )
 from lstm_textgen.errors import UserError
 from lstm_textgen.inference.evaluation import periodic_validation_loss
-from lstm_textgen.model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from lstm_textgen.model.recurrent import RecurrentLM, count_parameters, detach_state
-from lstm_textgen.params import Params, TrainParams, flatten
+from lstm_textgen.params import Params, TrainParams
 from lstm_textgen.train.batches import Batcher
+from lstm_textgen.train.checkpointer import Checkpointer
 from lstm_textgen.train.distributed import World
 from lstm_textgen.train.schedule import Clock, lr_at
 from lstm_textgen.train.state import LossWindow, TrainState
@@ -53,12 +53,6 @@ EvalCallback = Callable[[dict[str, Any]], bool | None]
 
 class TrainingError(UserError):
     """Training diverged or cannot start; the message says what to change."""
-
-
-class ResumeError(TrainingError):
-    """The last checkpoint cannot continue this run: every rank finds it so, rank 0 says it."""
-
-    every_rank = True
 
 
 class DivergedError(TrainingError):
@@ -76,8 +70,7 @@ class TrainSetup:
     device: torch.device
     dtype: torch.dtype
     val_tokens: torch.Tensor
-    best_path: Path
-    last_path: Path
+    checkpointer: Checkpointer
     world: World = field(default_factory=World)
     labels: dict[str, str] = field(default_factory=dict)  # e.g. the MLflow run id, kept in checkpoints
 
@@ -125,6 +118,14 @@ class TrainResult:
 
     def metrics(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if k != "history"}
+
+    def summary(self) -> str:
+        processes = f" x {self.processes} processes" if self.processes > 1 else ""
+        return (
+            f"best periodic val loss {self.window_val_loss_best:.4f} at step {self.best_step}, "
+            f"{self.tokens_per_sec:,.0f} tokens/s on {self.device}{processes} ({self.dtype}), "
+            f"{self.train_seconds:.0f} s"
+        )
 
 
 def make_optimizer(model: torch.nn.Module, train: TrainParams) -> torch.optim.AdamW:
@@ -298,10 +299,8 @@ def validate_and_save(
         "train_seconds": state.train_seconds,
     }
     state.history.append(record)
-    if state.record_evaluation(val):
-        checkpoint = {**state.to_checkpoint(ranks), **setup.run_info(), "best_model": None}
-        save_checkpoint(setup.best_path, checkpoint)
-    save_checkpoint(setup.last_path, {**state.to_checkpoint(ranks), **setup.run_info()})
+    best = state.record_evaluation(val)
+    setup.checkpointer.save(state.state_dict(ranks), setup.run_info(), best)
     return record
 
 
@@ -312,8 +311,9 @@ def save_interrupted(state: TrainState, setup: TrainSetup, clock: Clock) -> None
     state.train_seconds, state.warmup_s = clock.trained_s(), clock.warmup_s
     ranks = setup.world.gather(state.rank_part())
     if setup.world.is_main:
-        save_checkpoint(setup.last_path, {**state.to_checkpoint(ranks), **setup.run_info()})
-        print(f"train: stopped at step {state.step}; resume with train.resume=true ({setup.last_path})")
+        setup.checkpointer.save(state.state_dict(ranks), setup.run_info(), best=False)
+        last = setup.checkpointer.last_path
+        print(f"train: stopped at step {state.step}; resume with train.resume=true ({last})")
 
 
 def advance(
@@ -352,73 +352,15 @@ def stop_reason(state: TrainState, tp: TrainParams, out_of_time: bool, asked: bo
     return None
 
 
-# Settings that may change between a run and its resumption: where it runs, how long, how it is
-# watched. Every other data/model/train key shapes the steps already taken and must match.
-RESUMABLE_CHANGES = frozenset(
-    {
-        "train.resume",
-        "train.max_steps",
-        "train.max_minutes",
-        "train.patience",
-        "train.eval_every",
-        "train.eval_batches",
-        "train.device",
-        "train.dtype",
-        "train.threads",
-        "train.compile",
-        "train.processes",
-        "train.batch_size",
-    }
-)
-
-
-def differing_settings(saved: dict[str, Any], params: Params) -> list[str]:
-    """`key: saved -> now` for each data/model/train setting that differs and may not."""
-    then = flatten({k: saved["params"].get(k, {}) for k in ("data", "model", "train")})
-    now = flatten(params.model_dump(include={"data", "model", "train"}))
-    return [
-        f"{key}: {then.get(key)!r} -> {now.get(key)!r}"
-        for key in sorted(set(then) | set(now))
-        if key not in RESUMABLE_CHANGES and then.get(key) != now.get(key)
-    ]
-
-
-def load_resumable(path: Path, params: Params, vocab: Vocabulary) -> dict[str, Any]:
-    """The last checkpoint, if it can continue a run of `params` on `vocab`; otherwise a ResumeError
-    that names the file, what is wrong and the two ways out."""
-    choices = "set train.resume=false to start over"
-    if not path.is_file():
-        raise ResumeError(f"train.resume: there is no checkpoint to resume at {path}; {choices}")
-    try:
-        saved = load_checkpoint(path)
-    except CheckpointError as exc:
-        raise ResumeError(
-            f"train.resume: {exc}; {choices}, or restore the file (`dvc checkout {path}` brings back "
-            "the one of the last completed run)"
-        ) from None
-    differing = differing_settings(saved, params)
-    if saved["vocab"] != vocab.to_dict():
-        differing.append("the vocabulary of data/prepared (the corpus or its preparation changed)")
-    if differing:
-        raise ResumeError(
-            f"train.resume: {path} was written by a run with other settings, so it is not loaded: "
-            f"{'; '.join(differing)}. Put them back, or {choices}"
-        )
-    return saved
-
-
-def resume_from(state: TrainState, setup: TrainSetup) -> None:
-    """Continue from the last checkpoint; restore the best one too, as DVC deletes stage outputs
-    before a run."""
-    saved = load_resumable(setup.last_path, setup.params, setup.vocab)
-    state.restore(saved, setup.world.rank)
+def resume_from(state: TrainState, setup: TrainSetup, saved: dict[str, Any]) -> None:
+    """Continue from the last checkpoint (`Checkpointer.load_resumable`); restore the best one too."""
+    state.load_state_dict(saved, setup.world.rank)
     if not setup.world.is_main:
         return
-    if not setup.best_path.is_file() and saved["best_model"] is not None:
-        save_checkpoint(setup.best_path, {**saved, "model": saved["best_model"], "best_model": None})
+    setup.checkpointer.restore_best(saved)
     saved_world = saved.get("world_size", 1)
     saved_batch = saved_world * saved["params"]["train"]["batch_size"]
-    print(f"train: resumed from {setup.last_path} at step {state.step}")
+    print(f"train: resumed from {setup.checkpointer.last_path} at step {state.step}")
     if saved_batch != state.batcher.global_batch:
         print(
             f"train: the checkpoint's steps drew {saved_batch} windows on {saved_world} process(es); with "
@@ -432,12 +374,14 @@ def start_run(
     splits: dict[str, np.ndarray],
     vocab: Vocabulary,
     params: Params,
-    paths: tuple[Path, Path],
+    checkpointer: Checkpointer,
     world: World,
     labels: dict[str, str],
     initial_weights: dict[str, torch.Tensor] | None = None,
+    saved: dict[str, Any] | None = None,
 ) -> tuple[TrainState, TrainSetup]:
-    """Checks, device and precision, a fresh state, or the last checkpoint's when resuming."""
+    """Checks, device and precision, a fresh state, or the last checkpoint's when resuming (`saved`,
+    when the caller has already loaded it)."""
     tp, seq_len = params.train, params.data.seq_len
     check_fits(len(splits["train"]), seq_len, "train")
     check_fits(len(splits["val"]), seq_len, "val")
@@ -446,9 +390,9 @@ def start_run(
     configure_backend(device, world.threads(tp.threads))
     state = new_train_state(splits["train"], len(vocab), params, device, dtype, world, initial_weights)
     val_tokens = to_device_tokens(splits["val"], device)
-    setup = TrainSetup(params, vocab, device, dtype, val_tokens, *paths, world, labels)
+    setup = TrainSetup(params, vocab, device, dtype, val_tokens, checkpointer, world, labels)
     if tp.resume:
-        resume_from(state, setup)
+        resume_from(state, setup, saved or checkpointer.load_resumable(params, vocab))
     return state, setup
 
 
@@ -462,13 +406,15 @@ def train(
     world: World | None = None,
     labels: dict[str, str] | None = None,
     initial_weights: dict[str, torch.Tensor] | None = None,
+    saved: dict[str, Any] | None = None,
 ) -> TrainResult:
     """Train per `params`; keep the best checkpoint (by validation loss) at `best_path` and the
     resumable latest at `last_path`, both carrying `labels`. In a distributed `world` (its process
-    group started) every rank calls this; rank 0 alone writes and calls `on_eval`."""
+    group started) every rank calls this; rank 0 alone writes and calls `on_eval`. With
+    `train.resume`, `saved` is the last checkpoint if the caller has loaded it already."""
     tp, world = params.train, world or World()
-    paths = (best_path, last_path)
-    state, setup = start_run(splits, vocab, params, paths, world, labels or {}, initial_weights)
+    checkpointer = Checkpointer(best_path, last_path)
+    state, setup = start_run(splits, vocab, params, checkpointer, world, labels or {}, initial_weights, saved)
     forward = world.wrap(state.model, setup.device)
     forward = torch.compile(forward) if tp.compile else forward
 
@@ -514,7 +460,8 @@ def train(
 def result_of(state: TrainState, setup: TrainSetup, stopped: Stopped) -> TrainResult:
     if not state.history:
         raise TrainingError(
-            f"train.max_steps: nothing to do, the checkpoint at {setup.last_path} is at step {state.step}"
+            f"train.max_steps: nothing to do, the checkpoint at {setup.checkpointer.last_path} is at step "
+            f"{state.step}"
         )
     last = state.history[-1]
     return TrainResult(

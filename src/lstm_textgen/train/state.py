@@ -1,7 +1,8 @@
 """Everything that changes while training, and its one checkpoint form.
 
-`TrainState.to_checkpoint` and `TrainState.restore` are the only places that name the resumable
-checkpoint's keys; what the run was (params, vocabulary, device, dtype) is added by the trainer.
+`TrainState` speaks `state_dict` / `load_state_dict` as PyTorch's stateful objects do; they are the
+only places that name the resumable checkpoint's keys (what the run was, params, vocabulary, device,
+dtype, is added beside them; the Checkpointer writes and checks the file).
 """
 
 from __future__ import annotations
@@ -88,7 +89,7 @@ class TrainState:
             "window_loss": None if self.window.loss_sum is None else self.window.loss_sum.detach().cpu(),
         }
 
-    def to_checkpoint(self, ranks: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    def state_dict(self, ranks: list[dict[str, Any]] | None = None) -> dict[str, Any]:
         """The resumable checkpoint; `ranks` holds every rank's `rank_part` (this process's alone when
         None). Carried states are joined along the batch: one global batch, whatever the world size."""
         ranks = ranks or [self.rank_part()]
@@ -122,8 +123,8 @@ class TrainState:
             },
         }
 
-    def restore(self, saved: dict[str, Any], rank: int = 0) -> None:
-        """Continue from a checkpoint written by `to_checkpoint`: the same steps follow as if the run
+    def load_state_dict(self, saved: dict[str, Any], rank: int = 0) -> None:
+        """Continue from a checkpoint written by `state_dict`: the same steps follow as if the run
         had never stopped, as long as the global batch (processes x batch size) is the one saved. With
         another, the run continues (weights, optimizer, step, schedule, history) but draws other
         windows; stateful streams then start from a zero state, and ranks beyond the saved ones keep
@@ -131,8 +132,7 @@ class TrainState:
         device = next(self.model.parameters()).device
         self.model.load_state_dict(saved["model"])
         self.optimizer.load_state_dict(saved["optimizer"])
-        if saved.get("grad_scaler"):
-            self.scaler.load_state_dict(saved["grad_scaler"])
+        self.scaler.load_state_dict(saved["grad_scaler"])
         self.step, self.best_val_loss, self.best_step = (
             saved["step"],
             saved["best_val_loss"],
@@ -140,12 +140,12 @@ class TrainState:
         )
         self.bad_evals, self.history = saved["bad_evals"], saved["history"]
         self.train_seconds = saved["train_seconds"]
-        self.warmup_s = saved.get("warmup_train_seconds", 0.0)
+        self.warmup_s = saved["warmup_train_seconds"]
         self.batcher.generator.set_state(saved["rng"]["batches"])
-        rank_rngs = saved["rng"].get("ranks") or [saved["rng"]["torch"]]  # or a one-process checkpoint
+        rank_rngs = saved["rng"]["ranks"]
         if rank < len(rank_rngs):
             torch.set_rng_state(rank_rngs[rank])
-        cuda_rngs = saved["rng"].get("cuda_ranks") or []
+        cuda_rngs = saved["rng"]["cuda_ranks"]
         if device.type == "cuda" and rank < len(cuda_rngs) and cuda_rngs[rank] is not None:
             torch.cuda.set_rng_state(cuda_rngs[rank], device)
         self.batcher.position = saved["batcher_position"]
@@ -156,8 +156,8 @@ class TrainState:
         ]
         self.carried = None if not carried else tuple(carried) if len(carried) == 2 else carried[0]  # type: ignore[assignment]
         self.best_weights = saved["best_model"]
-        window = saved.get("window") or {"started_s": self.train_seconds, "steps": 0, "tokens": 0}
-        sums = window.get("loss_sums") or []
+        window = saved["window"]
+        sums = window["loss_sums"]
         loss_sum = sums[rank] if rank < len(sums) else None
         self.window = LossWindow(
             started_s=window["started_s"],

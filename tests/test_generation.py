@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lstm_textgen.data.tokenisers import Vocabulary, tokenize
+from lstm_textgen.data.tokenisers import Vocabulary, word_tokens
 from lstm_textgen.errors import UserError
 from lstm_textgen.inference.generation import (
     PromptError,
@@ -156,7 +156,7 @@ def test_unknown_prompt_characters(vocab: Vocabulary) -> None:
 
 
 def test_word_level_generation_reads_as_text() -> None:
-    words = Vocabulary.build(tokenize("the cat sat on the mat .\n" * 5, "word"), "word", lowercase=True)
+    words = Vocabulary.build(word_tokens("the cat sat on the mat .\n" * 5), "word", lowercase=True)
     torch.manual_seed(0)
     net = RecurrentLM(len(words), ModelParams(layers=1, hidden=16, embedding_dim=8)).eval()
     assert encode_prompt("The dog", words, "replace") == [words.tokens.index("the"), 0]

@@ -9,7 +9,15 @@ import pytest
 import yaml
 from conftest import REPO_ROOT, tool_env
 
-from lstm_textgen.params import Params, ParamsError, flatten, load_params, parse_params
+from lstm_textgen.params import (
+    Params,
+    ParamsError,
+    SampleParams,
+    Sampling,
+    flatten,
+    load_params,
+    parse_params,
+)
 
 
 def test_repository_params_validate() -> None:
@@ -125,3 +133,34 @@ def test_params_yaml_holds_the_code_defaults() -> None:
             assert defaults["corpora"].items() <= shipped["corpora"].items()
         else:
             assert shipped[section] == defaults[section], section
+
+
+def test_the_sampling_settings_reach_the_server_the_command_and_the_demo_alike() -> None:
+    """`Sampling` in params.py is the one list: the served signature's columns and params, the sample
+    command's flags and the demo's controls are made from it, so none can miss a setting."""
+    import gradio as gr
+
+    from lstm_textgen.apps.demo import sampling_controls
+    from lstm_textgen.apps.sample import build_parser
+    from lstm_textgen.serving.model import request_defaults
+    from lstm_textgen.tracking.registry import signature
+
+    settings = list(Sampling.model_fields)
+    served = signature(SampleParams())
+    assert [c.name for c in served.inputs.inputs] == ["prompt", "max_new_tokens", *settings]
+    assert [p.name for p in served.params.params] == ["max_new_tokens", *settings, "task", "per_token"]
+    flags = [action.dest for action in build_parser()._actions]
+    assert set(settings) <= set(flags)
+    assert set(flags) - set(settings) == {
+        "help",
+        "checkpoint",
+        "model_uri",
+        "prompt",
+        "length",
+        "unknown",
+        "replacement",
+        "device",
+    }
+    with gr.Blocks():
+        controls = sampling_controls(gr, request_defaults(SampleParams()))
+    assert list(controls) == settings

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lstm_textgen.data.tokenisers import Vocabulary, VocabularyError, code_points, tokenize
+from lstm_textgen.data.tokenisers import Vocabulary, VocabularyError, code_points, word_tokens
 
 TEXT = st.text(alphabet=st.characters(codec="utf-8", exclude_categories=("Cs",)), min_size=1, max_size=200)
 
@@ -31,11 +31,11 @@ def test_char_level_round_trips_any_text(text: str) -> None:
 @settings(max_examples=300, deadline=None)
 @given(TEXT)
 def test_word_level_round_trips_any_text_up_to_whitespace_runs(text: str) -> None:
-    vocab = Vocabulary.build(tokenize(text, "word"), "word", lowercase=False)
+    vocab = Vocabulary.build(word_tokens(text), "word", lowercase=False)
     assert vocab.decode(vocab.encode(text)) == whitespace_as_word_level_keeps_it(text)
 
 
-# The word rule as first written (one regex, spaces captured): `tokenize` now collapses spaces first
+# The word rule as first written (one regex, spaces captured): `word_tokens` now collapses spaces first
 # and runs a simpler regex, which is faster on large corpora; both must give the same tokens.
 _REFERENCE_WORD = re.compile(r"([^\S\n]*)(\n|\w+(?:['’]\w+)*|[^\w\s])")
 
@@ -44,7 +44,7 @@ _REFERENCE_WORD = re.compile(r"([^\S\n]*)(\n|\w+(?:['’]\w+)*|[^\w\s])")
 @given(TEXT)
 def test_word_tokens_equal_the_reference_rule(text: str) -> None:
     expected = [t if t == "\n" or not space else " " + t for space, t in _REFERENCE_WORD.findall(text)]
-    assert tokenize(text, "word") == expected
+    assert word_tokens(text) == expected
 
 
 @settings(max_examples=300, deadline=None)
@@ -66,7 +66,7 @@ def test_byte_level_reads_any_text_and_gives_it_back(text: str) -> None:
 @settings(max_examples=200, deadline=None)
 @given(TEXT, st.sampled_from(["char", "word", "byte"]), st.booleans())
 def test_a_saved_vocabulary_loads_as_itself(text: str, level: str, lowercase: bool) -> None:
-    tokens = text if level == "char" else tokenize(text, "word")
+    tokens = text if level == "char" else word_tokens(text)
     vocab = (
         Vocabulary.byte_level(lowercase) if level == "byte" else Vocabulary.build(tokens, level, lowercase)
     )  # type: ignore[arg-type]

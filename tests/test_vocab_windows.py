@@ -7,7 +7,14 @@ import pytest
 
 from lstm_textgen.data.dataset import load_dataset, save_dataset
 from lstm_textgen.data.preparation import build_dataset
-from lstm_textgen.data.tokenisers import UNK, Vocabulary, VocabularyError, detokenize, tokenize
+from lstm_textgen.data.tokenisers import (
+    UNK,
+    Vocabulary,
+    VocabularyError,
+    WordVocabulary,
+    join_words,
+    word_tokens,
+)
 from lstm_textgen.data.windows import split, window_views
 from lstm_textgen.errors import UserError
 from lstm_textgen.params import DataParams
@@ -33,14 +40,14 @@ def test_unknown_character_is_named() -> None:
 
 def test_word_tokens_carry_their_space_and_join_back_into_the_text() -> None:
     text = "Don't stop, friend!\nNew line: 'Tis market-place, know--that \"it\" means 3.0."
-    tokens = tokenize(text, "word")
+    tokens = word_tokens(text)
     assert tokens[:9] == ["Don't", " stop", ",", " friend", "!", "\n", "New", " line", ":"]
-    assert detokenize(tokens, "word") == text
-    assert detokenize(tokenize("a  b \n c\t d", "word"), "word") == "a b\n c d"  # whitespace runs: one space
+    assert join_words(tokens) == text
+    assert join_words(word_tokens("a  b \n c\t d")) == "a b\n c d"  # whitespace runs: one space
 
 
 def test_word_vocabulary_min_freq_max_size_and_unk() -> None:
-    tokens = tokenize("a a a b b c", "word")
+    tokens = word_tokens("a a a b b c")
     vocab = Vocabulary.build(tokens, "word", lowercase=False, min_freq=2)
     assert vocab.tokens == (UNK, " a", " b")
     assert list(vocab.encode("x a c b")) == [0, 1, 0, 2]
@@ -59,9 +66,9 @@ def test_a_vocabulary_saved_before_tokens_carried_spaces_still_reads_and_writes_
 
 
 def test_id_dtype_widens_with_vocabulary_size() -> None:
-    assert Vocabulary("word", tuple(str(i) for i in range(256))).dtype == np.uint8
-    assert Vocabulary("word", tuple(str(i) for i in range(257))).dtype == np.uint16
-    assert Vocabulary("word", tuple(str(i) for i in range(70_000))).dtype == np.uint32
+    assert WordVocabulary(tuple(str(i) for i in range(256))).dtype == np.uint8
+    assert WordVocabulary(tuple(str(i) for i in range(257))).dtype == np.uint16
+    assert WordVocabulary(tuple(str(i) for i in range(70_000))).dtype == np.uint32
 
 
 def test_splits_are_contiguous_and_disjoint() -> None:
@@ -98,6 +105,6 @@ def test_dataset_save_load(tmp_path, level: str) -> None:
         assert isinstance(loaded.splits[name], np.memmap)
         assert np.array_equal(loaded.splits[name], dataset.splits[name])
     total = sum(dataset.stats["tokens"].values())
-    assert total == (len(text) if level == "char" else len(tokenize(text, "word")))
+    assert total == (len(text) if level == "char" else len(word_tokens(text)))
     assert dataset.stats["corpus"]["name"] == "t"
     assert all(t == t.lower() for t in loaded.vocab.tokens if t != UNK)

@@ -206,6 +206,30 @@ def sampling_defaults(loaded: Any) -> dict[str, Any]:
     return request_defaults(loaded.params.sample)
 
 
+def sampling_controls(gr: Any, start: dict[str, Any]) -> dict[str, Any]:
+    """One control per sampling setting (`Sampling` in params.py), in its order, each starting at the
+    model's request defaults (where "off" is 0 for top-k, 1 for top-p, -1 for the seed)."""
+    strategies = list(get_args(Sampling.model_fields["strategy"].annotation))
+    builders = {
+        "strategy": lambda: gr.Radio(
+            strategies, value=start["strategy"], label="Strategy", elem_id="strategy"
+        ),
+        "temperature": lambda: gr.Slider(
+            0.05, 2.0, value=start["temperature"], step=0.05, label="Temperature"
+        ),
+        "top_k": lambda: gr.Number(start["top_k"], precision=0, minimum=0, label="Top-k (0 = off)"),
+        "top_p": lambda: gr.Slider(0.01, 1.0, value=start["top_p"], step=0.01, label="Top-p (1 = off)"),
+        "draws": lambda: gr.Number(start["draws"], precision=0, minimum=1, label="Draws (mode strategy)"),
+        "seed": lambda: gr.Number(
+            start["seed"], precision=0, label="Seed (-1 = a different text each time)", elem_id="seed"
+        ),
+    }
+    missing = [name for name in Sampling.model_fields if name not in builders]
+    if missing:
+        raise TypeError(f"the demo has no control for the sampling setting(s) {', '.join(missing)}")
+    return {name: builders[name]() for name in Sampling.model_fields}
+
+
 def build_page(entries: list[ModelEntry], models: ModelCache) -> Any:
     """The gradio Blocks: picker, Generate tab, Score tab, wired to the functions above."""
     import gradio as gr
@@ -231,19 +255,8 @@ def build_page(entries: list[ModelEntry], models: ModelCache) -> Any:
                     label="Length (tokens)",
                     elem_id="length",
                 )
-                strategy = gr.Radio(
-                    list(get_args(Sampling.model_fields["strategy"].annotation)),
-                    value=start["strategy"],
-                    label="Strategy",
-                    elem_id="strategy",
-                )
             with gr.Row():
-                temperature = gr.Slider(0.05, 2.0, value=start["temperature"], step=0.05, label="Temperature")
-                top_k = gr.Number(start["top_k"], precision=0, minimum=0, label="Top-k (0 = off)")
-                top_p = gr.Slider(0.01, 1.0, value=start["top_p"], step=0.01, label="Top-p (1 = off)")
-                seed = gr.Number(
-                    start["seed"], precision=0, label="Seed (-1 = a different text each time)", elem_id="seed"
-                )
+                controls = sampling_controls(gr, start)
             with gr.Row():
                 generate = gr.Button("Generate", variant="primary", elem_id="generate")
                 stop = gr.Button("Stop", variant="stop", elem_id="stop")
@@ -256,26 +269,24 @@ def build_page(entries: list[ModelEntry], models: ModelCache) -> Any:
             coloured = gr.HTML(elem_id="score-coloured")
 
         def on_generate(source, prompt_text, *values):
-            names = ("max_new_tokens", "strategy", "temperature", "top_k", "top_p", "seed")
+            names = ("max_new_tokens", *controls)
             yield from stream_generation(
                 models.get(source), prompt_text, dict(zip(names, values, strict=True))
             )
 
+        reset = [name for name in controls if name != "seed"]  # a chosen seed outlives a switch
+
         def on_pick(source):
             loaded = models.get(source)
             chosen = sampling_defaults(loaded)
-            keys = ("strategy", "temperature", "top_k", "top_p")
-            return describe(loaded), *(chosen[k] for k in keys)
+            return describe(loaded), *(chosen[name] for name in reset)
 
         running = generate.click(
-            on_generate,
-            [picker, prompt, length, strategy, temperature, top_k, top_p, seed],
-            [output, status],
-            concurrency_limit=4,
+            on_generate, [picker, prompt, length, *controls.values()], [output, status], concurrency_limit=4
         )
         # after the cancel has landed: gradio puts a cancelled event's outputs back as it ends
         stop.click(None, cancels=[running]).then(lambda: "stopped", None, [status])
-        picker.change(on_pick, [picker], [about, strategy, temperature, top_k, top_p])
+        picker.change(on_pick, [picker], [about, *(controls[name] for name in reset)])
         score.click(lambda source, t: score_page(models.get(source), t), [picker, text], [figures, coloured])
     return page
 

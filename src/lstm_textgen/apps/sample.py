@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import argparse
 import sys
+import typing
 from pathlib import Path
+from typing import Any, Literal
 
 from lstm_textgen.devices import resolve_device
 from lstm_textgen.inference.generation import encode_prompt, sample_texts, stream_text
 from lstm_textgen.model.checkpoint import LoadedModel, load_model
-from lstm_textgen.params import Sampling
+from lstm_textgen.params import SampleParams, Sampling
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lstm-textgen sample", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -29,19 +31,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--prompt", action="append", help="repeat for several prompts (default: sample.prompts)"
     )
-    parser.add_argument(
-        "--length", type=int, default=None, help="new tokens per prompt (default: sample.length)"
-    )
-    parser.add_argument("--strategy", choices=["sample", "greedy", "mode"], default=None)
-    parser.add_argument("--temperature", type=float, default=None)
-    parser.add_argument("--top-k", type=int, default=None)
-    parser.add_argument("--top-p", type=float, default=None)
-    parser.add_argument("--draws", type=int, default=None, help="mode strategy: draws per token")
-    parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--unknown", choices=["error", "skip", "replace"], default=None)
-    parser.add_argument("--replacement", default=None)
+    for name in SETTING_FLAGS:
+        add_setting_flag(parser, name)
     parser.add_argument("--device", default="auto")
-    return parser.parse_args(argv)
+    return parser
+
+
+# Every sampling setting, and the sample stage's length and unknown-token policy, as flags.
+SETTING_FLAGS = (*Sampling.model_fields, "length", "unknown", "replacement")
+
+
+def add_setting_flag(parser: argparse.ArgumentParser, name: str) -> None:
+    """`--name`, typed and described as params.py declares `sample.name`; unset, it takes the model's
+    own `sample.*` value (the seed excepted: unset, each run differs)."""
+    field = SampleParams.model_fields[name]
+    options: dict[str, Any] = {
+        "default": None,
+        "help": f"{field.description or name} (default: sample.{name})",
+    }
+    if typing.get_origin(field.annotation) is Literal:
+        options["choices"] = list(typing.get_args(field.annotation))
+    else:
+        kinds = set(typing.get_args(field.annotation)) or {field.annotation}
+        options["type"] = int if int in kinds else float if float in kinds else str
+    parser.add_argument("--" + name.replace("_", "-"), **options)
 
 
 def load(args: argparse.Namespace) -> LoadedModel:
@@ -54,18 +67,12 @@ def load(args: argparse.Namespace) -> LoadedModel:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
+    args = build_parser().parse_args(argv)
     loaded = load(args)
     defaults = loaded.params.sample
     pick = lambda value, default: default if value is None else value  # noqa: E731
-    sampling = Sampling.checked(
-        strategy=pick(args.strategy, defaults.strategy),
-        temperature=pick(args.temperature, defaults.temperature),
-        top_k=pick(args.top_k, defaults.top_k),
-        top_p=pick(args.top_p, defaults.top_p),
-        draws=pick(args.draws, defaults.draws),
-        seed=args.seed,
-    )
+    chosen = {name: pick(getattr(args, name), getattr(defaults, name)) for name in Sampling.model_fields}
+    sampling = Sampling.checked(**{**chosen, "seed": args.seed})
     prompts = args.prompt or defaults.prompts
     length = pick(args.length, defaults.length)
     unknown, replacement = pick(args.unknown, defaults.unknown), pick(args.replacement, defaults.replacement)

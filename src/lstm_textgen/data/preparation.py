@@ -29,7 +29,7 @@ import numpy as np
 
 from lstm_textgen.data.dataset import SPLITS_FILE, VOCAB_FILE, Dataset, load_dataset
 from lstm_textgen.data.normalise import file_chunks
-from lstm_textgen.data.tokenisers import Vocabulary, multibyte_characters, tokenize
+from lstm_textgen.data.tokenisers import CharVocabulary, Vocabulary, multibyte_characters, word_tokens
 from lstm_textgen.data.windows import SPLITS, SplitSizes, split_sizes
 from lstm_textgen.errors import UserError
 from lstm_textgen.files import atomic_path, write_json
@@ -203,7 +203,7 @@ def prepare_chars(
         seen = np.bincount(multibyte_characters(utf8)[1])
         counts[: len(seen)] += seen
     used = np.flatnonzero(counts)
-    vocab = extend(base, Vocabulary("char", tuple(chr(c) for c in used), data.lowercase))
+    vocab = extend(base, CharVocabulary(tuple(chr(c) for c in used), data.lowercase))
     sizes = split_sizes(int(counts.sum()), data.val_fraction, data.test_fraction)
     with split_writer(out_dir, sizes, vocab.dtype) as writer:
         for piece in pieces():
@@ -236,7 +236,7 @@ def prepare_words(
     index: dict[str, int] = {}
     with (scratch / "words").open("wb") as out:
         for piece in pieces():
-            out.write(provisional_ids(tokenize(piece, "word"), index).tobytes())
+            out.write(provisional_ids(word_tokens(piece), index).tobytes())
     words_file, word_id = scratch / "words", np.dtype(np.uint32)
     sizes = split_sizes(words_file.stat().st_size // word_id.itemsize, data.val_fraction, data.test_fraction)
     counts = np.zeros(len(index), dtype=np.int64)
@@ -259,11 +259,11 @@ def extend(base: Vocabulary | None, new: Vocabulary, max_size: int | None = None
     the new corpus's other tokens follow, in `new`'s order, up to `max_size` in all."""
     if base is None:
         kept = new.tokens[:max_size] if max_size else new.tokens
-        return Vocabulary(new.level, kept, new.lowercase, new.unk, new.spaced, new.tokenizer)
+        return new.with_tokens(kept)
     added = tuple(t for t in new.tokens if t not in base)
     if max_size is not None:
         added = added[: max(0, max_size - len(base))]
-    return Vocabulary(base.level, base.tokens + added, base.lowercase, base.unk, base.spaced, base.tokenizer)
+    return base.with_tokens(base.tokens + added)
 
 
 def provisional_ids(tokens: list[str], index: dict[str, int]) -> np.ndarray:
@@ -361,7 +361,9 @@ def prepare_corpus(
     vocab = prepared.vocab
     if prepared.distinct < 2:
         named = (
-            [repr(t) for t in vocab.tokens if t != vocab.unk][:1] if data.level in ("char", "word") else []
+            [repr(t) for t in vocab.tokens if t != vocab.unknown][:1]
+            if data.level in ("char", "word")
+            else []
         )
         raise UserError(
             f"the corpus has {prepared.distinct} distinct {data.level} token(s)"

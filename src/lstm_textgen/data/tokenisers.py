@@ -1,4 +1,5 @@
-"""Tokenisers and the vocabulary: text <-> token ids, at character, word, byte or subword (BPE) level.
+"""Tokenisers: text <-> token ids, one class per level (character, word, byte, byte-level BPE) behind
+one protocol, `Vocabulary`: encode, decode, tokenize, a streaming detokenizer, characters per token.
 
 The vocabulary is saved as JSON together with its settings (level, lowercase, unknown token, and at
 BPE level the Hugging Face tokenizer itself), so a trained model can be used later without the corpus.
@@ -13,19 +14,19 @@ from __future__ import annotations
 
 import codecs
 import collections
+import dataclasses
 import json
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 
 from lstm_textgen.errors import UserError
 
 Level = Literal["char", "word", "byte", "bpe"]
-BYTE_LEVELS = ("byte", "bpe")
 UNK = "<unk>"
 # A word-level token is a line break, or a word or punctuation mark that carries one leading space
 # when whitespace preceded it (" the", as GPT-2's tokens do), so joining the tokens gives the text
@@ -78,33 +79,23 @@ BYTE_TOKENS = byte_alphabet()
 _BYTE_OF = {char: b for b, char in enumerate(BYTE_TOKENS)}
 
 
-def tokenize(text: str, level: Level, spaced: bool = True) -> list[str]:
-    """Characters, bytes, or line breaks / words / punctuation marks (with their leading space).
-    BPE tokens need the trained tokenizer: `Vocabulary.tokenize`."""
-    if level == "char":
-        return list(text)
-    if level == "byte":
-        return [BYTE_TOKENS[b] for b in text.encode("utf-8")]
-    if level == "bpe":
-        raise ValueError("bpe tokens come from the trained tokenizer: use Vocabulary.tokenize")
+def word_tokens(text: str, spaced: bool = True) -> list[str]:
+    """Line breaks, and words or punctuation marks with their leading space (`spaced`; an older
+    vocabulary's bare tokens otherwise)."""
     if not spaced:
         return _LEGACY_TOKEN.findall(text)
     return _SPACED_WORD.findall(_SPACES.sub(" ", text))
 
 
-# `tokenize`'s word rule, fast: collapse each run of spaces (not line breaks) to one space, then a
-# token is a line break or an optional space and a word or punctuation mark; a space before a line
-# break or at the end is dropped. Equal to `_SPACED_TOKEN` (a property test checks).
+# `word_tokens`' rule, fast: collapse each run of spaces (not line breaks) to one space, then a token
+# is a line break or an optional space and a word or punctuation mark; a space before a line break or
+# at the end is dropped. Equal to the rule written out token by token (a property test checks).
 _SPACES = re.compile(r"[^\S\n]{2,}|[^\S\n ]")  # what is not already one plain space
 _SPACED_WORD = re.compile(r"\n| ?(?:\w+(?:['’]\w+)*|[^\w\s])")
 
 
-def detokenize(tokens: Sequence[str], level: Level, spaced: bool = True) -> str:
-    """Join tokens back into text. `<unk>` gets a space before it (its own was lost)."""
-    if level == "char":
-        return "".join(tokens)
-    if level in BYTE_LEVELS:
-        raise ValueError("byte and bpe tokens decode with Vocabulary.decode (they are bytes)")
+def join_words(tokens: Sequence[str], spaced: bool = True) -> str:
+    """Word tokens back into text. `<unk>` gets a space before it (its own was lost)."""
     if not spaced:
         return _legacy_join(tokens)
     return "".join(
@@ -124,12 +115,13 @@ def _legacy_join(tokens: Sequence[str]) -> str:
 
 @dataclass(frozen=True)
 class Vocabulary:
-    level: Level
+    """The protocol every level speaks, and what they share: the tokens in id order, lowercasing,
+    the JSON form (`to_dict` / `from_dict`, which picks the level's class). A level defines
+    `tokenize`, `encode_normalised`, `decode`, `detokenizer` and `character_counts`."""
+
+    level: ClassVar[Level]
     tokens: tuple[str, ...]
     lowercase: bool = False
-    unk: str | None = None
-    spaced: bool = True  # word level: tokens carry their leading space (False: an older vocabulary)
-    tokenizer: dict[str, Any] | None = None  # bpe level: the Hugging Face tokenizer, as its JSON
     _index: dict[str, int] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -137,14 +129,18 @@ class Vocabulary:
         if len(index) < len(self.tokens):
             twice = sorted({t for t in self.tokens if self.tokens.count(t) > 1})[:5]
             raise VocabularyError(f"the vocabulary lists {', '.join(map(repr, twice))} more than once")
-        if self.level == "char" and any(len(t) != 1 for t in self.tokens):
-            raise VocabularyError("a char vocabulary holds single characters only")
-        if self.level == "byte" and self.tokens != BYTE_TOKENS:
-            raise VocabularyError("a byte vocabulary holds the 256 byte tokens in byte order")
-        if self.level == "bpe" and self.tokenizer is None:
-            raise VocabularyError("a bpe vocabulary needs its tokenizer")
         object.__setattr__(self, "_index", index)
+        self.check()
 
+    def check(self) -> None:
+        """A level's own rule for its tokens (raise VocabularyError)."""
+
+    @property
+    def unknown(self) -> str | None:
+        """The token that stands for tokens the vocabulary lacks (None: such a token is an error)."""
+        return None
+
+    # --- construction (each returns the level's class)
     @classmethod
     def build(
         cls,
@@ -154,34 +150,54 @@ class Vocabulary:
         min_freq: int = 1,
         max_size: int | None = None,
     ) -> Vocabulary:
-        """Char level: every character, in code-point order. Word level: `<unk>` first, then the words
-        seen at least `min_freq` times, most frequent first, at most `max_size` entries in all."""
+        """From a text's tokens: char level every character, word level the frequent words."""
         counts = collections.Counter(tokens)
         if level == "char":
-            return cls("char", tuple(sorted(counts)), lowercase)
-        return cls.words(counts, lowercase, min_freq, max_size)
+            return CharVocabulary(tuple(sorted(counts)), lowercase)
+        return WordVocabulary.from_counts(counts, lowercase, min_freq, max_size)
 
     @classmethod
     def words(
         cls, counts: dict[str, int], lowercase: bool, min_freq: int = 1, max_size: int | None = None
-    ) -> Vocabulary:
-        kept = sorted(
-            (t for t, n in counts.items() if n >= min_freq and t != UNK), key=lambda t: (-counts[t], t)
-        )
-        if max_size is not None:
-            kept = kept[: max_size - 1]
-        return cls("word", (UNK, *kept), lowercase, unk=UNK)
+    ) -> WordVocabulary:
+        return WordVocabulary.from_counts(counts, lowercase, min_freq, max_size)
 
     @classmethod
-    def byte_level(cls, lowercase: bool) -> Vocabulary:
-        return cls("byte", BYTE_TOKENS, lowercase)
+    def byte_level(cls, lowercase: bool) -> ByteVocabulary:
+        return ByteVocabulary(BYTE_TOKENS, lowercase)
 
     @classmethod
-    def from_tokenizer(cls, tokenizer: Any, lowercase: bool) -> Vocabulary:
-        """A trained byte-level BPE (`tokenizers.Tokenizer`): its tokens in id order, and itself."""
-        tokens = tuple(tokenizer.id_to_token(i) for i in range(tokenizer.get_vocab_size()))
-        return cls("bpe", tokens, lowercase, tokenizer=json.loads(tokenizer.to_str()))
+    def from_tokenizer(cls, tokenizer: Any, lowercase: bool) -> BpeVocabulary:
+        return BpeVocabulary.from_tokenizer(tokenizer, lowercase)
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Vocabulary:
+        """A saved vocabulary (vocab.json) as its level's class."""
+        kind = LEVELS.get(data.get("level"))  # type: ignore[arg-type]
+        if kind is None:
+            raise VocabularyError(
+                f"unknown vocabulary level {data.get('level')!r}; one of {', '.join(LEVELS)}"
+            )
+        return kind.from_saved(data)
+
+    @classmethod
+    def from_saved(cls, data: dict[str, Any]) -> Vocabulary:
+        return cls(tuple(data["tokens"]), bool(data["lowercase"]))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "level": self.level,
+            "lowercase": self.lowercase,
+            "unk": None,
+            "spaced": True,
+            "tokens": list(self.tokens),
+        }
+
+    def with_tokens(self, tokens: tuple[str, ...]) -> Vocabulary:
+        """The same vocabulary with other tokens (fine-tuning appends the new corpus's)."""
+        return dataclasses.replace(self, tokens=tokens)
+
+    # --- shared behaviour
     def __len__(self) -> int:
         return len(self.tokens)
 
@@ -196,61 +212,66 @@ class Vocabulary:
     def normalise(self, text: str) -> str:
         return text.lower() if self.lowercase else text
 
+    def encode(self, text: str) -> np.ndarray:
+        """Text (not yet lowercased) -> ids; vectorised or in Rust wherever the level allows."""
+        return self.encode_normalised(self.normalise(text))
+
     def encode_tokens(self, tokens: Sequence[str]) -> np.ndarray:
-        """Token ids; unknown tokens become `<unk>` where there is one, else raise naming them."""
-        if self.unk is None:
+        """Token ids; unknown tokens become `unk` where the level has one, else raise naming them."""
+        if self.unknown is None:
             missing = sorted({t for t in tokens if t not in self._index})
             if missing:
                 raise VocabularyError(
                     f"{len(missing)} token(s) not in the vocabulary of {len(self)}: "
                     + ", ".join(repr(t) for t in missing[:20])
                 )
-        unk_id = self._index.get(self.unk, -1) if self.unk else -1
+        unk_id = self._index.get(self.unknown, -1) if self.unknown else -1
         return np.fromiter((self._index.get(t, unk_id) for t in tokens), dtype=self.dtype, count=len(tokens))
 
-    def encode(self, text: str) -> np.ndarray:
-        """Text (not yet lowercased) -> ids; vectorised or in Rust wherever the level allows."""
-        return self.encode_normalised(self.normalise(text))
-
-    def encode_normalised(self, text: str) -> np.ndarray:
-        """`encode` of a text already lowercased where the vocabulary is."""
-        if self.level == "char":
-            return self._encode_chars(text)
-        if self.level == "byte":
-            return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).copy()
-        if self.level == "bpe":
-            return np.asarray(self._bpe.encode(text).ids, dtype=self.dtype)
-        return self.encode_tokens(self.tokenize(text))
-
     def encode_batch(self, texts: list[str]) -> np.ndarray:
-        """Several (normalised) pieces of one text, concatenated; BPE encodes them in parallel."""
-        if self.level == "bpe":
-            encodings = self._bpe.encode_batch_fast(texts)
-            return np.fromiter((i for e in encodings for i in e.ids), dtype=self.dtype)
+        """Several (normalised) pieces of one text, concatenated."""
         parts = [self.encode_normalised(t) for t in texts]
         return np.concatenate(parts) if parts else np.zeros(0, self.dtype)
 
+    # --- per level
     def tokenize(self, text: str) -> list[str]:
         """`text` (already normalised) as this vocabulary's tokens."""
-        if self.level == "bpe":
-            return self._bpe.encode(text).tokens
-        return tokenize(text, self.level, self.spaced)
+        raise NotImplementedError
+
+    def encode_normalised(self, text: str) -> np.ndarray:
+        """`encode` of a text already lowercased where the vocabulary is."""
+        return self.encode_tokens(self.tokenize(text))
+
+    def decode(self, ids: Iterable[int]) -> str:
+        raise NotImplementedError
+
+    def detokenizer(self, previous: int | None = None) -> Detokenizer:
+        """Text as it is generated, token by token; `previous` is the prompt's last token."""
+        return Detokenizer(self)
 
     @cached_property
-    def _bpe(self) -> Any:
-        from tokenizers import Tokenizer  # only BPE vocabularies need the library loaded
+    def character_counts(self) -> np.ndarray:
+        """Characters each token adds to the text."""
+        return np.array([len(t) for t in self.tokens], dtype=np.int64)
 
-        return Tokenizer.from_str(json.dumps(self.tokenizer))
 
-    @cached_property
-    def _char_table(self) -> np.ndarray:
-        """Code point -> id (-1: not in the vocabulary), one entry per code point up to the largest."""
-        points = code_points("".join(self.tokens))
-        table = np.full(int(points.max()) + 2 if len(points) else 1, -1, dtype=np.int32)
-        table[points] = np.arange(len(points))
-        return table
+@dataclass(frozen=True)
+class CharVocabulary(Vocabulary):
+    """One token per character, in code-point order (char-rnn's and nanoGPT's choice)."""
 
-    def _encode_chars(self, text: str) -> np.ndarray:
+    level: ClassVar[Level] = "char"
+
+    def check(self) -> None:
+        if any(len(t) != 1 for t in self.tokens):
+            raise VocabularyError("a char vocabulary holds single characters only")
+
+    def tokenize(self, text: str) -> list[str]:
+        return list(text)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return "".join(self.tokens[int(i)] for i in ids)
+
+    def encode_normalised(self, text: str) -> np.ndarray:
         """Vectorised, on the UTF-8 bytes: one-byte characters through a 256-entry table, the few
         multi-byte ones decoded where they start, their other bytes then dropped. The ids are the
         stored order's, so a vocabulary saved in another order still encodes right."""
@@ -274,6 +295,14 @@ class Vocabulary:
         return ids
 
     @cached_property
+    def _char_table(self) -> np.ndarray:
+        """Code point -> id (-1: not in the vocabulary), one entry per code point up to the largest."""
+        points = code_points("".join(self.tokens))
+        table = np.full(int(points.max()) + 2 if len(points) else 1, -1, dtype=np.int32)
+        table[points] = np.arange(len(points))
+        return table
+
+    @cached_property
     def _ascii_ids(self) -> np.ndarray:
         """Byte -> id for the one-byte characters (0 elsewhere: those bytes are fixed or dropped)."""
         table = self._char_table[:128]
@@ -281,64 +310,182 @@ class Vocabulary:
         ids[: len(table)] = np.maximum(table, 0)
         return ids
 
+
+@dataclass(frozen=True)
+class WordVocabulary(Vocabulary):
+    """Words and punctuation marks with their leading space, line breaks, and `<unk>` for the rest."""
+
+    level: ClassVar[Level] = "word"
+    unk: str | None = UNK
+    spaced: bool = True  # tokens carry their leading space (False: a vocabulary saved before they did)
+
+    @classmethod
+    def from_counts(
+        cls, counts: dict[str, int], lowercase: bool, min_freq: int = 1, max_size: int | None = None
+    ) -> WordVocabulary:
+        """`<unk>` first, then the words seen at least `min_freq` times, most frequent first, at most
+        `max_size` entries in all."""
+        kept = sorted(
+            (t for t, n in counts.items() if n >= min_freq and t != UNK), key=lambda t: (-counts[t], t)
+        )
+        if max_size is not None:
+            kept = kept[: max_size - 1]
+        return cls((UNK, *kept), lowercase)
+
+    @classmethod
+    def from_saved(cls, data: dict[str, Any]) -> WordVocabulary:
+        # vocabularies saved before the `spaced` key held bare tokens
+        return cls(
+            tuple(data["tokens"]), bool(data["lowercase"]), data.get("unk"), bool(data.get("spaced", False))
+        )
+
+    @property
+    def unknown(self) -> str | None:
+        return self.unk
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**super().to_dict(), "unk": self.unk, "spaced": self.spaced}
+
+    def tokenize(self, text: str) -> list[str]:
+        return word_tokens(text, self.spaced)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return join_words([self.tokens[int(i)] for i in ids], self.spaced)
+
+    def detokenizer(self, previous: int | None = None) -> Detokenizer:
+        return WordDetokenizer(self, previous)
+
+
+@dataclass(frozen=True)
+class ByteVocabulary(Vocabulary):
+    """The 256 UTF-8 byte values, in GPT-2's printable alphabet: every text encodes, nothing is unknown."""
+
+    level: ClassVar[Level] = "byte"
+
+    def check(self) -> None:
+        if self.tokens != BYTE_TOKENS:
+            raise VocabularyError("a byte vocabulary holds the 256 byte tokens in byte order")
+
+    def tokenize(self, text: str) -> list[str]:
+        return [BYTE_TOKENS[b] for b in text.encode("utf-8")]
+
+    def encode_normalised(self, text: str) -> np.ndarray:
+        return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).copy()
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Joined bytes; bytes that are not valid UTF-8 (a model can generate them) become U+FFFD."""
+        return b"".join(self.token_bytes[int(i)] for i in ids).decode("utf-8", errors="replace")
+
+    def detokenizer(self, previous: int | None = None) -> Detokenizer:
+        return ByteDetokenizer(self)
+
     @cached_property
     def token_bytes(self) -> tuple[bytes, ...]:
-        """Byte and BPE levels: the UTF-8 bytes each token stands for."""
+        """The UTF-8 bytes each token stands for."""
         return tuple(bytes(_BYTE_OF[c] for c in token) for token in self.tokens)
 
     @cached_property
     def character_counts(self) -> np.ndarray:
-        """Characters each token adds to the text (byte/bpe: its bytes that start a character)."""
-        if self.level in BYTE_LEVELS:
-            return np.array([sum((b & 0xC0) != 0x80 for b in t) for t in self.token_bytes], dtype=np.int64)
-        return np.array([len(t) for t in self.tokens], dtype=np.int64)
+        """A token's bytes that start a character (a character split over tokens counts once)."""
+        return np.array([sum((b & 0xC0) != 0x80 for b in t) for t in self.token_bytes], dtype=np.int64)
 
-    def decode(self, ids: Iterable[int]) -> str:
-        if self.level in BYTE_LEVELS:
-            return b"".join(self.token_bytes[int(i)] for i in ids).decode("utf-8", errors="replace")
-        return detokenize([self.tokens[int(i)] for i in ids], self.level, self.spaced)
 
-    def detokenizer(self, previous: int | None = None) -> Detokenizer:
-        """Text as it is generated, token by token; `previous` is the prompt's last token."""
-        return Detokenizer(self, previous)
+@dataclass(frozen=True)
+class BpeVocabulary(ByteVocabulary):
+    """Byte level plus merges: a byte-level BPE trained on the training split (Hugging Face tokenizers,
+    saved inside vocab.json as its JSON). Decoding is byte level's."""
 
-    def to_dict(self) -> dict[str, Any]:
-        saved = {
-            "level": self.level,
-            "lowercase": self.lowercase,
-            "unk": self.unk,
-            "spaced": self.spaced,
-            "tokens": list(self.tokens),
-        }
-        return saved | ({"tokenizer": self.tokenizer} if self.tokenizer is not None else {})
+    level: ClassVar[Level] = "bpe"
+    tokenizer: dict[str, Any] = field(default_factory=dict)
+
+    def check(self) -> None:
+        if not self.tokenizer:
+            raise VocabularyError("a bpe vocabulary needs its tokenizer")
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Vocabulary:
-        spaced = bool(data.get("spaced", data["level"] == "char"))  # word vocabularies before the key: legacy
-        tokens, unk = tuple(data["tokens"]), data.get("unk")
-        return cls(data["level"], tokens, bool(data["lowercase"]), unk, spaced, data.get("tokenizer"))
+    def from_tokenizer(cls, tokenizer: Any, lowercase: bool) -> BpeVocabulary:
+        """A trained `tokenizers.Tokenizer`: its tokens in id order, and itself."""
+        tokens = tuple(tokenizer.id_to_token(i) for i in range(tokenizer.get_vocab_size()))
+        return cls(tokens, lowercase, json.loads(tokenizer.to_str()))
+
+    @classmethod
+    def from_saved(cls, data: dict[str, Any]) -> BpeVocabulary:
+        return cls(tuple(data["tokens"]), bool(data["lowercase"]), data.get("tokenizer") or {})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**super().to_dict(), "tokenizer": self.tokenizer}
+
+    def tokenize(self, text: str) -> list[str]:
+        return self._bpe.encode(text).tokens
+
+    def encode_normalised(self, text: str) -> np.ndarray:
+        return np.asarray(self._bpe.encode(text).ids, dtype=self.dtype)
+
+    def encode_batch(self, texts: list[str]) -> np.ndarray:
+        """In parallel, in Rust."""
+        encodings = self._bpe.encode_batch_fast(texts)
+        return np.fromiter((i for e in encodings for i in e.ids), dtype=self.dtype)
+
+    @cached_property
+    def _bpe(self) -> Any:
+        from tokenizers import Tokenizer  # only BPE vocabularies need the library loaded
+
+        return Tokenizer.from_str(json.dumps(self.tokenizer))
+
+
+LEVELS: dict[str, type[Vocabulary]] = {
+    "char": CharVocabulary,
+    "word": WordVocabulary,
+    "byte": ByteVocabulary,
+    "bpe": BpeVocabulary,
+}
 
 
 class Detokenizer:
-    """Streams generated tokens as text: word tokens get their spacing from the token before them;
-    byte-level tokens pass through an incremental UTF-8 decoder, so a character whose bytes arrive
-    in two tokens is written once, whole, when its last byte arrives."""
+    """Streams generated tokens as text, one token's text at a time (char level: its character)."""
 
-    def __init__(self, vocab: Vocabulary, previous: int | None = None) -> None:
-        self.vocab, self.previous = vocab, previous
-        self.bytes = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    def __init__(self, vocab: Vocabulary) -> None:
+        self.vocab = vocab
 
     def push(self, token: int) -> str:
-        vocab = self.vocab
-        if vocab.level in BYTE_LEVELS:
-            return self.bytes.decode(vocab.token_bytes[token])
-        if vocab.level == "char" or self.previous is None:
-            text = vocab.decode([token])
-        else:
-            text = vocab.decode([self.previous, token])[len(vocab.decode([self.previous])) :]
+        return self.vocab.decode([token])
+
+    def finish(self) -> str:
+        """What is still held back at the end."""
+        return ""
+
+
+class WordDetokenizer(Detokenizer):
+    """A word token's spacing comes from the token before it."""
+
+    def __init__(self, vocab: Vocabulary, previous: int | None) -> None:
+        super().__init__(vocab)
+        self.previous = previous
+
+    def push(self, token: int) -> str:
+        decode = self.vocab.decode
+        text = (
+            decode([token])
+            if self.previous is None
+            else decode([self.previous, token])[len(decode([self.previous])) :]
+        )
         self.previous = token
         return text
 
+
+class ByteDetokenizer(Detokenizer):
+    """Bytes pass through an incremental UTF-8 decoder, so a character whose bytes arrive in two
+    tokens is written once, whole, when its last byte arrives."""
+
+    vocab: ByteVocabulary
+
+    def __init__(self, vocab: ByteVocabulary) -> None:
+        super().__init__(vocab)
+        self.bytes = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def push(self, token: int) -> str:
+        return self.bytes.decode(self.vocab.token_bytes[token])
+
     def finish(self) -> str:
-        """What is still held back: an unfinished UTF-8 sequence, as U+FFFD."""
-        return self.bytes.decode(b"", final=True) if self.vocab.level in BYTE_LEVELS else ""
+        """An unfinished UTF-8 sequence, as U+FFFD."""
+        return self.bytes.decode(b"", final=True)

@@ -91,7 +91,7 @@ def encode_prompt(
         if unknown == "skip":
             tokens = [t for t in tokens if t in vocab]
     if missing and unknown == "replace":
-        substitute = vocab.unk if vocab.level == "word" else replacement
+        substitute = vocab.unknown if vocab.level == "word" else replacement
         if substitute is None or substitute not in vocab:
             raise PromptError(f"sample.replacement {substitute!r} is not in the vocabulary")
         tokens = [t if t in vocab else substitute for t in tokens]

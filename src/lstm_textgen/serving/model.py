@@ -20,6 +20,7 @@ into an HTTP 400 with the message; the server keeps serving.
 from __future__ import annotations
 
 import math
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -36,21 +37,35 @@ MAX_ROWS = 64
 MAX_PROMPT_CHARACTERS = 10_000
 MAX_TOKENS_PER_REQUEST = 32_000  # rows x max_new_tokens
 TASKS = ("generate", "score")
-OPTIONAL_COLUMNS = ("max_new_tokens", "temperature", "top_k", "top_p", "seed", "strategy")
-# Request values that mean "off", as MLflow's params schema needs a non-null default for each.
-TOP_K_OFF, TOP_P_OFF, UNSEEDED = 0, 1.0, -1
+# A request's optional columns: its length, then every sampling setting by its name in params.py.
+SAMPLING_COLUMNS = tuple(Sampling.model_fields)
+OPTIONAL_COLUMNS = ("max_new_tokens", *SAMPLING_COLUMNS)
+# Request values that mean "off" (null in params.yaml), as MLflow's params schema needs a non-null
+# default for each: top_k 0, top_p 1, seed -1.
+OFF = {"top_k": 0, "top_p": 1.0, "seed": -1}
+
+
+def column_kind(name: str) -> str:
+    """A request column's type in MLflow's schema: long, double or string (from the params' types)."""
+    if name == "max_new_tokens":
+        return "long"
+    annotation = Sampling.model_fields[name].annotation
+    kinds = set(typing.get_args(annotation)) or {annotation}
+    return "long" if int in kinds else "double" if float in kinds else "string"
+
+
+def _setting(name: str, value: Any) -> Any:
+    """A request value as `Sampling` takes it: the "off" values become None (any negative seed)."""
+    if name == "seed":
+        return None if value < 0 else value
+    return None if name in OFF and value == OFF[name] else value
 
 
 def request_defaults(sample: SampleParams) -> dict[str, Any]:
     """A request's defaults: the registered model's sampling settings (its `sample.*` params), unseeded."""
-    return {
-        "max_new_tokens": DEFAULT_NEW_TOKENS,
-        "temperature": sample.temperature,
-        "top_k": sample.top_k or TOP_K_OFF,
-        "top_p": sample.top_p or TOP_P_OFF,
-        "seed": UNSEEDED,
-        "strategy": sample.strategy,
-    }
+    settings = {name: getattr(sample, name) for name in SAMPLING_COLUMNS} | {"seed": None}
+    off = {name: OFF[name] if value is None else value for name, value in settings.items()}
+    return {"max_new_tokens": DEFAULT_NEW_TOKENS, **off}
 
 
 def _bad_request(message: str) -> Exception:
@@ -118,17 +133,10 @@ def request_settings(
     max_new = _as_int("max_new_tokens", merged["max_new_tokens"])
     if not 1 <= max_new <= MAX_NEW_TOKENS:
         raise _bad_request(f"max_new_tokens must be between 1 and {MAX_NEW_TOKENS}, got {max_new}")
-    top_k, top_p = _as_int("top_k", merged["top_k"]), _as_float("top_p", merged["top_p"])
-    seed = _as_int("seed", merged["seed"])
+    parse = {"long": _as_int, "double": _as_float, "string": lambda name, value: value}
+    values = {name: parse[column_kind(name)](name, merged[name]) for name in SAMPLING_COLUMNS}
     try:
-        sampling = Sampling.checked(
-            strategy=merged["strategy"],
-            temperature=_as_float("temperature", merged["temperature"]),
-            top_k=None if top_k == TOP_K_OFF else top_k,
-            top_p=None if top_p == TOP_P_OFF else top_p,
-            draws=sample.draws,
-            seed=None if seed < 0 else seed,
-        )
+        sampling = Sampling.checked(**{name: _setting(name, value) for name, value in values.items()})
     except UserError as exc:
         raise _bad_request(str(exc)) from None
     return prompt, max_new, sampling

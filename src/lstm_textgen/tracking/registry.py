@@ -13,7 +13,7 @@ import pandas as pd
 
 from lstm_textgen.model.checkpoint import load_checkpoint, save_checkpoint, serving_checkpoint
 from lstm_textgen.params import SampleParams
-from lstm_textgen.serving.model import request_defaults
+from lstm_textgen.serving.model import OPTIONAL_COLUMNS, column_kind, request_defaults
 from lstm_textgen.tracking import store
 
 CHAMPION = "champion"
@@ -41,27 +41,10 @@ def signature(sample: SampleParams) -> Any:
     from mlflow.models import ModelSignature
     from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
 
-    inputs = Schema(
-        [
-            ColSpec("string", "prompt"),
-            ColSpec("long", "max_new_tokens", required=False),
-            ColSpec("double", "temperature", required=False),
-            ColSpec("long", "top_k", required=False),
-            ColSpec("double", "top_p", required=False),
-            ColSpec("long", "seed", required=False),
-            ColSpec("string", "strategy", required=False),
-        ]
-    )
-    kinds = {
-        "max_new_tokens": "long",
-        "temperature": "double",
-        "top_k": "long",
-        "top_p": "double",
-        "seed": "long",
-        "strategy": "string",
-    }
+    columns = [ColSpec(column_kind(name), name, required=False) for name in OPTIONAL_COLUMNS]
+    inputs = Schema([ColSpec("string", "prompt"), *columns])
     defaults = request_defaults(sample)
-    specs = [ParamSpec(name, kinds[name], defaults[name]) for name in kinds]
+    specs = [ParamSpec(name, column_kind(name), defaults[name]) for name in OPTIONAL_COLUMNS]
     specs += [ParamSpec("task", "string", "generate"), ParamSpec("per_token", "boolean", False)]
     scored = [ColSpec("double", name, required=False) for name in SCORE_COLUMNS]
     outputs = Schema([ColSpec("string", "text", required=False), *scored])

@@ -104,7 +104,7 @@ gpu-check: $(STAMP)  ## every GPU-specific check, < 10 min: benchmarks/results/<
 
 screenshots: $(DEV_STAMP) browser  ## docs/images/: the demo's pictures, taken by its browser test
 	$(WITH_VENV) CHROMIUM=$(CHROMIUM) LSTM_TEXTGEN_SCREENSHOTS=$(CURDIR)/docs/images $(BIN)/python -m pytest -q \
-		tests/test_serving.py -k demo_page
+		tests/test_demo.py -k demo_page
 
 lint: $(DEV_STAMP)
 	$(BIN)/ruff check src stages tests benchmarks

@@ -21,8 +21,7 @@ from typing import Any
 
 import yaml
 
-from benchmarks.bench.machine import machine
-from benchmarks.bench.measure import REPO
+from benchmarks.common import REPO, machine, results_dir
 from lstm_textgen.data.corpora import acquire
 from lstm_textgen.data.preparation import prepare_corpus
 from lstm_textgen.files import read_json, write_json, write_text
@@ -113,7 +112,7 @@ def main() -> None:
             results["runs"].append(train_once(workdir, raw, processes, batch_size, args.steps))
     text = report(results)
     print(text)
-    out = args.out or REPO / "benchmarks" / "results" / results["machine"]["kind"]
+    out = args.out or results_dir(results["machine"]["kind"])
     write_text(out / "ddp.md", text)
     write_json(out / "ddp.json", results)
 

@@ -23,9 +23,14 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.bench.goals import SCALE_PREPARE_MB_S, SCALE_PREPARE_PEAK_MB, SCALE_TRAINING_RATIO
-from benchmarks.bench.machine import machine
-from benchmarks.bench.measure import REPO
+from benchmarks.common import (
+    REPO,
+    SCALE_PREPARE_MB_S,
+    SCALE_PREPARE_PEAK_MB,
+    SCALE_TRAINING_RATIO,
+    machine,
+    results_dir,
+)
 from lstm_textgen.files import write_json, write_text
 
 MB = 10**6
@@ -208,7 +213,7 @@ def main() -> None:
                 shutil.rmtree(workdir / f"prepared-{size_mb}-char")
     text = report(results)
     print(text)
-    out = args.out or REPO / "benchmarks" / "results" / results["machine"]["kind"]
+    out = args.out or results_dir(results["machine"]["kind"])
     write_text(out / "scale.md", text)
     write_json(out / "scale.json", results)
     plot(results, out / "scale.png")

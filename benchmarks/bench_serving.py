@@ -19,9 +19,7 @@ from typing import Any
 
 import requests
 
-from benchmarks.bench.local import free_port
-from benchmarks.bench.machine import machine
-from benchmarks.bench.measure import REPO
+from benchmarks.common import REPO, free_port, machine, results_dir
 from lstm_textgen.files import write_json, write_text
 
 CLIENTS = 16
@@ -141,7 +139,7 @@ def main() -> None:
             process.wait(timeout=30)
     text = report(results)
     print(text)
-    out = args.out or REPO / "benchmarks" / "results" / info["kind"]
+    out = args.out or results_dir(info["kind"])
     write_text(out / "serving.md", text)
     write_json(out / "serving.json", results)
 

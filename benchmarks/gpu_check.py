@@ -26,16 +26,14 @@ from typing import Any
 
 import torch
 
-from benchmarks.bench.goals import GPU_TARGET_LOSS
-from benchmarks.bench.local import free_port, load_corpus
-from benchmarks.bench.measure import REPO
-from lstm_textgen.apps.presets import load_presets, with_settings
+from benchmarks.common import GPU_TARGET_LOSS, REPO, free_port, load_corpus, machine, results_dir
+from lstm_textgen.apps.presets import load_presets
 from lstm_textgen.data.dataset import Dataset
 from lstm_textgen.data.preparation import build_dataset
 from lstm_textgen.files import write_text
 from lstm_textgen.inference.generation import generate, warm_up
 from lstm_textgen.model.checkpoint import load_checkpoint, load_model
-from lstm_textgen.params import Params, Sampling, load_params
+from lstm_textgen.params import Params, Sampling, load_params, with_settings
 from lstm_textgen.train.distributed import World
 from lstm_textgen.train.loop import TrainResult, train
 
@@ -256,7 +254,7 @@ def main() -> None:
     print(text)
     out = args.out
     if out is None and results["gpu"]:
-        out = REPO / "benchmarks" / "results" / results["gpu"].lower().replace(" ", "-")
+        out = results_dir(machine()["kind"])
     if out is not None:
         write_text(out / "report.md", text)
         write_text(out / "results.json", json.dumps(results, indent=2) + "\n")

@@ -17,7 +17,10 @@ from pathlib import Path
 
 import pytest
 import requests
+import torch
 import yaml
+
+from lstm_textgen.params import Params, parse_params
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CORPORA_DIR = Path(os.environ.get("LSTM_TEXTGEN_CORPORA", REPO_ROOT.parent / "shared" / "corpora"))
@@ -34,6 +37,7 @@ LONGEST_FIRST = (
     "test_readme.py",
     "test_levels.py",
     "test_serving.py",
+    "test_demo.py",
 )
 
 
@@ -226,32 +230,83 @@ def train_stage_command(params: Path, out: Path) -> list[str]:
     ]
 
 
-def store_client(repo: Path):
-    """An MLflow client on a repo copy's own store (mlflow.db beside dvc.yaml)."""
+def store_client(store: Path | str):
+    """An MLflow client on a store: a repo copy (its mlflow.db beside dvc.yaml), a .db file, or a URI."""
     from mlflow.tracking import MlflowClient
 
-    return MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
+    if isinstance(store, Path):
+        store = f"sqlite:///{store if store.suffix == '.db' else store / 'mlflow.db'}"
+    return MlflowClient(tracking_uri=store)
 
 
-def runs_by_name(repo: Path) -> dict[str, object]:
-    """The runs of the repo copy's `lstm-textgen` experiment, by run name."""
-    client = store_client(repo)
+def runs_by_name(store: Path | str) -> dict[str, object]:
+    """The runs of the store's `lstm-textgen` experiment, by run name."""
+    client = store_client(store)
     experiment = client.get_experiment_by_name("lstm-textgen")
     return {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
 
 
+def merged(base: dict, changes: dict) -> dict:
+    """`base` with `changes` applied key by key, nested sections merged rather than replaced."""
+    out = dict(base)
+    for key, value in changes.items():
+        out[key] = (
+            merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        )
+    return out
+
+
+def edit_params(source: Path, dest: Path | None = None, **sections: dict) -> dict:
+    """params.yaml at `source` with `sections` merged in (`train={"lr": 0.01}`), written to `dest`
+    (default: back to `source`); the params, as a dict."""
+    params = merged(yaml.safe_load(source.read_text()), sections)
+    (dest or source).write_text(yaml.safe_dump(params, sort_keys=False))
+    return params
+
+
+def tiny_params(**sections: dict) -> Params:
+    """Validated params that train a tiny model on the CPU in a second, `sections` merged in."""
+    return parse_params(merged(TINY_PARAMS, sections))
+
+
+def assert_same_training(a: dict, b: dict, exact: bool = False) -> None:
+    """Two checkpoints: the same step, weights and curve, bit for bit (`exact`) or to float tolerance
+    (sums over ranks add in another order than one process's; AdamW's normalised steps carry such
+    last-bit differences into the weights at about 1e-5 of their size after 20 steps)."""
+    assert a["step"] == b["step"]
+    for key, weights in a["model"].items():
+        if exact:
+            assert torch.equal(weights, b["model"][key]), key
+        else:
+            torch.testing.assert_close(weights, b["model"][key], rtol=1e-4, atol=2e-5, msg=key)
+    for ours, theirs in zip(a["history"], b["history"], strict=True):
+        for key in ("train_loss", "val_loss", "lr"):
+            assert ours[key] == pytest.approx(theirs[key], rel=0 if exact else 1e-5), key
+
+
 TINY_TRAIN = {"max_steps": 12, "eval_every": 6, "eval_batches": 2, "batch_size": 8, "warmup_steps": 2}
 TINY_MODEL = {"layers": 1, "hidden": 32, "embedding_dim": 16}
+# In-process training (tests that call the library): one thread, float32, reproducible on any CPU.
+TINY_PARAMS = {
+    "data": {"seq_len": 16, "val_fraction": 0.1, "test_fraction": 0.1},
+    "model": TINY_MODEL,
+    "train": {
+        **TINY_TRAIN,
+        "max_steps": 30,
+        "eval_every": 10,
+        "warmup_steps": 5,
+        "lr": 0.01,
+        "device": "cpu",
+        "dtype": "float32",
+        "threads": 1,
+    },
+}
 
 
 def tiny_repo(dest: Path) -> Path:
     """A repo copy whose params train in seconds: same code, same pipeline, smaller numbers."""
     repo = copy_repo(dest)
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["train"].update(TINY_TRAIN)
-    params["model"].update(TINY_MODEL)
-    params["data"]["seq_len"] = 32
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    edit_params(repo / "params.yaml", train=TINY_TRAIN, model=TINY_MODEL, data={"seq_len": 32})
     run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "tiny params"], cwd=repo)
     return repo
 
@@ -277,3 +332,49 @@ def full_disk() -> Path:
     yield mount
     subprocess.run(["umount", str(mount)], check=True)
     mount.rmdir()
+
+
+# --- a real browser: Debian's chromium, driven by Playwright, with the network cut ---
+
+CHROMIUM = Path(os.environ.get("CHROMIUM", "/usr/bin/chromium"))
+LOCAL = ("http://127.0.0.1", "ws://127.0.0.1", "file://", "data:", "blob:")
+
+
+def require_browser() -> None:
+    """Under CI a missing browser fails the test (`make test` installs it); elsewhere it skips."""
+    if CHROMIUM.exists():
+        return
+    message = f"no browser at {CHROMIUM}: `make test` installs it (apt-get install chromium)"
+    if os.environ.get("CI"):
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+def offline(route, refused: list[str]) -> None:
+    if route.request.url.startswith(LOCAL):
+        route.continue_()
+    else:
+        refused.append(route.request.url)
+        route.abort()
+
+
+def wait_for_page(process: subprocess.Popen, url: str, log: Path) -> str:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"the server exited:\n{log.read_text()}")
+        try:
+            if requests.get(url, timeout=2).status_code == 200:
+                return url
+        except requests.ConnectionError:
+            time.sleep(0.5)
+    raise AssertionError(f"{url} did not answer within 120 s")
+
+
+@pytest.fixture()
+def store(repro_repo: tuple[Path, str], monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The pipeline's repo copy as the working directory, its MLflow store the tracking URI."""
+    repo, _ = repro_repo
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{repo / 'mlflow.db'}")
+    monkeypatch.chdir(repo)
+    return repo

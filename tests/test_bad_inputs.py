@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO_ROOT, run, tool_env
+from conftest import REPO_ROOT, run, tiny_params, tool_env
 
 from lstm_textgen.data.dataset import load_dataset, save_dataset
 from lstm_textgen.data.preparation import build_dataset
@@ -16,7 +16,7 @@ from lstm_textgen.data.tokenisers import Vocabulary
 from lstm_textgen.data.windows import split
 from lstm_textgen.errors import UserError
 from lstm_textgen.files import write_text
-from lstm_textgen.params import DataParams, parse_params
+from lstm_textgen.params import DataParams
 from lstm_textgen.train.loop import train
 
 TEXT = "the quick brown fox jumps over the lazy dog. " * 200
@@ -41,9 +41,8 @@ def test_a_tampered_vocabulary_is_refused_when_the_data_is_loaded(tmp_path: Path
 
 def test_evaluate_refuses_a_checkpoint_of_another_vocabulary(tmp_path: Path) -> None:
     vocab = Vocabulary.build(TEXT, "char", lowercase=False)
-    raw = {"data": {"seq_len": 16}, "model": {"hidden": 16, "embedding_dim": 8}}
-    raw["train"] = {"max_steps": 2, "eval_every": 2, "eval_batches": 1, "batch_size": 4, "device": "cpu"}
-    train(split(vocab.encode(TEXT), 0.1, 0.1), vocab, parse_params(raw), tmp_path / "m.pt", tmp_path / "l.pt")
+    params = tiny_params(train={"max_steps": 2, "eval_every": 2, "eval_batches": 1})
+    train(split(vocab.encode(TEXT), 0.1, 0.1), vocab, params, tmp_path / "m.pt", tmp_path / "l.pt")
     save_dataset(
         build_dataset(TEXT.upper() + "!?", DataParams(val_fraction=0.1, test_fraction=0.1)), tmp_path / "p"
     )

@@ -15,8 +15,16 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
-from conftest import free_port, run, tiny_repo, tool_env, train_stage_command
+from conftest import (
+    assert_same_training,
+    edit_params,
+    free_port,
+    run,
+    runs_by_name,
+    tiny_repo,
+    tool_env,
+    train_stage_command,
+)
 
 from lstm_textgen.train.batches import Batcher
 from lstm_textgen.train.distributed import root_failure
@@ -95,12 +103,10 @@ def train_stage(
     **train: object,
 ) -> subprocess.CompletedProcess[str] | subprocess.Popen[str]:
     """Run the train stage as DVC would (`python stages/train.py`), outputs under `runs/<name>`."""
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["train"].update(RUN, processes=processes, batch_size=batch_size, **train)
-    params["model"].update(model or {})
     out = repo / "runs" / name
     out.mkdir(parents=True, exist_ok=True)
-    (out / "params.yaml").write_text(yaml.safe_dump(params))
+    train_values = {**RUN, "processes": processes, "batch_size": batch_size, **train}
+    edit_params(repo / "params.yaml", out / "params.yaml", train=train_values, model=model or {})
     cmd = train_stage_command(out / "params.yaml", out)
     env = {**tool_env(repo), "MLFLOW_TRACKING_URI": f"sqlite:///{out / 'mlflow.db'}"}
     if not wait:
@@ -114,29 +120,6 @@ def saved(repo: Path, name: str) -> dict:
     return torch.load(repo / "runs" / name / "last.pt", weights_only=True)
 
 
-def assert_same_training(a: dict, b: dict, exact: bool = False) -> None:
-    """Same weights and the same curve: bit for bit, or to float tolerance (the sums over ranks add
-    in another order than one process's sums; AdamW's normalised steps carry such last-bit
-    differences into the weights at about 1e-5 of their size after 20 steps)."""
-    assert a["step"] == b["step"]
-    for key, weights in a["model"].items():
-        if exact:
-            assert torch.equal(weights, b["model"][key]), key
-        else:
-            torch.testing.assert_close(weights, b["model"][key], rtol=1e-4, atol=2e-5, msg=key)
-    for ours, theirs in zip(a["history"], b["history"], strict=True):
-        for key in ("train_loss", "val_loss", "lr"):
-            assert ours[key] == pytest.approx(theirs[key], rel=0 if exact else 1e-5), key
-
-
-def mlflow_runs(store: Path) -> list:
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=f"sqlite:///{store}")
-    experiment = client.get_experiment_by_name("lstm-textgen")
-    return client.search_runs([experiment.experiment_id])
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("stateful", [False, True])
 def test_two_processes_train_exactly_as_one_with_twice_the_batch(prepared_repo: Path, stateful: bool) -> None:
@@ -145,8 +128,8 @@ def test_two_processes_train_exactly_as_one_with_twice_the_batch(prepared_repo: 
     two = train_stage(prepared_repo, f"two-{kind}", processes=2, batch_size=4, stateful=stateful)
     assert "x 2 processes" in two.stdout
     assert_same_training(saved(prepared_repo, f"two-{kind}"), saved(prepared_repo, f"one-{kind}"))
-    (mlflow_run,) = mlflow_runs(
-        prepared_repo / "runs" / f"two-{kind}" / "mlflow.db"
+    (mlflow_run,) = list(
+        runs_by_name(prepared_repo / "runs" / f"two-{kind}" / "mlflow.db").values()
     )  # exactly one run for two processes
     assert mlflow_run.info.status == "FINISHED"
     assert mlflow_run.data.tags["world_size"] == "2" and mlflow_run.data.tags["backend"] == "gloo"
@@ -197,7 +180,7 @@ def test_divergence_is_decided_once_and_reported_once(prepared_repo: Path) -> No
     assert failed.returncode != 0
     assert stderr.count("training diverged") == 1, stderr
     assert "lower train.lr" in stderr and re.search(r"rank [01] exited with code 2", stderr)
-    (mlflow_run,) = mlflow_runs(prepared_repo / "runs" / "diverge" / "mlflow.db")
+    (mlflow_run,) = list(runs_by_name(prepared_repo / "runs" / "diverge" / "mlflow.db").values())
     assert mlflow_run.info.status == "FAILED"
 
 
@@ -246,7 +229,7 @@ def assert_failed_cleanly(
     while not all(gone(pid) for pid in workers.values()) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert all(gone(pid) for pid in workers.values()), "a worker was left behind"
-    (mlflow_run,) = mlflow_runs(prepared_repo / "runs" / name / "mlflow.db")
+    (mlflow_run,) = list(runs_by_name(prepared_repo / "runs" / name / "mlflow.db").values())
     error = mlflow_run.data.tags.get("error", "")
     assert mlflow_run.info.status == status, error
     # gloo words a dead peer either way, depending on when the socket noticed
@@ -287,7 +270,7 @@ def test_sigterm_to_the_launcher_stops_every_rank_at_one_step_and_resumes_exactl
     assert "Traceback" not in stderr
     stopped_at = saved(prepared_repo, "sigterm")["step"]
     assert stopped_at % 50 == 0 and stopped_at > 0  # the ranks agree every 50 steps
-    (mlflow_run,) = mlflow_runs(prepared_repo / "runs" / "sigterm" / "mlflow.db")
+    (mlflow_run,) = list(runs_by_name(prepared_repo / "runs" / "sigterm" / "mlflow.db").values())
     assert mlflow_run.info.status == "KILLED"
     assert all(gone(pid) for pid in workers.values())
     end = {"max_steps": stopped_at + 20, "eval_every": 50}
@@ -296,7 +279,7 @@ def test_sigterm_to_the_launcher_stops_every_rank_at_one_step_and_resumes_exactl
     assert_same_training(
         saved(prepared_repo, "sigterm"), saved(prepared_repo, "sigterm-straight"), exact=True
     )
-    (resumed,) = mlflow_runs(prepared_repo / "runs" / "sigterm" / "mlflow.db")
+    (resumed,) = list(runs_by_name(prepared_repo / "runs" / "sigterm" / "mlflow.db").values())
     assert resumed.info.run_id == mlflow_run.info.run_id and resumed.info.status == "FINISHED"
 
 
@@ -304,9 +287,7 @@ def test_sigterm_to_the_launcher_stops_every_rank_at_one_step_and_resumes_exactl
 def test_two_machines_on_one_host_train_as_one_job(prepared_repo: Path, tmp_path: Path) -> None:
     """The README's multi-machine command, with both "machines" on 127.0.0.1: node 0 holds rank 0,
     which writes the outputs and the one MLflow run."""
-    params = yaml.safe_load((prepared_repo / "params.yaml").read_text())
-    params["train"].update(RUN, batch_size=4)
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    edit_params(prepared_repo / "params.yaml", tmp_path / "params.yaml", train={**RUN, "batch_size": 4})
     port, env = (
         free_port(),
         {**tool_env(prepared_repo), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'm.db'}"},
@@ -327,8 +308,5 @@ def test_two_machines_on_one_host_train_as_one_job(prepared_repo: Path, tmp_path
     assert "x 2 processes" in outputs[0][0]
     assert (tmp_path / "node0" / "model" / "model.pt").is_file()
     assert not (tmp_path / "node1").exists()  # rank 1 writes nothing
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
-    (mlflow_run,) = client.search_runs([client.get_experiment_by_name("lstm-textgen").experiment_id])
+    (mlflow_run,) = runs_by_name(env["MLFLOW_TRACKING_URI"]).values()
     assert mlflow_run.info.status == "FINISHED" and mlflow_run.data.tags["world_size"] == "2"

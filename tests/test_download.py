@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO_ROOT, tool_env
+from conftest import REPO_ROOT, edit_params, tool_env
 
 from lstm_textgen.data.fetch import DownloadError, fetch
 
@@ -91,10 +91,9 @@ def test_local_path_and_file_url(corpora_dir: Path, tmp_path: Path) -> None:
 
 def _run_download_stage(tmp_path: Path, corpus: str, spec: dict) -> subprocess.CompletedProcess[str]:
     params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
-    params["data"]["corpus"] = corpus
-    params["corpora"][corpus] = spec
-    params["download"].update(timeout_s=2, retries=0)
+    params["corpora"][corpus] = spec  # replaced whole, not merged into the table's entry
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    edit_params(tmp_path / "params.yaml", data={"corpus": corpus}, download={"timeout_s": 2, "retries": 0})
     return subprocess.run(
         [sys.executable, str(REPO_ROOT / "stages" / "download.py"), "--out", str(tmp_path / "raw")],
         cwd=tmp_path,

@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
-from conftest import run, runs_by_name, store_client, tiny_repo, tool_env
+from conftest import edit_params, run, runs_by_name, store_client, tiny_repo, tool_env
 
 from lstm_textgen.data.corpora import to_text
 from lstm_textgen.params import CorpusSpec
@@ -24,12 +23,8 @@ TRAINING = {"max_steps": 200, "eval_every": 20, "eval_batches": 4, "warmup_steps
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory: pytest.TempPathFactory, corpora_dir: Path) -> Path:
     repo = tiny_repo(tmp_path_factory.mktemp("finetune") / "repo")
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["data"]["corpus"] = "tinyshakespeare"
-    params["corpora"]["tinyshakespeare"]["source"] = str(corpora_dir / "tinyshakespeare.txt")
-    params["corpora"]["wonderland"]["source"] = str(corpora_dir / "wonderland.txt")
-    params["train"].update(TRAINING)
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    local = {name: {"source": str(corpora_dir / f"{name}.txt")} for name in ("tinyshakespeare", "wonderland")}
+    edit_params(repo / "params.yaml", data={"corpus": "tinyshakespeare"}, corpora=local, train=TRAINING)
     run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "pretraining"], cwd=repo)
     run(["dvc", "repro"], cwd=repo, env=tool_env(repo))
     return repo
@@ -43,9 +38,8 @@ def first_val_loss(repo: Path) -> float:
 def from_scratch_first_val_loss(repo: Path, tmp_path: Path) -> float:
     """The same training on the same prepared data from random weights: the baseline the fine-tune
     must beat (the library's `train`, as the stage calls it, without a second pipeline run)."""
-    from lstm_textgen.apps.presets import with_settings
     from lstm_textgen.data.dataset import load_dataset
-    from lstm_textgen.params import load_params
+    from lstm_textgen.params import load_params, with_settings
     from lstm_textgen.train.loop import train
 
     params = with_settings(load_params(repo / "params.yaml"), {"train.init_from": None})

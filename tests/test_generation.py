@@ -201,4 +201,9 @@ def test_streamed_bytes_come_out_as_whole_characters() -> None:
     settings = Sampling(strategy="sample", temperature=3.0, seed=1)  # hot: many invalid sequences
     pieces = list(stream_text(byte_model, vocab, ids(vocab, "é"), 200, settings))
     assert "".join(pieces) == sample_texts(byte_model, vocab, ["é"], 200, settings)[0]
-    assert all(piece.encode("utf-8").decode("utf-8") == piece for piece in pieces)
+    # a character's bytes are held back until its last one, then written whole; a sequence that
+    # breaks off becomes one U+FFFD, and so does an unfinished one at the end
+    stream = vocab.detokenizer()
+    assert [stream.push(b) for b in "é☕!".encode()] + [stream.finish()] == ["", "é", "", "", "☕", "!", ""]
+    broken = vocab.detokenizer()
+    assert [broken.push(b) for b in b"\xe2\x98!\xc3"] + [broken.finish()] == ["", "", "\ufffd!", "", "\ufffd"]

@@ -13,8 +13,15 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
-from conftest import run, store_client, tiny_repo, tool_env, train_stage_command
+from conftest import (
+    assert_same_training,
+    edit_params,
+    run,
+    store_client,
+    tiny_repo,
+    tool_env,
+    train_stage_command,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -26,28 +33,14 @@ LONG |= {"dtype": "float32", "device": "cpu"}
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     repo = tiny_repo(tmp_path_factory.mktemp("interrupted") / "repo")
-    set_train(repo, **LONG)
+    edit_params(repo / "params.yaml", train=LONG)
     run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "long tiny run"], cwd=repo)
     run(["dvc", "repro", "prepare"], cwd=repo)
     return repo
 
 
-def set_train(repo: Path, **values: object) -> None:
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["train"].update(values)
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-
-
-def losses(checkpoint: dict) -> list[tuple[float, float, float]]:
-    return [(h["train_loss"], h["val_loss"], h["lr"]) for h in checkpoint["history"]]
-
-
 def assert_bit_for_bit(a: Path, b: Path) -> None:
-    left, right = torch.load(a, weights_only=True), torch.load(b, weights_only=True)
-    assert left["step"] == right["step"]
-    for key, weights in left["model"].items():
-        assert torch.equal(weights, right["model"][key]), key
-    assert losses(left) == losses(right)
+    assert_same_training(torch.load(a, weights_only=True), torch.load(b, weights_only=True), exact=True)
 
 
 def kill_after_first_evaluation(job: subprocess.Popen[str], checkpoint: Path, pid: int, sig: int) -> None:
@@ -78,10 +71,8 @@ def stage(repo: Path, out: Path, params: Path, wait: bool = True) -> subprocess.
 def test_sigterm_stops_at_the_step_and_the_resumed_run_is_bit_for_bit(
     repo: Path, tmp_path: Path, setting: dict
 ) -> None:
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["model"].update(setting.pop("model", {}))
-    params["train"].update(setting)
-    (tmp_path / "p.yaml").write_text(yaml.safe_dump(params))
+    model = setting.pop("model", {})
+    edit_params(repo / "params.yaml", tmp_path / "p.yaml", model=model, train=setting)
     stage(repo, tmp_path / "straight", tmp_path / "p.yaml")
 
     job = stage(repo, tmp_path / "stopped", tmp_path / "p.yaml", wait=False)
@@ -91,8 +82,7 @@ def test_sigterm_stops_at_the_step_and_the_resumed_run_is_bit_for_bit(
     assert "Traceback" not in stderr
     saved = torch.load(tmp_path / "stopped" / "last.pt", weights_only=True)
     assert 1000 < saved["step"] < 3000  # the step it stopped at, not the last evaluation's
-    params["train"]["resume"] = True
-    (tmp_path / "p.yaml").write_text(yaml.safe_dump(params))
+    edit_params(tmp_path / "p.yaml", train={"resume": True})
     stage(repo, tmp_path / "stopped", tmp_path / "p.yaml")
     assert_bit_for_bit(tmp_path / "stopped" / "last.pt", tmp_path / "straight" / "last.pt")
 
@@ -127,7 +117,7 @@ def mlflow_run(repo: Path, run_id: str):
 @pytest.fixture(scope="module")
 def straight(repo: Path) -> dict:
     """One uninterrupted `dvc repro`: what both killed-and-resumed runs must end with."""
-    set_train(repo, resume=False)
+    edit_params(repo / "params.yaml", train={"resume": False})
     run(["dvc", "repro"], cwd=repo)
     (repo / "straight.pt").write_bytes((repo / "data/checkpoints/last.pt").read_bytes())
     return {"evaluate": json.loads((repo / "metrics/evaluate.json").read_text())}
@@ -137,7 +127,7 @@ def straight(repo: Path) -> dict:
 def test_killed_dvc_repro_resumes_the_same_mlflow_run_to_the_same_result(
     repo: Path, straight: dict, sig: int
 ) -> None:
-    set_train(repo, resume=False)
+    edit_params(repo / "params.yaml", train={"resume": False})
 
     job = subprocess.Popen(
         ["dvc", "repro", "-f", "train"],
@@ -159,7 +149,7 @@ def test_killed_dvc_repro_resumes_the_same_mlflow_run_to_the_same_result(
     else:  # nothing could mark it: RUNNING until the next run finds its process gone
         assert killed["step"] == 1000 and mlflow_run(repo, run_id).info.status == "RUNNING"
 
-    set_train(repo, resume=True)
+    edit_params(repo / "params.yaml", train={"resume": True})
     resumed = run(["dvc", "repro"], cwd=repo)
     assert "Running stage 'train'" in resumed.stdout  # never answered from the run cache
     assert f"continuing MLflow run {run_id}" in resumed.stdout

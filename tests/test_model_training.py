@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_params
 
 from lstm_textgen.data.tokenisers import Vocabulary
 from lstm_textgen.data.windows import split
@@ -16,33 +17,12 @@ from lstm_textgen.devices import DeviceError, resolve_dtype
 from lstm_textgen.errors import UserError
 from lstm_textgen.model.checkpoint import load_checkpoint, load_model
 from lstm_textgen.model.recurrent import RecurrentLM
-from lstm_textgen.params import ModelParams, Params, parse_params
+from lstm_textgen.params import ModelParams, Params, with_settings
 from lstm_textgen.train.checkpointer import ResumeError
 from lstm_textgen.train.loop import TrainingError, train
 from lstm_textgen.train.schedule import lr_at, progress_by_clock
 
 TEXT = "the quick brown fox jumps over the lazy dog. " * 200
-
-
-def tiny_params(**sections: dict) -> Params:
-    raw: dict = {
-        "data": {"seq_len": 16, "val_fraction": 0.1, "test_fraction": 0.1},
-        "model": {"layers": 1, "hidden": 32, "embedding_dim": 16},
-        "train": {
-            "batch_size": 8,
-            "max_steps": 30,
-            "eval_every": 10,
-            "eval_batches": 2,
-            "warmup_steps": 5,
-            "lr": 0.01,
-            "device": "cpu",
-            "dtype": "float32",
-            "threads": 1,
-        },
-    }
-    for name, values in sections.items():
-        raw.setdefault(name, {}).update(values)
-    return parse_params(raw)
 
 
 @pytest.fixture(scope="module")
@@ -154,9 +134,7 @@ def test_resume_equals_uninterrupted(data, tmp_path: Path, stateful: bool) -> No
     halted = train(splits, vocab, params, best, last, on_eval=lambda record: record["step"] == 20)
     assert halted.stopped == "requested" and halted.steps == 20
     best.unlink()  # DVC deletes stage outputs before re-running the stage
-    resumed_params = parse_params(
-        {**params.model_dump(), "train": {**params.train.model_dump(), "resume": True}}
-    )
+    resumed_params = with_settings(params, {"train.resume": True})
     resumed = train(splits, vocab, resumed_params, best, last)
     assert resumed.steps == whole.steps == 30
     assert resumed.train_loss_last == pytest.approx(whole.train_loss_last, abs=1e-6)
@@ -165,13 +143,9 @@ def test_resume_equals_uninterrupted(data, tmp_path: Path, stateful: bool) -> No
     assert best.is_file()
 
 
-def with_train(params: Params, **train_values: object) -> Params:
-    return parse_params({**params.model_dump(), "train": {**params.train.model_dump(), **train_values}})
-
-
 def test_resume_without_a_checkpoint_names_the_file_and_the_way_out(data, tmp_path: Path) -> None:
     splits, vocab = data
-    params = with_train(tiny_params(), resume=True)
+    params = tiny_params(train={"resume": True})
     with pytest.raises(ResumeError, match=r"no checkpoint to resume at .*l\.pt; set train\.resume=false"):
         train(splits, vocab, params, tmp_path / "b.pt", tmp_path / "l.pt")
 
@@ -185,7 +159,7 @@ def test_resume_from_a_truncated_checkpoint_says_so_and_loads_nothing(data, tmp_
         ResumeError,
         match=r"l\.pt cannot be read: it is truncated or corrupted .*resume=false.*dvc checkout",
     ):
-        train(splits, vocab, with_train(tiny_params(), resume=True), tmp_path / "b.pt", last)
+        train(splits, vocab, tiny_params(train={"resume": True}), tmp_path / "b.pt", last)
 
 
 def test_resume_refuses_a_checkpoint_of_other_settings_naming_them(data, tmp_path: Path) -> None:
@@ -201,7 +175,7 @@ def test_resume_refuses_a_checkpoint_of_other_settings_naming_them(data, tmp_pat
     assert last.read_bytes() == before
     fewer_chars = Vocabulary.build(TEXT.replace("z", ""), "char", lowercase=False)
     with pytest.raises(ResumeError, match="the vocabulary of data/prepared"):
-        train(splits, fewer_chars, with_train(tiny_params(), resume=True), tmp_path / "b.pt", last)
+        train(splits, fewer_chars, tiny_params(train={"resume": True}), tmp_path / "b.pt", last)
 
 
 def test_resume_refuses_an_older_format_but_its_model_still_loads(data, tmp_path: Path) -> None:
@@ -215,7 +189,7 @@ def test_resume_refuses_an_older_format_but_its_model_still_loads(data, tmp_path
     with pytest.raises(
         ResumeError, match=r"checkpoint format 1, written by an older lstm-textgen.*resume=false"
     ):
-        train(splits, vocab, with_train(tiny_params(), resume=True), best, last)
+        train(splits, vocab, tiny_params(train={"resume": True}), best, last)
     assert load_model(best).vocab == vocab
 
 
@@ -343,9 +317,7 @@ def test_float16_trains_with_a_gradient_scaler_and_resumes_exactly(data, tmp_pat
     assert scaler["scale"] > 0 and "_growth_tracker" in scaler
     best, last = tmp_path / "r" / "best.pt", tmp_path / "r" / "last.pt"
     train(splits, vocab, params, best, last, on_eval=lambda record: record["step"] == 30)
-    resumed_params = parse_params(
-        {**params.model_dump(), "train": {**params.train.model_dump(), "resume": True}}
-    )
+    resumed_params = with_settings(params, {"train.resume": True})
     resumed = train(splits, vocab, resumed_params, best, last)
     assert resumed.train_loss_last == whole.train_loss_last
     assert [h["val_loss"] for h in resumed.history] == [h["val_loss"] for h in whole.history]

@@ -111,18 +111,6 @@ def test_stage_stops_with_the_message_and_nonzero_exit(tmp_path) -> None:
     assert not (tmp_path / "raw" / "corpus.txt").exists()
 
 
-def test_documented_preset_commands_match_presets_yaml() -> None:
-    import shlex
-
-    from lstm_textgen.apps.presets import command, load_presets
-
-    readme = (REPO_ROOT / "docs" / "presets.md").read_text()
-    presets = load_presets(REPO_ROOT / "presets.yaml")
-    for name in presets:
-        expected = shlex.join(command(name, presets, ["--temp"])).replace("|", "\\|")
-        assert f"`{expected}`" in readme, name
-
-
 def test_params_yaml_holds_the_code_defaults() -> None:
     """One default per knob: params.yaml spells out exactly the defaults in params.py (plus the
     downloadable corpora), so a key left out of a user's file means what the shipped file says."""

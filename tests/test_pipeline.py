@@ -4,11 +4,21 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import TINY_TRAIN, run, store_client
+from conftest import (
+    CHROMIUM,
+    TINY_TRAIN,
+    free_port,
+    require_browser,
+    run,
+    store_client,
+    tool_env,
+    wait_for_page,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -84,3 +94,36 @@ def test_evaluate_and_sample_outputs(repro_repo: tuple[Path, str]) -> None:
     assert all(len(s["text"]) == params["sample"]["length"] for s in samples)
     assert samples[0]["settings"]["seed"] == params["sample"]["seed"]
     assert (repo / "data/samples/samples.txt").read_text().startswith("=== prompt:")
+
+
+def test_ui_link_lands_on_the_runs_table(store: Path, tmp_path: Path) -> None:
+    """MLflow 3 rewrites a plain experiment link to its GenAI overview; the printed link must stay on
+    the runs table, with the pipeline's run listed."""
+    require_browser()
+    from playwright.sync_api import sync_playwright
+
+    port, log = free_port(), tmp_path / "ui.log"
+    with log.open("w") as output:
+        process = subprocess.Popen(
+            ["lstm-textgen", "ui", "--port", str(port)],
+            cwd=store,
+            env=tool_env(store),
+            stdout=output,
+            stderr=output,
+        )
+    try:
+        wait_for_page(process, f"http://127.0.0.1:{port}", log)
+        link = log.read_text().split("ui: the runs table: ")[1].split()[0]
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            page.goto(link)
+            page.wait_for_selector("text=Run Name", timeout=60_000)
+            page.wait_for_timeout(1500)  # a redirect to the GenAI pages would have happened by now
+            url, body = page.url, page.inner_text("body")
+            browser.close()
+    finally:
+        process.terminate()
+        process.wait(timeout=20)
+    assert "/runs" in url and "genai" not in url.lower(), url
+    assert "Traces" not in body.split("Run Name")[0] or "workflowType=machine_learning" in url

@@ -1,9 +1,11 @@
-"""Every notebook preset runs to completion as a user runs it (`dvc exp run --temp` with the preset's
-settings), its corpus served over loopback HTTP, in a repo copy of its own: apart from
-test_experiments.py so that the two slow modules can run on separate pytest-xdist workers."""
+"""The notebook presets: docs/presets.md prints each one's command, and every preset runs to completion
+as a user runs it (`dvc exp run --temp` with the preset's settings), its corpus served over loopback
+HTTP, in a repo copy of its own: apart from test_experiments.py so that the two slow modules can run
+on separate pytest-xdist workers."""
 
 from __future__ import annotations
 
+import shlex
 import subprocess
 from pathlib import Path
 
@@ -11,8 +13,6 @@ import pytest
 from conftest import run, runs_by_name, tiny_repo, tool_env
 
 from lstm_textgen.apps.presets import command, load_presets
-
-pytestmark = pytest.mark.slow
 
 PRESETS_FILE = Path(__file__).parents[1] / "presets.yaml"
 SHARED_FILES = {
@@ -24,6 +24,14 @@ SHARED_FILES = {
 }
 TINY_BUDGET = ["-S", "train.max_steps=2", "-S", "train.eval_every=1", "-S", "train.eval_batches=1"]
 TINY_BUDGET += ["-S", "sample.length=12"]
+
+
+def test_documented_preset_commands_match_presets_yaml() -> None:
+    readme = (PRESETS_FILE.parent / "docs" / "presets.md").read_text()
+    presets = load_presets(PRESETS_FILE)
+    for name in presets:
+        expected = shlex.join(command(name, presets, ["--temp"])).replace("|", "\\|")
+        assert f"`{expected}`" in readme, name
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +66,7 @@ def self_contained(presets: dict[str, dict]) -> dict[str, dict]:
     }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(self_contained(load_presets(PRESETS_FILE))))
 def test_every_preset_runs_to_completion(preset_runs, name: str) -> None:
     repo, outputs = preset_runs
@@ -73,6 +82,7 @@ def test_every_preset_runs_to_completion(preset_runs, name: str) -> None:
             assert logged.data.params[key] == str(settings[key]), key
 
 
+@pytest.mark.slow
 def test_compare_table_lists_every_preset_run(preset_runs, tmp_path: Path) -> None:
     repo, _ = preset_runs
     env = {**tool_env(repo), "MLFLOW_TRACKING_URI": f"sqlite:///{repo / 'mlflow.db'}"}

@@ -19,8 +19,6 @@ import numpy as np
 
 from benchmarks import notebook_baseline as notebook
 from benchmarks.bench.flops import model_flop_utilisation
-from benchmarks.bench.local import load_corpus
-from benchmarks.bench.machine import machine
 from benchmarks.bench.measure import (
     REPO,
     measure_generation,
@@ -30,6 +28,7 @@ from benchmarks.bench.measure import (
     measure_training,
 )
 from benchmarks.bench.report import write_report
+from benchmarks.common import load_corpus, machine, results_dir
 from lstm_textgen.data.preparation import build_dataset
 from lstm_textgen.devices import DTYPES, resolve_device
 from lstm_textgen.files import write_text
@@ -113,7 +112,7 @@ def main() -> None:
         args.budget_s, args.repeats = min(args.budget_s, 4.0), 1
     with tempfile.TemporaryDirectory() as tmp:
         results = run(args, Path(tmp))
-    out = args.out or REPO / "benchmarks" / "results" / results["machine"]["kind"]
+    out = args.out or results_dir(results["machine"]["kind"])
     out.mkdir(parents=True, exist_ok=True)
     write_report(results, out)
     write_text(out / "results.json", json.dumps(results, indent=2) + "\n")

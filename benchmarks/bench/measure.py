@@ -16,17 +16,15 @@ import numpy as np
 import torch
 
 from benchmarks import notebook_baseline as notebook
-from benchmarks.bench.goals import GPU_TARGET_LOSS
-from lstm_textgen.apps.presets import load_presets, with_settings
+from benchmarks.common import GPU_TARGET_LOSS, REPO
+from lstm_textgen.apps.presets import load_presets
 from lstm_textgen.data.tokenisers import Vocabulary
 from lstm_textgen.devices import resolve_device, resolve_dtype
 from lstm_textgen.inference.evaluation import evaluate_stateful
 from lstm_textgen.inference.generation import generate
 from lstm_textgen.model.checkpoint import load_model
-from lstm_textgen.params import Params, Sampling, parse_params
+from lstm_textgen.params import Params, Sampling, parse_params, with_settings
 from lstm_textgen.train.loop import new_train_state, train, train_step
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def median_spread(values: list[float]) -> dict[str, float]:

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from benchmarks.bench.goals import (
+from benchmarks.common import (
     ANCHORS,
     GENERATION_RATIO,
     GPU_TARGET_LOSS,

@@ -38,7 +38,7 @@ def train(prepared: Path, baseline: Path, steps: int, rounds: int = 5) -> dict[s
     baseline's, in alternating rounds (a shared host's speed drifts); medians of the rounds."""
     import statistics
 
-    from benchmarks.bench.measure import REPO
+    from benchmarks.common import REPO
     from lstm_textgen.data.dataset import load_dataset
     from lstm_textgen.devices import configure_backend, resolve_device, resolve_dtype
     from lstm_textgen.params import load_params

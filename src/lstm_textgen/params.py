@@ -386,6 +386,16 @@ def parse_params(raw: Any, source: str = "params") -> Params:
         raise ParamsError(f"{source} is not valid:\n  " + "\n  ".join(lines)) from None
 
 
+def with_settings(params: Params, settings: dict[str, Any]) -> Params:
+    """`params` with "section.key" settings (a preset's form, as `dvc exp run -S` takes them) applied
+    and validated."""
+    raw = params.model_dump()
+    for key, value in settings.items():
+        section, name = key.split(".", 1)
+        raw[section][name] = value
+    return parse_params(raw)
+
+
 def _describe(err: Any) -> str:
     loc = [str(part) for part in err["loc"]]
     key = ".".join(loc) or "params"

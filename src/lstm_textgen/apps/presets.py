@@ -17,21 +17,10 @@ from typing import Any
 import yaml
 
 from lstm_textgen.errors import UserError
-from lstm_textgen.params import Params, parse_params
 
 
 def load_presets(path: Path = Path("presets.yaml")) -> dict[str, dict[str, Any]]:
     return yaml.safe_load(path.read_text(encoding="utf-8"))
-
-
-def with_settings(params: Params, settings: dict[str, Any]) -> Params:
-    """`params` with "section.key" settings (a preset's form, as `dvc exp run -S` takes them) applied
-    and validated."""
-    raw = params.model_dump()
-    for key, value in settings.items():
-        section, name = key.split(".", 1)
-        raw[section][name] = value
-    return parse_params(raw)
 
 
 def set_args(settings: dict[str, Any]) -> list[str]:

@@ -61,3 +61,17 @@ def test_make_exp_runs_without_activating(repo: Path) -> None:
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert yaml.safe_load((repo / "params.yaml").read_text())["model"]["layers"] == 2
     assert json.loads((repo / "metrics/train.json").read_text())["steps"] > 0
+
+
+def test_the_sampling_and_scoring_commands_run_as_printed(repo: Path) -> None:
+    if not (repo / "data/model/model.pt").is_file():  # run alone: the experiment test trains it first
+        assert fresh_shell(".venv/bin/dvc repro", repo).returncode == 0
+    commands = shell_blocks(section("Evaluation, sampling, scoring"))[0]
+    assert [c.split()[1] if c.startswith(".venv") else c.split("|")[1].split()[1] for c in commands] == [
+        "sample",
+        "sample",
+        "score",
+    ]
+    result = fresh_shell("\n".join(commands), repo)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.stdout.startswith("ROMEO:") and "bits per character " in result.stdout

@@ -6,11 +6,16 @@ One model serves training, evaluation and generation: `forward` returns logits f
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from lstm_textgen.params import ModelParams
+
+if TYPE_CHECKING:
+    from lstm_textgen.model.stepper import Stepper
 
 State = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 CELLS: dict[str, type[nn.RNNBase]] = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}
@@ -60,94 +65,9 @@ class RecurrentLM(nn.Module):
 
     def stepper(self, state: State) -> Stepper:
         """A one-token-at-a-time runner for generation, starting from `state` (e.g. warmed on a prompt)."""
+        from lstm_textgen.model.stepper import Stepper
+
         return Stepper(self, state)
-
-
-class Stepper:
-    """Generation one token at a time, identical (to float rounding) to `RecurrentLM.forward` on
-    length-1 sequences, with the weights laid out once for per-step speed:
-
-    - the first layer's input projection becomes a [vocab, gates] table (embedding/one-hot/scalar
-      input times W_ih plus both biases), so its matrix product is a row lookup;
-    - weights are pre-transposed and the biases of the other layers pre-summed where the cell allows;
-    - LSTM gates are reordered to (input, forget, output, cell) so one sigmoid covers three gates;
-    - the state is updated in place in buffers owned by the stepper.
-
-    Inference only: dropout is not applied. The fused sequence kernels (oneDNN/cuDNN) spend most of a
-    one-token call in set-up, and per-step cell calls repeat the layout work every token.
-    """
-
-    def __init__(self, model: RecurrentLM, state: State) -> None:
-        rnn = model.rnn
-        self.kind = (
-            "lstm" if isinstance(rnn, nn.LSTM) else "gru" if isinstance(rnn, nn.GRU) else rnn.nonlinearity
-        )
-        self.layers, self.hidden = rnn.num_layers, rnn.hidden_size
-        with torch.no_grad():
-            vocab = torch.arange(model.vocab_size, device=model.head.weight.device)
-            first_inputs = model.encode(vocab[None])[0].float()
-            self.w_ih: list[torch.Tensor] = []  # [in, gates], transposed
-            self.w_hh: list[torch.Tensor] = []  # [H, gates]
-            self.b_ih: list[torch.Tensor] = []
-            self.b_hh: list[torch.Tensor] = []
-            for layer in range(self.layers):
-                w_ih, w_hh, b_ih, b_hh = (
-                    self._gate_order(getattr(rnn, f"{name}_l{layer}").detach().float())
-                    for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
-                )
-                if self.kind != "gru":  # gates = x W_ih + h W_hh + (b_ih + b_hh)
-                    b_ih, b_hh = b_ih + b_hh, torch.zeros_like(b_hh)
-                self.w_ih.append(w_ih.t().contiguous())
-                self.w_hh.append(w_hh.t().contiguous())
-                self.b_ih.append(b_ih)
-                self.b_hh.append(b_hh)
-            self.table = torch.addmm(self.b_ih[0], first_inputs, self.w_ih[0])  # [vocab, gates]
-            self.head_w = model.head.weight.detach().float().t().contiguous()
-            self.head_b = model.head.bias.detach().float()
-            if isinstance(state, tuple):
-                self.h, self.c = state[0].float().clone(), state[1].float().clone()
-            else:
-                self.h, self.c = state.float().clone(), None
-
-    def _gate_order(self, tensor: torch.Tensor) -> torch.Tensor:
-        if self.kind != "lstm":
-            return tensor
-        i, f, g, o = tensor.chunk(4, dim=0)
-        return torch.cat([i, f, o, g])
-
-    @property
-    def state(self) -> State:
-        return (self.h, self.c) if self.c is not None else self.h
-
-    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
-        """[B] token ids -> [B, vocab] logits for the next token; the state advances by one.
-        No `torch.no_grad()` here: every tensor the step reads was made under it in `__init__`, so no
-        graph is recorded anyway, and the decorator's enter and exit cost about 5% of a step at batch 1."""
-        size = self.hidden
-        x = tokens
-        for layer in range(self.layers):
-            h = self.h[layer]
-            if layer == 0:
-                gates_x = self.table.index_select(0, x)
-            else:
-                gates_x = torch.addmm(self.b_ih[layer], x, self.w_ih[layer])
-            if self.kind == "lstm":
-                gates = gates_x.addmm_(h, self.w_hh[layer])
-                sig = gates[:, : 3 * size].sigmoid_()
-                cell_in = gates[:, 3 * size :].tanh_()
-                c = self.c[layer]  # type: ignore[index]
-                c.mul_(sig[:, size : 2 * size]).addcmul_(sig[:, :size], cell_in)
-                torch.mul(sig[:, 2 * size :], torch.tanh(c), out=h)
-            elif self.kind == "gru":
-                gates_h = torch.addmm(self.b_hh[layer], h, self.w_hh[layer])
-                reset_update = gates_x[:, : 2 * size].add_(gates_h[:, : 2 * size]).sigmoid_()
-                new = gates_x[:, 2 * size :].addcmul_(reset_update[:, :size], gates_h[:, 2 * size :]).tanh_()
-                h.sub_(new).mul_(reset_update[:, size:]).add_(new)  # h' = n + z (h - n)
-            else:
-                gates = gates_x.addmm_(h, self.w_hh[layer])
-                h.copy_(gates.tanh_() if self.kind == "tanh" else gates.relu_())
-            x = h
-        return torch.addmm(self.head_b, x, self.head_w)
 
 
 def detach_state(state: State) -> State:

@@ -99,7 +99,7 @@ bench-serving: $(STAMP)  ## the champion under 16 concurrent clients (after make
 bench-scale: $(STAMP)  ## prepare time and peak memory on 10 MB, 100 MB, 1 GB corpora (SIZES=10,100,1000)
 	$(BIN)/python -m benchmarks.bench_scale --sizes $(SIZES)
 
-gpu-check: $(STAMP)  ## every GPU-specific check, < 10 min: benchmarks/results/<gpu>/report.md
+gpu-check: $(STAMP)  ## every GPU-specific check, < 10 min: benchmarks/results/<machine kind>/report.md
 	$(BIN)/python -m benchmarks.gpu_check --corpus $(BENCH_CORPUS)
 
 screenshots: $(DEV_STAMP) browser  ## docs/images/: the demo's pictures, taken by its browser test

@@ -1,5 +1,5 @@
 """`make gpu-check`: everything GPU-specific in one run of under 10 minutes on one GPU, written to
-benchmarks/results/<gpu>/report.md (and results.json):
+benchmarks/results/<machine kind>/report.md (and results.json):
 
 1. bf16 training throughput of the default params and of the `gpu-shakespeare` preset;
 2. training seconds until the periodic validation loss reaches 1.50 (Tiny Shakespeare, the preset);
@@ -45,7 +45,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--corpus", default="tinyshakespeare", help="a key of params.yaml's corpora, or a path"
     )
-    parser.add_argument("--out", type=Path, help="default: benchmarks/results/<gpu>/ (CPU: print only)")
+    parser.add_argument(
+        "--out", type=Path, help="default: benchmarks/results/<machine kind>/ (CPU: print only)"
+    )
     parser.add_argument("--minutes", type=float, default=4.0, help="budget of the time-to-1.50 run")
     return parser.parse_args()
 

@@ -274,6 +274,9 @@ def test_plots_page_draws_its_charts_offline(store: Path) -> None:
         page.wait_for_selector("svg.marks")
         lines = page.eval_on_selector_all("svg.marks path", "paths => paths.length")
         titles = page.eval_on_selector_all("svg.marks text", "texts => texts.map(t => t.textContent)")
+        charts = page.eval_on_selector_all("svg.marks", "charts => charts.length")
         browser.close()
-    assert lines > 10 and "Loss per step" in titles and "val_loss" in titles
+    assert lines > 10 and "val_loss" in titles
+    # the two declared charts only: no default chart of the history's last column against its first
+    assert charts == 2 and {"Loss per step", "Loss against training time"} <= set(titles), titles
     assert refused == []

@@ -1,13 +1,14 @@
 """The served model: an MLflow pyfunc `PythonModel` that wraps the checkpoint and calls the same
 generation code as the sample stage and the command line.
 
-Logged in MLflow's models-from-code form (`pyfunc_entry.py`), so loading it never unpickles a Python
+Logged in MLflow's models-from-code form (`serving/entry.py`), so loading it never unpickles a Python
 object: MLflow imports this package (shipped as code) and `load_context` reads the checkpoint with
 `torch.load(weights_only=True)`, on the CPU unless CUDA is there.
 
 Request columns (or inference params of the same names): `prompt` (string, required),
-`max_new_tokens` (1..MAX_NEW_TOKENS), `temperature` (> 0), `top_k` (>= 1; 0 = off),
-`top_p` (0 < p <= 1; 1 = off), `seed` (-1 = unseeded), `strategy` (sample | greedy | mode). Their
+`max_new_tokens` (1..MAX_NEW_TOKENS) and every sampling setting of params.py's `Sampling`:
+`strategy` (sample | greedy | mode), `temperature` (> 0), `top_k` (>= 1; 0 = off), `top_p`
+(0 < p <= 1; 1 = off), `draws` (mode), `seed` (-1 = unseeded). Their
 defaults, `draws` and the policy for tokens outside the vocabulary are the `sample.*` params the
 register stage handed to the model. The inference param `task=score` scores each `prompt` instead
 (bits per character and per token, perplexity, nats, tokens, unknown; `per_token=true` adds each

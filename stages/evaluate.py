@@ -10,7 +10,7 @@ from pathlib import Path
 import mlflow
 
 from lstm_textgen.data.dataset import load_dataset
-from lstm_textgen.devices import resolve_device, resolve_dtype
+from lstm_textgen.devices import resolve_device
 from lstm_textgen.errors import UserError, run_main
 from lstm_textgen.files import read_json, write_json
 from lstm_textgen.inference.evaluation import evaluate_splits
@@ -38,12 +38,9 @@ def main() -> None:
             f"{args.prepared} holds ({len(dataset.vocab)}): its figures would be meaningless; "
             "run `dvc repro train` to train on the prepared data"
         )
+    # float32 whatever the training dtype: the headline figures must not depend on the hardware
     results = evaluate_splits(
-        loaded.model,
-        dataset.splits,
-        params.evaluate.seq_len,
-        params.evaluate.batch_size,
-        resolve_dtype(params.train.dtype, device, loaded.params.model.cell),
+        loaded.model, dataset.splits, params.evaluate.seq_len, params.evaluate.batch_size
     )
     for name, split_metrics in results.items():  # bits per character compare runs across levels
         per_token = dataset.characters_per_token(name)

@@ -321,3 +321,18 @@ def test_float16_trains_with_a_gradient_scaler_and_resumes_exactly(data, tmp_pat
     resumed = train(splits, vocab, resumed_params, best, last)
     assert resumed.train_loss_last == whole.train_loss_last
     assert [h["val_loss"] for h in resumed.history] == [h["val_loss"] for h in whole.history]
+
+
+def test_a_compile_that_fails_falls_back_to_the_plain_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lstm_textgen.train.loop import Compiled
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("no C compiler")
+
+    monkeypatch.setattr(torch, "compile", lambda module: broken)
+    model = RecurrentLM(5, ModelParams(hidden=8, embedding_dim=4))
+    forward = Compiled(model)
+    inputs = torch.zeros(2, 3, dtype=torch.long)
+    with pytest.warns(UserWarning, match="train.compile: torch.compile failed"):
+        logits, _ = forward(inputs)
+    assert torch.equal(logits, model(inputs)[0]) and forward.compiled is model

@@ -12,6 +12,7 @@ import yaml
 from conftest import (
     CHROMIUM,
     TINY_TRAIN,
+    edit_params,
     free_port,
     require_browser,
     run,
@@ -95,6 +96,26 @@ def test_evaluate_and_sample_outputs(repro_repo: tuple[Path, str]) -> None:
     assert all(len(s["text"]) == params["sample"]["length"] for s in samples)
     assert samples[0]["settings"]["seed"] == params["sample"]["seed"]
     assert (repo / "data/samples/samples.txt").read_text().startswith("=== prompt:")
+
+
+def test_evaluate_figures_do_not_depend_on_the_training_dtype(
+    repro_repo: tuple[Path, str], tmp_path: Path
+) -> None:
+    """The evaluate stage reads in float32: its figures are the same whatever train.dtype says (a
+    bf16 evaluation would make them depend on the machine's kernels)."""
+    repo, _ = repro_repo
+    figures = []
+    for dtype in ("bfloat16", "float32"):
+        params = edit_params(repo / "params.yaml", tmp_path / f"{dtype}.yaml", train={"dtype": dtype})
+        assert params["train"]["dtype"] == dtype
+        out = tmp_path / f"{dtype}.json"
+        run(
+            ["python", "stages/evaluate.py", "--params", str(tmp_path / f"{dtype}.yaml"), "--out", str(out)],
+            repo,
+        )
+        figures.append(json.loads(out.read_text()))
+    assert figures[0] == figures[1]
+    assert figures[1] == json.loads((repo / "metrics/evaluate.json").read_text())
 
 
 def test_ui_link_lands_on_the_runs_table(store: Path, tmp_path: Path) -> None:

@@ -22,18 +22,35 @@ class DeviceError(UserError):
 
 
 def resolve_device(preference: str) -> torch.device:
-    """`train.device`: auto picks CUDA, then Apple MPS, then the CPU."""
+    """`train.device`: auto picks CUDA, then Apple MPS, then the CPU. An accelerator comes with its
+    index (`cuda:0`), as the tensors placed there report it, so that comparing a tensor's device with
+    this one says whether it is already there."""
     if preference == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if preference == "cuda" and not torch.cuda.is_available():
-        raise DeviceError("train.device: cuda requested but no CUDA device is available (use auto or cpu)")
-    if preference == "mps" and not torch.backends.mps.is_available():
-        raise DeviceError("train.device: mps requested but Apple MPS is not available (use auto or cpu)")
+        preference = (
+            "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+        )
+    if preference == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceError(
+                "train.device: cuda requested but no CUDA device is available (use auto or cpu)"
+            )
+        return torch.device("cuda", torch.cuda.current_device())
+    if preference == "mps":
+        if not torch.backends.mps.is_available():
+            raise DeviceError("train.device: mps requested but Apple MPS is not available (use auto or cpu)")
+        return torch.device("mps", 0)
     return torch.device(preference)
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`tensor` on `device`. From host memory to an accelerator the copy goes through pinned memory and
+    does not block the host, so the CPU can queue the next steps while the GPU works; a tensor already
+    there, or bound for the CPU, is not copied through pinned memory (only CPU tensors can be pinned)."""
+    if tensor.device == device:
+        return tensor
+    if tensor.device.type == "cpu" and device.type != "cpu":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
 
 
 def cpu_has_native_bf16() -> bool:
@@ -53,8 +70,8 @@ def resolve_dtype(preference: str, device: torch.device, cell: str = "lstm") -> 
         if device.type == "cpu" and dtype != torch.float32:
             _check_cpu_autocast(dtype, cell, preference)
         return dtype
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    if device.type == "cuda":  # native bf16 only (Ampere and later), not the emulation of a V100 or T4
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float32
     if device.type == "cpu" and cpu_has_native_bf16():
         return torch.bfloat16
     return torch.float32
@@ -76,6 +93,27 @@ def _check_cpu_autocast(dtype: torch.dtype, cell: str, name: str) -> None:
         ) from None
 
 
+def recurrent_dtype(device: torch.device, dtype: torch.dtype, cell: str = "lstm") -> torch.dtype:
+    """What the recurrent layers really compute in under `dtype`'s autocast on `device`, read off a
+    tiny layer: CUDA's autocast runs cuDNN's LSTM/GRU/RNN in float16 whatever the autocast dtype (bf16
+    included), the CPU's in the autocast dtype."""
+    if dtype == torch.float32:
+        return torch.float32
+    from lstm_textgen.model.recurrent import CELLS
+
+    probe = CELLS[cell](4, 8, batch_first=True).to(device)
+    with torch.no_grad(), autocast(device, dtype):
+        outputs, _ = probe(torch.zeros(1, 2, 4, device=device))
+    return outputs.dtype
+
+
+def needs_loss_scaling(dtype: torch.dtype, recurrent: torch.dtype) -> bool:
+    """float16 anywhere in the step (the autocast dtype, or the recurrent layers CUDA runs in float16
+    under bf16 autocast): its narrow range lets small gradients underflow to zero unless the loss is
+    scaled."""
+    return torch.float16 in (dtype, recurrent)
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
@@ -88,11 +126,9 @@ def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractCon
 
 
 def configure_backend(device: torch.device, threads: int | None) -> None:
-    """CPU threads (`train.threads`, else every core) and cuDNN's autotuner on CUDA."""
-    if device.type == "cpu":
-        torch.set_num_threads(threads or os.cpu_count() or 1)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+    """CPU threads: `train.threads`, else every core; a process that drives a GPU gets its share too
+    (the launcher's per-process share), so that local workers do not oversubscribe the host."""
+    torch.set_num_threads(threads or os.cpu_count() or 1)
 
 
 def token_source(ids: np.ndarray, device: torch.device, share_of_free: float = 0.5) -> torch.Tensor:
@@ -102,14 +138,26 @@ def token_source(ids: np.ndarray, device: torch.device, share_of_free: float = 0
     Batcher gathers each batch there and copies it over through pinned memory)."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        if ids.nbytes * (4 if ids.dtype.itemsize > 1 else 1) <= share_of_free * free:
+        if device_bytes(ids) <= share_of_free * free:
             return to_device_tokens(ids, device)
     with warnings.catch_warnings():  # a read-only map: nothing here ever writes to it
         warnings.simplefilter("ignore", UserWarning)
         return torch.from_numpy(ids)
 
 
-def to_device_tokens(ids: np.ndarray, device: torch.device) -> torch.Tensor:
-    """Move a split to the device once; uint8 stays uint8, wider ids become int32."""
-    dtype = np.uint8 if ids.dtype == np.uint8 else np.int32
-    return torch.from_numpy(np.array(ids, dtype=dtype, copy=True)).to(device)
+def device_bytes(ids: np.ndarray) -> int:
+    """What `to_device_tokens` takes on the device: one byte a token for uint8 ids, else four (int32)."""
+    return len(ids) * (1 if ids.dtype == np.uint8 else 4)
+
+
+def to_device_tokens(ids: np.ndarray, device: torch.device, block: int = 1 << 24) -> torch.Tensor:
+    """Move a split to the device once; uint8 stays uint8, wider ids become int32. To an accelerator
+    it goes `block` tokens at a time, so the host never holds a converted copy of the whole split."""
+    np_dtype = np.uint8 if ids.dtype == np.uint8 else np.int32
+    if device.type == "cpu":
+        return torch.from_numpy(np.array(ids, dtype=np_dtype, copy=True))
+    out = torch.empty(len(ids), dtype=torch.uint8 if np_dtype == np.uint8 else torch.int32, device=device)
+    for start in range(0, len(ids), block):
+        piece = torch.from_numpy(np.array(ids[start : start + block], dtype=np_dtype, copy=True))
+        out[start : start + len(piece)] = to_device(piece, device)
+    return out

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from lstm_textgen.data.windows import check_fits
-from lstm_textgen.devices import autocast, to_device_tokens
+from lstm_textgen.devices import autocast, to_device, to_device_tokens
 from lstm_textgen.model.recurrent import RecurrentLM, State, detach_state
 
 
@@ -33,10 +33,30 @@ def _summary(loss_sum: float, correct: int, count: int) -> dict[str, float]:
     }
 
 
-def _score(logits: torch.Tensor, targets: torch.Tensor) -> tuple[float, int]:
-    flat = logits.float().reshape(-1, logits.shape[-1])
-    loss = F.cross_entropy(flat, targets.reshape(-1), reduction="sum").item()
-    return loss, int((flat.argmax(-1) == targets.reshape(-1)).sum().item())
+class Tally:
+    """Nats and correct predictions summed on the device (float64, as Python's floats would), read
+    once at the end: a `.item()` per batch would make the host wait for the GPU at every batch."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.nats = torch.zeros((), dtype=torch.float64, device=device)
+        self.correct = torch.zeros((), dtype=torch.int64, device=device)
+
+    def add(self, logits: torch.Tensor, targets: torch.Tensor) -> None:
+        flat = logits.float().reshape(-1, logits.shape[-1])
+        self.nats += F.cross_entropy(flat, targets.reshape(-1), reduction="sum").double()
+        self.correct += (flat.argmax(-1) == targets.reshape(-1)).sum()
+
+    def read(self) -> tuple[float, int]:
+        return self.nats.item(), int(self.correct.item())
+
+
+def evenly_spaced_starts(length: int, seq_len: int, count: int) -> torch.Tensor:
+    """`count` window starts spread evenly from 0 to the last window that fits in `length` tokens, in
+    integer arithmetic: float32 (torch.linspace) rounds past the end on splits of 2**24 tokens and more."""
+    last = length - seq_len - 1
+    if count <= 1:
+        return torch.zeros(max(count, 0), dtype=torch.int64)
+    return torch.arange(count, dtype=torch.int64) * last // (count - 1)
 
 
 @torch.no_grad()
@@ -48,14 +68,14 @@ def evaluate_stateless(
     tokens = to_device_tokens(ids, device)
     windows = (len(tokens) - 1) // seq_len
     offsets = torch.arange(seq_len + 1, device=device)
-    loss_sum, correct, count = 0.0, 0, 0
+    tally, count = Tally(device), 0
     for starts in (torch.arange(windows, device=device) * seq_len).split(batch_size):
         chunk = tokens[starts[:, None] + offsets].long()
         with autocast(device, dtype):
             logits, _ = model(chunk[:, :-1])
-        loss, right = _score(logits, chunk[:, 1:])
-        loss_sum, correct, count = loss_sum + loss, correct + right, count + chunk[:, 1:].numel()
-    return _summary(loss_sum, correct, count)
+        tally.add(logits, chunk[:, 1:])
+        count += chunk[:, 1:].numel()
+    return _summary(*tally.read(), count)
 
 
 @torch.no_grad()
@@ -87,17 +107,17 @@ def stateful_pass(
     inputs = tokens[: streams * stream_len].view(streams, stream_len)
     targets = tokens[1 : streams * stream_len + 1].view(streams, stream_len)
     state: State | None = None
-    loss_sum, correct, logprobs = 0.0, 0, []
+    tally, logprobs = Tally(device), []
     for start in range(0, stream_len, seq_len):
         window = targets[:, start : start + seq_len].long()
         with autocast(device, dtype):
             logits, state = model(inputs[:, start : start + seq_len].long(), state)
         state = detach_state(state)
-        loss, right = _score(logits, window)
-        loss_sum, correct = loss_sum + loss, correct + right
+        tally.add(logits, window)
         if keep_logprobs:
-            logprobs.append(logits.float().log_softmax(-1).gather(-1, window[..., None])[..., 0].cpu())
-    kept = torch.cat(logprobs, dim=1).reshape(-1) if keep_logprobs else None
+            logprobs.append(logits.float().log_softmax(-1).gather(-1, window[..., None])[..., 0])
+    kept = torch.cat(logprobs, dim=1).reshape(-1).cpu() if keep_logprobs else None
+    loss_sum, correct = tally.read()
     return loss_sum, correct, streams * stream_len, kept
 
 
@@ -116,25 +136,29 @@ def periodic_validation_loss(
     was_training = model.training
     model.eval()
     offsets = torch.arange(seq_len + 1, device=tokens.device)
-    all_starts = torch.linspace(0, len(tokens) - seq_len - 1, num_windows).long().to(tokens.device)
-    total, count = 0.0, 0
+    all_starts = to_device(evenly_spaced_starts(len(tokens), seq_len, num_windows), tokens.device)
+    tally, count = Tally(tokens.device), 0
     for starts in all_starts.split(batch_size):
         chunk = tokens[starts[:, None] + offsets].long()
         with autocast(tokens.device, dtype):
             logits, _ = model(chunk[:, :-1], last_only=last_only)
         targets = chunk[:, -1] if last_only else chunk[:, 1:]
-        total += F.cross_entropy(
-            logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum"
-        ).item()
+        tally.add(logits, targets)
         count += targets.numel()
     model.train(was_training)
-    return total / count
+    return tally.read()[0] / count
 
 
 def evaluate_splits(
-    model: RecurrentLM, splits: dict[str, np.ndarray], seq_len: int, batch_size: int, dtype: torch.dtype
+    model: RecurrentLM,
+    splits: dict[str, np.ndarray],
+    seq_len: int,
+    batch_size: int,
+    dtype: torch.dtype = torch.float32,
 ) -> dict[str, Any]:
-    """{'val': {...}, 'test': {...}}, each with stateful figures and `stateless_*` ones."""
+    """{'val': {...}, 'test': {...}}, each with stateful figures and `stateless_*` ones. The evaluate
+    stage reads in float32 (inference is cheap): reduced precision would make the figures depend on
+    the machine's kernels."""
     results: dict[str, Any] = {}
     for name in ("val", "test"):
         if len(splits[name]) < seq_len + 1:

@@ -102,18 +102,16 @@ def score_text(
 def score_loaded(
     loaded: Any, text: str, per_token: bool = False, unknown: UnknownPolicy | None = None
 ) -> TextScore:
-    """`score_text` with a loaded model's own windows, dtype and unknown-token policy (`unknown`
-    overrides the policy): what the command, the served model and the demo score with."""
-    from lstm_textgen.devices import resolve_dtype
-
+    """`score_text` with a loaded model's own windows and unknown-token policy (`unknown` overrides the
+    policy), in float32 as evaluate reads a split: what the command, the served model and the demo
+    score with, so a text scores the same on every machine."""
     sample = loaded.params.sample
-    device = next(loaded.model.parameters()).device
     return score_text(
         loaded.model,
         loaded.vocab,
         text,
         loaded.params.evaluate,
-        resolve_dtype("auto", device, loaded.params.model.cell),
+        torch.float32,
         unknown or sample.unknown,
         sample.replacement,
         per_token,

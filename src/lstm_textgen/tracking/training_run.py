@@ -51,7 +51,7 @@ class TrainingRun:
             {f"final_{k}": float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
         )
         mlflow.log_metric("parameters", result.parameters)
-        mlflow.set_tags({"dtype": result.dtype, "stopped": result.stopped})
+        mlflow.set_tags({"dtype": result.precision(), "stopped": result.stopped})
         return metrics
 
     def log_artifacts(self, paths: list[Path]) -> None:

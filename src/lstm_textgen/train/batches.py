@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from lstm_textgen.devices import to_device
 from lstm_textgen.errors import UserError
 
 
@@ -58,9 +59,7 @@ class Batcher:
                 0, len(self.tokens) - self.seq_len, (self.global_batch,), generator=self.generator
             )
             reset = True
-        starts = starts[self.mine]
+        starts = to_device(starts[self.mine], self.tokens.device)  # drawn on the host: same windows anywhere
         self.position += 1
-        batch = self.tokens[starts.to(self.tokens.device)[:, None] + self.offsets]
-        if batch.device != self.device:
-            batch = batch.pin_memory().to(self.device, non_blocking=True)
-        return batch.long(), reset
+        batch = self.tokens[starts[:, None] + self.offsets]
+        return to_device(batch, self.device).long(), reset

@@ -89,6 +89,9 @@ class World:
     def start(self, device: torch.device) -> None:
         if self.launched and not dist.is_initialized():
             die_with_parent()
+            # NCCL: a collective that fails or outlasts the timeout (a dead peer on another machine)
+            # raises in this process instead of hanging; on one machine torchrun stops the others first
+            os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
             dist.init_process_group(self.backend(device), timeout=COLLECTIVE_TIMEOUT)
 
     def stop(self) -> None:

@@ -15,6 +15,7 @@ learning rate and stops at the same step. Rank 0 alone evaluates and writes chec
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,6 +32,8 @@ from lstm_textgen.devices import (
     autocast,
     configure_backend,
     dtype_name,
+    needs_loss_scaling,
+    recurrent_dtype,
     resolve_dtype,
     to_device_tokens,
     token_source,
@@ -111,6 +114,7 @@ class TrainResult:
     train_seconds: float
     device: str
     dtype: str
+    recurrent_dtype: str  # what the LSTM/GRU/RNN ran in (CUDA's autocast: float16 under bf16)
     processes: int
     parameters: int
     stopped: Stopped
@@ -119,11 +123,16 @@ class TrainResult:
     def metrics(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if k != "history"}
 
+    def precision(self) -> str:
+        """The autocast dtype, and the recurrent layers' where they ran in another."""
+        other = self.recurrent_dtype != self.dtype and self.dtype != "float32"
+        return f"{self.dtype}, recurrent layers {self.recurrent_dtype}" if other else self.dtype
+
     def summary(self) -> str:
         processes = f" x {self.processes} processes" if self.processes > 1 else ""
         return (
             f"best periodic val loss {self.window_val_loss_best:.4f} at step {self.best_step}, "
-            f"{self.tokens_per_sec:,.0f} tokens/s on {self.device}{processes} ({self.dtype}), "
+            f"{self.tokens_per_sec:,.0f} tokens/s on {self.device}{processes} ({self.precision()}), "
             f"{self.train_seconds:.0f} s"
         )
 
@@ -172,13 +181,34 @@ def new_train_state(
         world.world_size,
         device,
     )
+    scaling = needs_loss_scaling(dtype, recurrent_dtype(device, dtype, params.model.cell))
     return TrainState(
         model=model,
         optimizer=make_optimizer(model, tp),
-        # fp16 autocast needs loss scaling, or small gradients underflow to zero; off otherwise
-        scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
+        scaler=torch.amp.GradScaler(device.type, enabled=scaling),
         batcher=batcher,
     )
+
+
+class Compiled:
+    """`torch.compile`d forward, or the plain module with a warning if compiling fails at the first
+    call (no C compiler, an unsupported platform): `train.compile` is an experiment, never a reason to
+    fail. After a first call that worked, errors propagate as usual."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.module, self.compiled, self.checked = module, torch.compile(module), False
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.checked:
+            return self.compiled(*args, **kwargs)
+        try:
+            result = self.compiled(*args, **kwargs)
+        except Exception as exc:  # torch raises many kinds here; nothing has changed state yet
+            warnings.warn(f"train.compile: torch.compile failed ({exc}); training without it", stacklevel=2)
+            self.compiled = self.module
+            result = self.module(*args, **kwargs)
+        self.checked = True
+        return result
 
 
 def train_step(
@@ -389,7 +419,8 @@ def start_run(
     dtype = resolve_dtype(tp.dtype, device, params.model.cell)
     configure_backend(device, world.threads(tp.threads))
     state = new_train_state(splits["train"], len(vocab), params, device, dtype, world, initial_weights)
-    val_tokens = to_device_tokens(splits["val"], device)
+    # only rank 0 evaluates: the other ranks keep no copy of the validation split
+    val_tokens = to_device_tokens(splits["val"] if world.is_main else splits["val"][:0], device)
     setup = TrainSetup(params, vocab, device, dtype, val_tokens, checkpointer, world, labels)
     if tp.resume:
         resume_from(state, setup, saved or checkpointer.load_resumable(params, vocab))
@@ -416,7 +447,7 @@ def train(
     checkpointer = Checkpointer(best_path, last_path)
     state, setup = start_run(splits, vocab, params, checkpointer, world, labels or {}, initial_weights, saved)
     forward = world.wrap(state.model, setup.device)
-    forward = torch.compile(forward) if tp.compile else forward
+    forward = Compiled(forward) if tp.compile else forward
 
     clock = Clock.for_minutes(tp.max_minutes, state.train_seconds, state.warmup_s)
     agreed, stopped = Agreed(), cast(Stopped, "max_steps")
@@ -474,6 +505,7 @@ def result_of(state: TrainState, setup: TrainSetup, stopped: Stopped) -> TrainRe
         train_seconds=state.train_seconds,
         device=setup.device.type,
         dtype=dtype_name(setup.dtype),
+        recurrent_dtype=dtype_name(recurrent_dtype(setup.device, setup.dtype, setup.params.model.cell)),
         processes=setup.world.world_size,
         parameters=count_parameters(state.model),
         stopped=stopped,

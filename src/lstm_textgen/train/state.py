@@ -132,7 +132,8 @@ class TrainState:
         device = next(self.model.parameters()).device
         self.model.load_state_dict(saved["model"])
         self.optimizer.load_state_dict(saved["optimizer"])
-        self.scaler.load_state_dict(saved["grad_scaler"])
+        if saved["grad_scaler"]:  # empty when saved unscaled: a resume may change train.dtype
+            self.scaler.load_state_dict(saved["grad_scaler"])
         self.step, self.best_val_loss, self.best_step = (
             saved["step"],
             saved["best_val_loss"],
@@ -149,8 +150,8 @@ class TrainState:
         if device.type == "cuda" and rank < len(cuda_rngs) and cuda_rngs[rank] is not None:
             torch.cuda.set_rng_state(cuda_rngs[rank], device)
         self.batcher.position = saved["batcher_position"]
-        carried = [
-            t[:, self.batcher.mine].to(device)
+        carried = [  # float32: the run may go on in another precision (train.dtype may change)
+            t[:, self.batcher.mine].to(device, torch.float32)
             for t in saved["carried_state"]
             if t.shape[1] == self.batcher.global_batch
         ]

@@ -371,10 +371,26 @@ def wait_for_page(process: subprocess.Popen, url: str, log: Path) -> str:
     raise AssertionError(f"{url} did not answer within 120 s")
 
 
+@contextlib.contextmanager
+def tracking_store(repo: Path) -> Iterator[None]:
+    """MLflow pointed at a repo copy's store in this process (its process-wide setting, which wins
+    over the environment), and back to what it was afterwards: tests of several stores share a worker."""
+    import mlflow
+
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous)
+
+
 @pytest.fixture()
-def store(repro_repo: tuple[Path, str], monkeypatch: pytest.MonkeyPatch) -> Path:
-    """The pipeline's repo copy as the working directory, its MLflow store the tracking URI."""
+def store(repro_repo: tuple[Path, str], monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """The pipeline's repo copy as the working directory, its MLflow store the tracking URI (of this
+    process, and of the commands it starts)."""
     repo, _ = repro_repo
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{repo / 'mlflow.db'}")
     monkeypatch.chdir(repo)
-    return repo
+    with tracking_store(repo):
+        yield repo

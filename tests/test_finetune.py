@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import edit_params, run, runs_by_name, store_client, tiny_repo, tool_env
+from conftest import edit_params, run, runs_by_name, store_client, tiny_repo, tool_env, tracking_store
 
 from lstm_textgen.data.corpora import to_text
 from lstm_textgen.params import CorpusSpec
@@ -86,8 +86,8 @@ def test_fine_tuning_grows_the_vocabulary_and_starts_from_the_source(
     import mlflow.pyfunc
     import pandas as pd
 
-    mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
-    served = mlflow.pyfunc.load_model(f"models:/{registered['model_name']}/{registered['version']}")
+    with tracking_store(repo):
+        served = mlflow.pyfunc.load_model(f"models:/{registered['model_name']}/{registered['version']}")
     prompt = "Alice was beginning to get very tired" + new_characters[0]  # a character only Alice has
     assert len(served.predict(pd.DataFrame({"prompt": [prompt], "max_new_tokens": [20]}))["text"][0]) == 20
     assert store_client(repo).get_run(tuned_run.info.run_id).info.status == "FINISHED"

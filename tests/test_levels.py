@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest import model_server, run, tiny_repo, tool_env
+from conftest import model_server, run, tiny_repo, tool_env, tracking_store
 
 pytestmark = pytest.mark.slow
 
@@ -54,8 +54,8 @@ def test_byte_and_bpe_levels_train_evaluate_register_and_serve(repo: Path) -> No
     import mlflow
     import pandas as pd
 
-    mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
-    local = mlflow.pyfunc.load_model("models:/lstm-textgen-shakespeare-bpe@champion")
+    with tracking_store(repo):
+        local = mlflow.pyfunc.load_model("models:/lstm-textgen-shakespeare-bpe@champion")
     request = pd.DataFrame(body["dataframe_records"])
     assert text and text == local.predict(request)["text"][0]
     assert not any(0xD800 <= ord(c) <= 0xDFFF for c in text)

@@ -39,31 +39,70 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{repository_root() / 'mlflow.db'}"
 
 
-def artifact_root() -> str:
+def artifact_root() -> str | None:
+    """Where a new experiment keeps its artifacts: beside the local store (mlruns/), or, with a
+    tracking server, wherever the server says (its proxied artifact store): a local path there would
+    keep every model on the training machine's disk, out of other machines' reach."""
+    if is_server(tracking_uri()):
+        return None
     return (repository_root() / "mlruns").as_uri()
+
+
+def is_server(uri: str) -> bool:
+    return uri.startswith(("http://", "https://"))
 
 
 def experiment_name() -> str:
     return os.environ.get("MLFLOW_EXPERIMENT_NAME", EXPERIMENT_NAME)
 
 
+@contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock on `path` held by this process (every process on this machine waits)."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def configure() -> Any:
-    """Point MLflow at the store and make sure the experiment exists (absolute artifact location)."""
+    """Point MLflow at the store and make sure the experiment exists. On a local SQLite store the
+    first use creates the schema: processes starting together on a new store (`dvc queue start -j 2`)
+    would race on MLflow's schema migration and lose runs, so the first touch is serialised."""
     import logging
 
     import mlflow
 
     logging.getLogger("alembic").setLevel(logging.WARNING)
-    mlflow.set_tracking_uri(tracking_uri())
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    if uri.startswith("sqlite:///"):
+        database = Path(uri.removeprefix("sqlite:///"))
+        with file_lock(database.with_name(database.name + ".lock")):
+            _ensure_experiment(mlflow)
+    else:
+        _ensure_experiment(mlflow)
+    mlflow.set_experiment(experiment_name())
+    return mlflow
+
+
+def _ensure_experiment(mlflow: Any) -> None:
     name = experiment_name()
     experiment = mlflow.get_experiment_by_name(name)
     if experiment is None:
-        mlflow.create_experiment(name, artifact_location=artifact_root(), tags=EXPERIMENT_KIND)
+        try:
+            mlflow.create_experiment(name, artifact_location=artifact_root(), tags=EXPERIMENT_KIND)
+        except mlflow.exceptions.MlflowException:  # another machine created it a moment ago
+            if mlflow.get_experiment_by_name(name) is None:
+                raise
     elif not EXPERIMENT_KIND.items() <= experiment.tags.items():
         for key, value in EXPERIMENT_KIND.items():
             mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, key, value)
-    mlflow.set_experiment(name)
-    return mlflow
 
 
 def _git(*args: str) -> str | None:
@@ -136,16 +175,8 @@ def registry_lock() -> Iterator[None]:
     """One process at a time decides the champion: experiments run side by side (`dvc queue start
     -j 2`) would otherwise both read the old champion and both set the alias. A file lock beside the
     store's artifacts, so it spans every process on this machine."""
-    import fcntl
-
-    path = repository_root() / "mlruns" / ".registry.lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    with file_lock(repository_root() / "mlruns" / ".registry.lock"):
+        yield
 
 
 def existing_run(run_id: str | None) -> str | None:

@@ -1,0 +1,104 @@
+"""The MLflow store as several processes and a tracking server see it: parallel first writers on a new
+SQLite store lose no run, and with a tracking server the artifacts (models included) go to the server,
+not to the training machine's disk."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+from conftest import REPO_ROOT, free_port, runs_by_name, tool_env
+
+# Each writer waits for the same moment, then opens the store and logs one finished run.
+WRITER = """
+import sys, time
+from lstm_textgen.tracking import store
+import mlflow
+start, name = float(sys.argv[1]), sys.argv[2]
+time.sleep(max(0.0, start - time.time()))
+with store.active_run(run_name=name):
+    mlflow.log_metric("x", 1.0)
+"""
+
+
+def test_parallel_first_writers_on_a_new_store_lose_no_run(tmp_path: Path) -> None:
+    """MLflow creates a SQLite store's schema on first use; writers starting together (`dvc queue
+    start -j 2` on a new clone) raced on that migration and all but one lost their run."""
+    env = {**tool_env(), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    start = time.time() + 8  # after every writer has imported mlflow
+    writers = [
+        subprocess.Popen(
+            [sys.executable, "-c", WRITER, str(start), f"writer-{i}"],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(3)
+    ]
+    outputs = [writer.communicate(timeout=120) for writer in writers]
+    assert [writer.returncode for writer in writers] == [0, 0, 0], outputs
+    runs = runs_by_name(tmp_path / "mlflow.db")
+    assert sorted(runs) == ["writer-0", "writer-1", "writer-2"]
+    assert {run.info.status for run in runs.values()} == {"FINISHED"}
+
+
+@pytest.mark.slow
+def test_with_a_tracking_server_artifacts_go_to_the_server(tmp_path: Path) -> None:
+    port, served = free_port(), tmp_path / "server-artifacts"
+    command = [
+        "mlflow",
+        "server",
+        "--backend-store-uri",
+        f"sqlite:///{tmp_path / 'server.db'}",
+        "--serve-artifacts",
+        "--artifacts-destination",
+        str(served),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
+    log = (tmp_path / "server.log").open("w")
+    server = subprocess.Popen(command, cwd=tmp_path, env=tool_env(), stdout=log, stderr=log)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if requests.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                time.sleep(0.5)
+        clone = tmp_path / "clone"
+        (clone / ".git").mkdir(parents=True)  # the repository root a clone has
+        (clone / "model.txt").write_text("weights\n")
+        logger = (
+            "from lstm_textgen.tracking import store\nimport mlflow\n"
+            "with store.active_run(run_name='remote'):\n    mlflow.log_artifact('model.txt')\n"
+        )
+        env = {
+            **tool_env(),
+            "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}",
+            "PYTHONPATH": str(REPO_ROOT / "src"),
+        }
+        done = subprocess.run(
+            [sys.executable, "-c", logger], cwd=clone, env=env, capture_output=True, text=True
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri=f"http://127.0.0.1:{port}")
+        assert client.get_experiment_by_name("lstm-textgen").artifact_location.startswith("mlflow-artifacts:")
+        assert [p.name for p in served.rglob("model.txt")] == ["model.txt"]
+        assert not (clone / "mlruns").exists()  # nothing of it stayed on the training machine's disk
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        log.close()

@@ -102,3 +102,26 @@ def test_with_a_tracking_server_artifacts_go_to_the_server(tmp_path: Path) -> No
         server.terminate()
         server.wait(timeout=30)
         log.close()
+
+
+def test_the_champion_settles_on_the_best_comparable_version_after_a_stale_write(tmp_path: Path) -> None:
+    """Two machines registering at once share no lock: one may move the alias to its own version after
+    the other moved it to a better one. Settling after each write puts it back on the best."""
+    from mlflow.tracking import MlflowClient
+
+    from lstm_textgen.tracking.registry import CHAMPION, settle_champion
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client.create_registered_model("m")
+    losses = {"1": "2.0", "2": "1.0", "3": "0.5"}
+    for number, loss in losses.items():
+        client.create_model_version("m", source=str(tmp_path / number))
+        tags = {"corpus": "c", "level": "char", "lowercase": "false", "val_loss": loss}
+        if number == "3":
+            tags["corpus"] = "other"  # better, but not comparable: never the champion of corpus c
+        for key, value in tags.items():
+            client.set_model_version_tag("m", number, key, value)
+    client.set_registered_model_alias("m", CHAMPION, "1")  # the stale write: v2 is better
+    assert settle_champion(client, "m") == 2
+    assert int(client.get_model_version_by_alias("m", CHAMPION).version) == 2
+    assert settle_champion(client, "m") == 2  # settled: nothing moves

@@ -116,14 +116,47 @@ def register(
     for key, value in {**version_tags, "val_loss": f"{val_loss:.6f}", "run_id": run_id}.items():
         client.set_model_version_tag(model_name, str(version), key, value)
 
-    with store.registry_lock():  # read the champion and move it as one step
+    with store.registry_lock():  # on one machine: read the champion and move it as one step
         promoted, reason, champion_version = _decide(client, model_name, version, val_loss, version_tags)
         if promoted:
             client.set_registered_model_alias(model_name, CHAMPION, str(version))
-            champion_version = version
+        champion_version = settle_champion(client, model_name)
+    if promoted and champion_version != version:
+        reason += f"; v{champion_version}, registered meanwhile, is better still: it is the champion"
+    promoted = champion_version == version
     return Registration(
         model_name, version, f"models:/{model_name}/{version}", champion_version, promoted, reason
     )
+
+
+COMPARABLE = ("corpus", "level", "lowercase")
+
+
+def settle_champion(client: Any, name: str, rounds: int = 10) -> int:
+    """Move `champion` to the best version comparable with it (same corpus and tokenisation, lowest
+    validation loss, the older on a tie) until a fresh read finds it there. Registrations on several
+    machines (one tracking server, no shared lock) may read and write the alias in any order: each
+    one settles after its own write, so whichever writes last sees every version registered before
+    it, and the alias ends on the best whatever the order. Returns the champion's version."""
+    from mlflow.exceptions import MlflowException
+
+    for _ in range(rounds):
+        try:
+            current = client.get_model_version_by_alias(name, CHAMPION)
+        except MlflowException:
+            return 0
+        anchor = {key: current.tags.get(key) for key in COMPARABLE}
+        versions = client.search_model_versions(f"name='{name}'")
+        comparable = [
+            v
+            for v in versions
+            if all(v.tags.get(key) == value for key, value in anchor.items()) and "val_loss" in v.tags
+        ]
+        best = min(comparable, key=lambda v: (float(v.tags["val_loss"]), int(v.version)), default=current)
+        if int(best.version) == int(current.version):
+            return int(current.version)
+        client.set_registered_model_alias(name, CHAMPION, str(best.version))
+    return int(client.get_model_version_by_alias(name, CHAMPION).version)
 
 
 def _decide(

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest import REPO_ROOT, free_port, runs_by_name, tool_env
+from conftest import REPO_ROOT, free_port, runs_by_name, tool_env, tracking_store
 
 # Each writer waits for the same moment, then opens the store and logs one finished run.
 WRITER = """
@@ -125,3 +125,66 @@ def test_the_champion_settles_on_the_best_comparable_version_after_a_stale_write
     assert settle_champion(client, "m") == 2
     assert int(client.get_model_version_by_alias("m", CHAMPION).version) == 2
     assert settle_champion(client, "m") == 2  # settled: nothing moves
+
+
+def test_a_run_whose_machine_stopped_beating_is_closed_and_a_live_one_is_not(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another host's run cannot be checked by its pid: its heartbeat tells. This host's runs are
+    still checked by pid (a dead one is closed at once)."""
+    from mlflow.tracking import MlflowClient
+
+    from lstm_textgen.tracking import store
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    now = time.time()
+    owners = {
+        "stale-elsewhere": {
+            "owner.host": "gpu-node-7",
+            "owner.pid": "1",
+            "owner.heartbeat": f"{now - 3600:.0f}",
+        },
+        "live-elsewhere": {
+            "owner.host": "gpu-node-7",
+            "owner.pid": "1",
+            "owner.heartbeat": f"{now - 60:.0f}",
+        },
+        "old-version-elsewhere": {"owner.host": "gpu-node-7", "owner.pid": "1"},
+        "dead-here": {**store.owner_tags(), "owner.pid": "999999999", "owner.start": "0"},
+    }
+    with tracking_store(tmp_path):
+        experiment = store.configure().get_experiment_by_name("lstm-textgen").experiment_id
+        ids = {
+            name: client.create_run(experiment, tags=tags, run_name=name).info.run_id
+            for name, tags in owners.items()
+        }
+        closed = store.close_abandoned_runs()
+    assert sorted(closed) == sorted([ids["stale-elsewhere"], ids["dead-here"]])
+    status = {name: client.get_run(run_id).info.status for name, run_id in ids.items()}
+    assert status == {
+        "stale-elsewhere": "KILLED",
+        "live-elsewhere": "RUNNING",
+        "old-version-elsewhere": "RUNNING",
+        "dead-here": "KILLED",
+    }
+    assert (
+        "gpu-node-7:1 ended without closing the run"
+        in client.get_run(ids["stale-elsewhere"]).data.tags["error"]
+    )
+
+
+def test_an_open_run_renews_its_heartbeat(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from lstm_textgen.tracking import store
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    with tracking_store(tmp_path):
+        mlflow = store.configure()
+        run_id = client.create_run(mlflow.get_experiment_by_name("lstm-textgen").experiment_id).info.run_id
+        client.set_tag(run_id, "owner.heartbeat", "0")
+        with store.heartbeat(run_id, every_s=0.1):
+            time.sleep(1.0)
+    assert float(client.get_run(run_id).data.tags["owner.heartbeat"]) > time.time() - 60

@@ -8,10 +8,12 @@ the nearest directory above the working directory that holds `.dvc` or `.git`.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,6 +22,10 @@ from typing import Any
 from lstm_textgen.errors import Terminated, shutting_down
 
 EXPERIMENT_NAME = "lstm-textgen"
+# A run renews its `owner.heartbeat` tag every HEARTBEAT_S; on another host it counts as dead after
+# HEARTBEAT_TIMEOUT_S without one (room for a server outage and for clocks a few minutes apart).
+HEARTBEAT_S = 60.0
+HEARTBEAT_TIMEOUT_S = 15 * 60.0
 # MLflow 3's UI opens an experiment of this kind on its runs, not on the GenAI overview
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -153,7 +159,7 @@ def active_run(run_id: str | None = None, **start_kwargs: Any) -> Iterator[Any]:
     the host and process that own it, so a later run can tell when that process died without
     closing it (`close_abandoned_runs`)."""
     mlflow = configure()
-    with mlflow.start_run(run_id=run_id, **start_kwargs) as run:
+    with mlflow.start_run(run_id=run_id, **start_kwargs) as run, heartbeat(run.info.run_id):
         mlflow.set_tags(owner_tags())
         try:
             yield run
@@ -201,14 +207,47 @@ def process_start(pid: int) -> str | None:
 
 def owner_tags() -> dict[str, str]:
     pid = os.getpid()
-    return {"owner.host": socket.gethostname(), "owner.pid": str(pid), "owner.start": str(process_start(pid))}
+    return {
+        "owner.host": socket.gethostname(),
+        "owner.pid": str(pid),
+        "owner.start": str(process_start(pid)),
+        "owner.heartbeat": f"{time.time():.0f}",
+    }
 
 
-def owner_alive(tags: dict[str, str]) -> bool:
-    """Whether the process that owns a run still runs (always True for another host's runs)."""
-    if tags.get("owner.host") != socket.gethostname() or "owner.pid" not in tags:
-        return True
-    return process_start(int(tags["owner.pid"])) == tags.get("owner.start")
+@contextmanager
+def heartbeat(run_id: str, every_s: float = HEARTBEAT_S) -> Iterator[None]:
+    """While the block runs, the run's `owner.heartbeat` tag is renewed every `every_s` seconds, so
+    that another machine can tell a live run from one whose process died (`owner_alive`). A failed
+    renewal (the server away for a moment) is skipped: the next one will do."""
+    import threading
+
+    import mlflow
+
+    done = threading.Event()
+
+    def beat() -> None:
+        client = mlflow.MlflowClient()
+        while not done.wait(every_s):
+            with contextlib.suppress(Exception):
+                client.set_tag(run_id, "owner.heartbeat", f"{time.time():.0f}")
+
+    thread = threading.Thread(target=beat, name="mlflow-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+
+
+def owner_alive(tags: dict[str, str], now: float | None = None) -> bool:
+    """Whether the process that owns a run still runs: on this host, by its pid and start time; on
+    another, by a heartbeat renewed within HEARTBEAT_TIMEOUT_S. A run without a heartbeat (logged by
+    an older version) is never taken for dead on another host."""
+    if tags.get("owner.host") == socket.gethostname() and "owner.pid" in tags:
+        return process_start(int(tags["owner.pid"])) == tags.get("owner.start")
+    beat = tags.get("owner.heartbeat")
+    return beat is None or (now or time.time()) - float(beat) < HEARTBEAT_TIMEOUT_S
 
 
 def close_abandoned_runs() -> list[str]:
@@ -221,11 +260,12 @@ def close_abandoned_runs() -> list[str]:
     for run in client.search_runs([experiment.experiment_id], "attributes.status = 'RUNNING'"):
         if owner_alive(run.data.tags):
             continue
+        owner = f"{run.data.tags.get('owner.host')}:{run.data.tags.get('owner.pid')}"
         client.set_tag(
             run.info.run_id,
             "error",
-            f"its process {run.data.tags.get('owner.pid')} ended without closing the run (killed or "
-            "crashed); marked KILLED by a later run",
+            f"its process {owner} ended without closing the run (killed or crashed, or its machine "
+            f"stopped beating for {HEARTBEAT_TIMEOUT_S // 60:.0f} minutes); marked KILLED by a later run",
         )
         client.set_terminated(run.info.run_id, status="KILLED")
         closed.append(run.info.run_id)

@@ -178,14 +178,14 @@ def test_sixteen_clients_at_once_are_all_answered_as_if_alone(server: str) -> No
 def test_scores_agree_with_evaluate_the_command_and_the_server(
     repro_repo: tuple[Path, str], server: str, tmp_path: Path
 ) -> None:
-    """One scoring function: the validation text scores as evaluate's stateful loss; the command and
-    the served model's task=score give the same figures; Shakespeare beats its own shuffled letters."""
+    """One scoring function: the validation text scores as evaluate's stateful loss (both read in
+    float32, whatever the training dtype); the command and the served model's task=score give the
+    same figures; Shakespeare beats its own shuffled letters."""
     import random
 
     import torch
 
     from lstm_textgen.data.dataset import load_dataset
-    from lstm_textgen.devices import resolve_dtype
     from lstm_textgen.inference.scoring import score_text
     from lstm_textgen.model.checkpoint import load_model
     from lstm_textgen.params import load_params
@@ -193,7 +193,7 @@ def test_scores_agree_with_evaluate_the_command_and_the_server(
     repo, _ = repro_repo
     loaded, params = load_model(repo / "data/model/model.pt"), load_params(repo / "params.yaml")
     dataset = load_dataset(repo / "data/prepared")
-    dtype = resolve_dtype(params.train.dtype, torch.device("cpu"), params.model.cell)
+    dtype = torch.float32
     scored = score_text(
         loaded.model, loaded.vocab, loaded.vocab.decode(dataset.splits["val"]), params.evaluate, dtype
     )

@@ -117,10 +117,7 @@ class World:
         try:
             yield
         except RuntimeError as exc:
-            lost = isinstance(exc, dist.DistError) or any(
-                word in str(exc) for word in ("gloo", "NCCL", "Connection reset", "Connection closed")
-            )
-            if not (self.launched and lost):
+            if not (self.launched and peer_lost(exc)):
                 raise
             shutting_down()
             raise PeerLostError(
@@ -157,6 +154,14 @@ class World:
         gathered: list[Any] = [None] * self.world_size
         dist.all_gather_object(gathered, value)
         return gathered
+
+
+def peer_lost(exc: BaseException) -> bool:
+    """A collective failed because another process went away (gloo's "Connection reset/closed by
+    peer", NCCL's errors)."""
+    return isinstance(exc, dist.DistError) or any(
+        word in str(exc) for word in ("gloo", "NCCL", "Connection reset", "Connection closed")
+    )
 
 
 def root_failure(exit_codes: dict[int, int]) -> tuple[int, int]:

@@ -19,7 +19,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -44,7 +44,7 @@ from lstm_textgen.model.recurrent import RecurrentLM, count_parameters, detach_s
 from lstm_textgen.params import Params, TrainParams
 from lstm_textgen.train.batches import Batcher
 from lstm_textgen.train.checkpointer import Checkpointer
-from lstm_textgen.train.distributed import World
+from lstm_textgen.train.distributed import World, peer_lost
 from lstm_textgen.train.schedule import Clock, lr_at
 from lstm_textgen.train.state import LossWindow, TrainState
 from lstm_textgen.train.stopping import StopRequest, stop_requests
@@ -450,10 +450,6 @@ def train(
     forward = Compiled(forward) if tp.compile else forward
 
     clock = Clock.for_minutes(tp.max_minutes, state.train_seconds, state.warmup_s)
-    agreed, stopped = Agreed(), cast(Stopped, "max_steps")
-    # The loss is read (and, distributed, agreed on) every step only where that costs nothing: on
-    # CUDA .item() waits for the device, and a collective costs about a millisecond on gloo.
-    read_every = 1 if setup.device.type == "cpu" and not world.launched else 50
     bar = tqdm(
         total=tp.max_steps,
         initial=state.step,
@@ -463,29 +459,55 @@ def train(
     )
     state.model.train()
     with stop_requests() as stop:
-        while state.step < tp.max_steps:
-            lr, agreed = advance(state, setup, forward, clock, agreed, stop, read_every)
-            if agreed.loss is not None:
-                bar.set_postfix(loss=f"{agreed.loss:.3f}", refresh=False)
-            bar.update(1)
-            if state.step % tp.eval_every == 0 or state.step == tp.max_steps or agreed.out_of_time:
-                record = evaluate_and_checkpoint(state, setup, clock, lr)
-                if world.is_main:
-                    bar.write(
-                        f"step {state.step}: train {record['train_loss']:.4f}, val {record['val_loss']:.4f}, "
-                        f"{record['tokens_per_sec']:,.0f} tokens/s, {state.train_seconds:.0f} s"
-                    )
-                asked = bool(on_eval(record)) if on_eval is not None and world.is_main else False
-                clock.resume()
-                reason = world.from_main(stop_reason(state, tp, agreed.out_of_time, asked))
-                if reason is not None:
-                    stopped = reason
-                    break
-            if agreed.stop:  # after this step's evaluation, if it has one, so none is skipped
-                save_interrupted(state, setup, clock)
-                raise stop.exception()
+        try:
+            stopped = run_steps(state, setup, forward, clock, stop, on_eval, bar)
+        except RuntimeError as exc:
+            # asked to stop (a scheduler, or a killed launcher signalling every worker at once), a
+            # peer that has already left fails the collective: that is the stop, not a failure
+            if world.launched and stop.requested and peer_lost(exc):
+                raise stop.exception() from None
+            raise
     bar.close()
     return result_of(state, setup, stopped)
+
+
+def run_steps(
+    state: TrainState,
+    setup: TrainSetup,
+    forward: Callable[..., Any],
+    clock: Clock,
+    stop: StopRequest,
+    on_eval: EvalCallback | None,
+    bar: tqdm,
+) -> Stopped:
+    """Steps, evaluations and checkpoints until a stop: why it stopped, or the stop request raised
+    once its step is saved."""
+    tp, world = setup.params.train, setup.world
+    # The loss is read (and, distributed, agreed on) every step only where that costs nothing: on
+    # CUDA .item() waits for the device, and a collective costs about a millisecond on gloo.
+    read_every = 1 if setup.device.type == "cpu" and not world.launched else 50
+    agreed = Agreed()
+    while state.step < tp.max_steps:
+        lr, agreed = advance(state, setup, forward, clock, agreed, stop, read_every)
+        if agreed.loss is not None:
+            bar.set_postfix(loss=f"{agreed.loss:.3f}", refresh=False)
+        bar.update(1)
+        if state.step % tp.eval_every == 0 or state.step == tp.max_steps or agreed.out_of_time:
+            record = evaluate_and_checkpoint(state, setup, clock, lr)
+            if world.is_main:
+                bar.write(
+                    f"step {state.step}: train {record['train_loss']:.4f}, val {record['val_loss']:.4f}, "
+                    f"{record['tokens_per_sec']:,.0f} tokens/s, {state.train_seconds:.0f} s"
+                )
+            asked = bool(on_eval(record)) if on_eval is not None and world.is_main else False
+            clock.resume()
+            reason = world.from_main(stop_reason(state, tp, agreed.out_of_time, asked))
+            if reason is not None:
+                return reason
+        if agreed.stop:  # after this step's evaluation, if it has one, so none is skipped
+            save_interrupted(state, setup, clock)
+            raise stop.exception()
+    return "max_steps"
 
 
 def result_of(state: TrainState, setup: TrainSetup, stopped: Stopped) -> TrainResult:

@@ -4,6 +4,7 @@ measures what only a GPU can show."""
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import numpy as np
@@ -100,6 +101,16 @@ def test_any_float16_in_the_step_turns_loss_scaling_on() -> None:
     if cpu_has_native_bf16():  # the CPU's autocast lowers the LSTM, not the GRU: measured, not assumed
         assert recurrent_dtype(torch.device("cpu"), torch.bfloat16, "lstm") == torch.bfloat16
         assert recurrent_dtype(torch.device("cpu"), torch.bfloat16, "gru") == torch.float32
+
+
+def test_measuring_the_recurrent_dtype_leaves_the_random_state_alone() -> None:
+    """The probe is made after the model is seeded: its random weights must not shift dropout masks."""
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    with contextlib.suppress(RuntimeError):  # a CPU without a float16 LSTM kernel: the probe still ran
+        recurrent_dtype(torch.device("cpu"), torch.float16, "lstm")
+    assert torch.equal(torch.rand(3), expected)
 
 
 def test_window_starts_stay_inside_splits_past_two_to_the_24() -> None:

@@ -101,7 +101,8 @@ def recurrent_dtype(device: torch.device, dtype: torch.dtype, cell: str = "lstm"
         return torch.float32
     from lstm_textgen.model.recurrent import CELLS
 
-    probe = CELLS[cell](4, 8, batch_first=True).to(device)
+    with torch.random.fork_rng(devices=[]):  # the probe's random weights must not move torch's RNG
+        probe = CELLS[cell](4, 8, batch_first=True).to(device)
     with torch.no_grad(), autocast(device, dtype):
         outputs, _ = probe(torch.zeros(1, 2, 4, device=device))
     return outputs.dtype

@@ -76,6 +76,7 @@ class TrainSetup:
     checkpointer: Checkpointer
     world: World = field(default_factory=World)
     labels: dict[str, str] = field(default_factory=dict)  # e.g. the MLflow run id, kept in checkpoints
+    recurrent: torch.dtype = torch.float32  # what the recurrent layers run in (`recurrent_dtype`)
 
     def global_batch(self) -> int:
         """Windows of one step, every process's together."""
@@ -157,11 +158,13 @@ def new_train_state(
     dtype: torch.dtype,
     world: World | None = None,
     initial_weights: dict[str, torch.Tensor] | None = None,
+    recurrent: torch.dtype | None = None,
 ) -> TrainState:
     """A fresh state: seeds set first, so the same params give the same weights and batches. Every
     rank builds the same weights and draws from the same window generator (its slice of each global
     batch); dropout masks differ by rank (seed + rank), rank 0's being a single process's.
-    `initial_weights` (fine-tuning) replace the random ones."""
+    `initial_weights` (fine-tuning) replace the random ones. `recurrent`: the dtype the recurrent
+    layers run in (measured here when not given), which decides loss scaling."""
     tp, world = params.train, world or World()
     torch.manual_seed(tp.seed)
     generator = torch.Generator().manual_seed(tp.seed)
@@ -181,7 +184,8 @@ def new_train_state(
         world.world_size,
         device,
     )
-    scaling = needs_loss_scaling(dtype, recurrent_dtype(device, dtype, params.model.cell))
+    recurrent = recurrent or recurrent_dtype(device, dtype, params.model.cell)
+    scaling = needs_loss_scaling(dtype, recurrent)
     return TrainState(
         model=model,
         optimizer=make_optimizer(model, tp),
@@ -418,10 +422,13 @@ def start_run(
     device = world.device(tp.device)
     dtype = resolve_dtype(tp.dtype, device, params.model.cell)
     configure_backend(device, world.threads(tp.threads))
-    state = new_train_state(splits["train"], len(vocab), params, device, dtype, world, initial_weights)
+    recurrent = recurrent_dtype(device, dtype, params.model.cell)
+    state = new_train_state(
+        splits["train"], len(vocab), params, device, dtype, world, initial_weights, recurrent
+    )
     # only rank 0 evaluates: the other ranks keep no copy of the validation split
     val_tokens = to_device_tokens(splits["val"] if world.is_main else splits["val"][:0], device)
-    setup = TrainSetup(params, vocab, device, dtype, val_tokens, checkpointer, world, labels)
+    setup = TrainSetup(params, vocab, device, dtype, val_tokens, checkpointer, world, labels, recurrent)
     if tp.resume:
         resume_from(state, setup, saved or checkpointer.load_resumable(params, vocab))
     return state, setup
@@ -527,7 +534,7 @@ def result_of(state: TrainState, setup: TrainSetup, stopped: Stopped) -> TrainRe
         train_seconds=state.train_seconds,
         device=setup.device.type,
         dtype=dtype_name(setup.dtype),
-        recurrent_dtype=dtype_name(recurrent_dtype(setup.device, setup.dtype, setup.params.model.cell)),
+        recurrent_dtype=dtype_name(setup.recurrent),
         processes=setup.world.world_size,
         parameters=count_parameters(state.model),
         stopped=stopped,

@@ -233,7 +233,7 @@ def checks(
         preset = with_settings(preset, {**small, "data.seq_len": 32, "train.eval_batches": 2})
     steps = 300 if on_gpu else 4
     short = with_settings(preset, {"train.max_steps": 2 * steps if on_gpu else 8, "train.eval_every": 1000})
-    target = Path(workdir / "target-best.pt")
+    target = workdir / "target-best.pt"
     yield "precision", lambda: precision(device)
     yield (
         "throughput",

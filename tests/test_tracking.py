@@ -10,8 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-import requests
-from conftest import REPO_ROOT, free_port, runs_by_name, tool_env, tracking_store
+from conftest import REPO_ROOT, free_port, runs_by_name, tool_env, tracking_store, wait_for_page
 
 # Each writer waits for the same moment, then opens the store and logs one finished run.
 WRITER = """
@@ -69,13 +68,7 @@ def test_with_a_tracking_server_artifacts_go_to_the_server(tmp_path: Path) -> No
     log = (tmp_path / "server.log").open("w")
     server = subprocess.Popen(command, cwd=tmp_path, env=tool_env(), stdout=log, stderr=log)
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if requests.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                time.sleep(0.5)
+        wait_for_page(server, f"http://127.0.0.1:{port}/health", tmp_path / "server.log")
         clone = tmp_path / "clone"
         (clone / ".git").mkdir(parents=True)  # the repository root a clone has
         (clone / "model.txt").write_text("weights\n")

@@ -453,6 +453,15 @@ def marked_keys(section: type[BaseModel], marker: dict[str, bool], prefix: str =
     )
 
 
+def scalar_type(annotation: Any) -> type:
+    """int, float or str: a scalar field's values once `| None` is set aside (Literal choices: str).
+    The served request's column types and the sample command's flags are read from it."""
+    if typing.get_origin(annotation) is Literal:
+        return str
+    kinds = set(typing.get_args(annotation)) or {annotation}
+    return int if int in kinds else float if float in kinds else str
+
+
 def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """{'model': {'layers': 2}} -> {'model.layers': 2}: the names MLflow and `dvc exp run -S` use."""
     flat: dict[str, Any] = {}

@@ -16,7 +16,7 @@ from typing import Any, Literal
 from lstm_textgen.devices import resolve_device
 from lstm_textgen.inference.generation import encode_prompt, sample_texts, stream_text
 from lstm_textgen.model.checkpoint import LoadedModel, load_model
-from lstm_textgen.params import SampleParams, Sampling
+from lstm_textgen.params import SampleParams, Sampling, scalar_type
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,8 +52,7 @@ def add_setting_flag(parser: argparse.ArgumentParser, name: str) -> None:
     if typing.get_origin(field.annotation) is Literal:
         options["choices"] = list(typing.get_args(field.annotation))
     else:
-        kinds = set(typing.get_args(field.annotation)) or {field.annotation}
-        options["type"] = int if int in kinds else float if float in kinds else str
+        options["type"] = scalar_type(field.annotation)
     parser.add_argument("--" + name.replace("_", "-"), **options)
 
 

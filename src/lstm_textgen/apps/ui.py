@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> None:
     mlflow = store.configure()
     experiment_id = mlflow.get_experiment_by_name(store.experiment_name()).experiment_id
     uri = store.tracking_uri()
-    if uri.startswith(("http://", "https://")):
+    if store.is_server(uri):
         print(f"ui: the runs table: {runs_table_link(uri, experiment_id)}")
         return
     print(

@@ -21,7 +21,6 @@ into an HTTP 400 with the message; the server keeps serving.
 from __future__ import annotations
 
 import math
-import typing
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +28,7 @@ import mlflow.pyfunc
 import pandas as pd
 
 from lstm_textgen.errors import UserError
-from lstm_textgen.params import SampleParams, Sampling
+from lstm_textgen.params import SampleParams, Sampling, scalar_type
 
 MAX_NEW_TOKENS = 2000
 DEFAULT_NEW_TOKENS = 200
@@ -50,9 +49,7 @@ def column_kind(name: str) -> str:
     """A request column's type in MLflow's schema: long, double or string (from the params' types)."""
     if name == "max_new_tokens":
         return "long"
-    annotation = Sampling.model_fields[name].annotation
-    kinds = set(typing.get_args(annotation)) or {annotation}
-    return "long" if int in kinds else "double" if float in kinds else "string"
+    return {int: "long", float: "double", str: "string"}[scalar_type(Sampling.model_fields[name].annotation)]
 
 
 def _setting(name: str, value: Any) -> Any:

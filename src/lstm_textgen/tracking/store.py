@@ -87,11 +87,9 @@ def configure() -> Any:
     logging.getLogger("alembic").setLevel(logging.WARNING)
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
-    if uri.startswith("sqlite:///"):
-        database = Path(uri.removeprefix("sqlite:///"))
-        with file_lock(database.with_name(database.name + ".lock")):
-            _ensure_experiment(mlflow)
-    else:
+    database = Path(uri.removeprefix("sqlite:///"))
+    local = uri.startswith("sqlite:///")
+    with file_lock(database.with_name(database.name + ".lock")) if local else contextlib.nullcontext():
         _ensure_experiment(mlflow)
     mlflow.set_experiment(experiment_name())
     return mlflow

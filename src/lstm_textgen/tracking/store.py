@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from lstm_textgen.errors import Terminated, shutting_down
+from lstm_textgen.errors import Terminated, UserError, shutting_down
 
 EXPERIMENT_NAME = "lstm-textgen"
 # A run renews its `owner.heartbeat` tag every HEARTBEAT_S; on another host it counts as dead after
@@ -58,6 +58,39 @@ def is_server(uri: str) -> bool:
     return uri.startswith(("http://", "https://"))
 
 
+def pending_dir() -> Path:
+    """Where a run keeps what the store did not take (outbox.py): beside the local store."""
+    return repository_root() / "mlflow-pending"
+
+
+CREDENTIALS = "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD"
+
+
+def check_server(uri: str) -> None:
+    """Fail at once, in one line, when the tracking server does not answer or refuses us: not with
+    a traceback after MLflow's four minutes of retries, or after ten minutes of training."""
+    import requests
+
+    user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    try:
+        answer = requests.get(
+            f"{uri.rstrip('/')}/api/2.0/mlflow/experiments/get-by-name",
+            params={"experiment_name": experiment_name()},
+            auth=(user, password or "") if user else None,
+            timeout=30,
+        )
+    except requests.RequestException as exc:
+        raise UserError(
+            f"the tracking server {uri} (MLFLOW_TRACKING_URI) does not answer ({type(exc).__name__}): "
+            "start it (`lstm-textgen server start --dir DIR` on its machine), or unset "
+            "MLFLOW_TRACKING_URI for the local store; then run the command again (`dvc repro` re-runs "
+            "only the stages that did not finish)"
+        ) from None
+    if answer.status_code == 401:
+        problem = "needs an account: set" if not user else f"refused the user {user!r}: check"
+        raise UserError(f"the tracking server {uri} {problem} {CREDENTIALS}")
+
+
 def experiment_name() -> str:
     return os.environ.get("MLFLOW_EXPERIMENT_NAME", EXPERIMENT_NAME)
 
@@ -87,12 +120,24 @@ def configure() -> Any:
     logging.getLogger("alembic").setLevel(logging.WARNING)
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
+    if is_server(uri):
+        check_server(uri)
     database = Path(uri.removeprefix("sqlite:///"))
     local = uri.startswith("sqlite:///")
     with file_lock(database.with_name(database.name + ".lock")) if local else contextlib.nullcontext():
         _ensure_experiment(mlflow)
     mlflow.set_experiment(experiment_name())
+    send_pending(mlflow)
     return mlflow
+
+
+def send_pending(mlflow: Any) -> None:
+    """What earlier runs could not log (the server was away) is sent before anything else."""
+    from lstm_textgen.tracking import outbox
+
+    if any(pending_dir().glob("*.jsonl")):
+        for line in outbox.send_pending(mlflow.MlflowClient(), pending_dir()):
+            print(f"mlflow: sent what the store had missed of {line}", file=sys.stderr)
 
 
 def _ensure_experiment(mlflow: Any) -> None:
@@ -178,7 +223,11 @@ def active_run(run_id: str | None = None, **start_kwargs: Any) -> Iterator[Any]:
 def registry_lock() -> Iterator[None]:
     """One process at a time decides the champion: experiments run side by side (`dvc queue start
     -j 2`) would otherwise both read the old champion and both set the alias. A file lock beside the
-    store's artifacts, so it spans every process on this machine."""
+    store's artifacts, so it spans every process on this machine. With a tracking server there is
+    no lock to share between machines: `registry.settle_champion` makes the alias converge."""
+    if is_server(tracking_uri()):
+        yield
+        return
     with file_lock(repository_root() / "mlruns" / ".registry.lock"):
         yield
 

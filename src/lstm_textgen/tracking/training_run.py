@@ -8,14 +8,18 @@ training loop is called the same way on every rank."""
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lstm_textgen.errors import Terminated, UserError, shutting_down
 from lstm_textgen.params import Params, flatten
 from lstm_textgen.tracking import store
+from lstm_textgen.tracking.outbox import Outbox, describe
 
 if TYPE_CHECKING:
     import torch
@@ -26,9 +30,11 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class TrainingRun:
-    """The open run (`run_id` None on the ranks that do not log)."""
+    """The open run (`run_id` None on the ranks that do not log). Everything it logs goes through
+    its outbox: training never waits on the store, and nothing is lost while a server is away."""
 
     run_id: str | None = None
+    outbox: Outbox | None = None
 
     @property
     def labels(self) -> dict[str, str]:
@@ -37,28 +43,23 @@ class TrainingRun:
 
     def log_evaluation(self, record: dict[str, float]) -> None:
         """Each periodic evaluation becomes a point of the run's curves in MLflow."""
-        if self.run_id:
-            import mlflow
-
-            mlflow.log_metrics({k: v for k, v in record.items() if k != "step"}, step=int(record["step"]))
+        if self.outbox:
+            values = {k: v for k, v in record.items() if k != "step"}
+            self.outbox.log_metrics(values, step=int(record["step"]))
 
     def finish(self, result: TrainResult) -> dict[str, Any]:
         """The final figures as metrics and tags; returns them with the run id (metrics/train.json)."""
-        import mlflow
-
+        assert self.outbox is not None
         metrics = {**result.metrics(), "mlflow_run_id": self.run_id}
-        mlflow.log_metrics(
-            {f"final_{k}": float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
-        )
-        mlflow.log_metric("parameters", result.parameters)
-        mlflow.set_tags({"dtype": result.precision(), "stopped": result.stopped})
+        finals = {f"final_{k}": float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+        self.outbox.log_metrics({**finals, "parameters": result.parameters})
+        self.outbox.set_tags({"dtype": result.precision(), "stopped": str(result.stopped)})
         return metrics
 
     def log_artifacts(self, paths: list[Path]) -> None:
-        import mlflow
-
+        assert self.outbox is not None
         for path in paths:
-            mlflow.log_artifact(str(path))
+            self.outbox.log_artifact(path)
 
 
 def logged_params(params: Params, corpus: dict[str, Any], vocab_size: int) -> dict[str, Any]:
@@ -105,7 +106,8 @@ def training_run(
     lineage: dict[str, str],
 ) -> Iterator[TrainingRun]:
     """The run this training logs to: a new one, or the one the resumed checkpoint (`saved`) names.
-    A failure inside marks it failed (`store.active_run`)."""
+    A failure inside marks it FAILED, a stop request (Ctrl-C, SIGTERM) KILLED, with the reason as
+    its `error` tag."""
     if not world.is_main:
         yield TrainingRun()
         return
@@ -114,17 +116,72 @@ def training_run(
     for run_id in store.close_abandoned_runs():
         print(f"train: MLflow run {run_id} was left RUNNING by a process that is gone; marked KILLED")
     logged = logged_params(params, corpus, vocab_size)
-    tags = run_tags(corpus, device, world, lineage)
-    run_id = store.existing_run((saved or {}).get("labels", {}).get("mlflow_run_id"))
-    with store.active_run(run_id=run_id, run_name=None if run_id else store.run_name()) as run:
-        import mlflow
+    tags = {**run_tags(corpus, device, world, lineage), **store.owner_tags()}
+    run_id = open_run(store.existing_run((saved or {}).get("labels", {}).get("mlflow_run_id")))
+    outbox = Outbox(run_id, store.pending_dir())
+    if saved is None:
+        log_params(run_id, logged)
+    else:
+        continue_run(TrainingRun(run_id, outbox), saved, logged, tags)
+    outbox.set_tags(tags)
+    with store.heartbeat(run_id), closing(outbox):
+        try:
+            yield TrainingRun(run_id, outbox)
+        except BaseException as exc:
+            shutting_down()
+            status = "KILLED" if isinstance(exc, (KeyboardInterrupt, Terminated)) else "FAILED"
+            outbox.set_tags({"error": f"{type(exc).__name__}: {exc}"[:5000]})
+            outbox.end(status)
+            print(f"MLflow run {run_id} is marked {status}, the reason in its 'error' tag", file=sys.stderr)
+            raise
+        outbox.end("FINISHED")
 
-        if saved is None:
-            mlflow.log_params({k: str(v) for k, v in logged.items()})
-        else:
-            continue_run(TrainingRun(run.info.run_id), saved, logged, tags)
-        mlflow.set_tags(tags)
-        yield TrainingRun(run.info.run_id)
+
+def open_run(run_id: str | None) -> str:
+    """A new run (named after the DVC experiment), or `run_id` reopened. An account that may only
+    read is refused here, before any training, with the permission it lacks."""
+    mlflow = store.configure()
+    client = mlflow.MlflowClient()
+    try:
+        if run_id:
+            client.update_run(run_id, status="RUNNING")
+            return run_id
+        experiment = client.get_experiment_by_name(store.experiment_name())
+        return client.create_run(experiment.experiment_id, run_name=store.run_name()).info.run_id
+    except mlflow.exceptions.MlflowException as exc:
+        if exc.error_code != "PERMISSION_DENIED":
+            raise
+        user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+        raise UserError(
+            f"the account {user!r} may not log runs to the experiment {store.experiment_name()!r} on "
+            f"{store.tracking_uri()} (it has READ permission): training needs EDIT; ask the server's "
+            "admin (`lstm-textgen server add-user` without --read-only)"
+        ) from None
+
+
+@contextmanager
+def closing(outbox: Outbox) -> Iterator[None]:
+    """Drain the outbox as the run closes; say clearly what could not be sent and how it will be."""
+    try:
+        yield
+    finally:
+        unsent = outbox.close()
+        if unsent:
+            print(
+                f"train: the tracking store {store.tracking_uri()} did not take {describe(unsent)} of run "
+                f"{outbox.run_id}; they are kept in {store.pending_dir()} and sent by the next pipeline "
+                "command, or now by `lstm-textgen server sync`",
+                file=sys.stderr,
+            )
+
+
+def log_params(run_id: str, logged: dict[str, Any]) -> None:
+    from mlflow import MlflowClient
+    from mlflow.entities import Param
+
+    items = [Param(k, str(v)) for k, v in logged.items()]
+    for start in range(0, len(items), 100):  # MLflow's limit of params per call
+        MlflowClient().log_batch(run_id, params=items[start : start + 100])
 
 
 def continue_run(
@@ -133,11 +190,11 @@ def continue_run(
     """Reopening a run to resume it: params it lacks (a run cannot change a param's value; the
     resumable changes such as `train.resume` are tagged instead), and the evaluations the
     checkpoint holds that never reached MLflow (a kill between the checkpoint and the log)."""
-    import mlflow
+    from mlflow import MlflowClient
 
-    client = mlflow.MlflowClient()
+    client = MlflowClient()
     existing = client.get_run(run.run_id).data.params
-    mlflow.log_params({k: str(v) for k, v in logged.items() if k not in existing})
+    log_params(run.run_id, {k: v for k, v in logged.items() if k not in existing})
     changed = sorted(k for k, v in logged.items() if k in existing and existing[k] != str(v))
     tags["resumed_at_step"] = str(saved["step"])
     tags["resumed_with"] = ", ".join(f"{k}={logged[k]}" for k in changed) or "the same params"

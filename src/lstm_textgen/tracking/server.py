@@ -1,0 +1,562 @@
+"""`lstm-textgen server`: a lab's tracking service kept in one directory. A private PostgreSQL cluster
+(Debian's package) holds the runs, the registry and the accounts; an MLflow tracking server on it
+serves the artifacts itself (`--serve-artifacts`, so a model registered on one machine loads on any
+other) and asks for a user name and password (MLflow's basic-auth app).
+
+The directory holds everything to back up: `postgres/` (the cluster), `artifacts/` (unless the user
+names another artifact store), `server.json` (ports, process), `secrets.json` (the database role's
+password and the web session key, mode 0600) and the logs."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from argparse import RawDescriptionHelpFormatter as RawText
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from lstm_textgen.errors import UserError
+from lstm_textgen.files import write_text
+from lstm_textgen.tracking import store
+
+DATABASE, AUTH_DATABASE, ROLE = "mlflow", "mlflow_auth", "mlflow"
+ADMIN = "admin"
+PASSWORD_VARIABLE = "MLFLOW_AUTH_ADMIN_PASSWORD"
+MIN_PASSWORD = 12  # what MLflow's basic-auth requires of the admin password
+START_TIMEOUT_S = 180.0  # the first start creates the schema (about 20 s on 2 cores)
+# What an account may do where nothing was granted: read. MLflow takes the default as a floor under
+# every grant, so trainers get EDIT explicitly (`add-user`); the admin can do everything.
+DEFAULT_PERMISSION = "READ"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where each part lives inside the server's directory."""
+
+    root: Path
+
+    @property
+    def cluster(self) -> Path:
+        return self.root / "postgres"
+
+    @property
+    def socket(self) -> Path:
+        return self.root / "socket"
+
+    @property
+    def artifacts(self) -> Path:
+        return self.root / "artifacts"
+
+    @property
+    def state(self) -> Path:
+        return self.root / "server.json"
+
+    @property
+    def secrets(self) -> Path:
+        return self.root / "secrets.json"
+
+    @property
+    def auth_config(self) -> Path:
+        return self.root / "basic_auth.ini"
+
+    @property
+    def log(self) -> Path:
+        return self.root / "mlflow.log"
+
+
+@dataclass
+class ServerState:
+    """What a restart reuses (ports, stores) and what stop and status need (the process)."""
+
+    host: str
+    port: int
+    pg_port: int | None  # None with a database the user gave
+    database_url: str | None  # the user's PostgreSQL, or None for the private cluster
+    artifacts: str
+    initialised: bool = False  # the admin account exists
+    pid: int | None = None
+    pid_start: str | None = None
+
+    @property
+    def uri(self) -> str:
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host
+        return f"http://{host}:{self.port}"
+
+
+# --- PostgreSQL -----------------------------------------------------------------------------------
+
+
+def postgres_bin(tool: str) -> Path:
+    """A tool of Debian's PostgreSQL (the newest installed version): its binaries are off PATH."""
+    found = sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{tool}"), key=lambda p: int(p.parts[4]))
+    if not found:
+        raise UserError(
+            "PostgreSQL is not installed: `apt-get install postgresql` (Debian's package), or give "
+            "`--database-url postgresql://USER:PASSWORD@HOST:PORT/DB` of an existing database"
+        )
+    return found[-1]
+
+
+def _as_postgres(command: list[str | Path]) -> list[str]:
+    """PostgreSQL refuses to run as root: as root, its tools run as the `postgres` user."""
+    prefix = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    return [*prefix, *map(str, command)]
+
+
+def pg(tool: str, *args: str | Path) -> list[str]:
+    """A PostgreSQL tool's command line (run as `postgres` when we are root)."""
+    return _as_postgres([postgres_bin(tool), *args])
+
+
+def on_socket(layout: Layout, port: int | None) -> list[str]:
+    """Connection options: the cluster's superuser over its own socket (trust, local only)."""
+    return ["-h", str(layout.socket), "-p", str(port), "-U", "postgres"]
+
+
+def _run(command: list[str], what: str) -> str:
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise UserError(f"{what} failed (exit {result.returncode}): {result.stderr.strip()[-2000:]}")
+    return result.stdout
+
+
+def _check_reachable_by_postgres(folder: Path) -> None:
+    if os.geteuid() != 0:
+        return
+    for parent in (folder, *folder.parents):
+        if parent.exists() and not parent.stat().st_mode & 0o001:
+            raise UserError(
+                f"PostgreSQL runs as the user `postgres`, which cannot enter {parent} (mode "
+                f"{parent.stat().st_mode & 0o777:o}): choose a --dir it can reach, or `chmod o+x {parent}`"
+            )
+
+
+def _give_to_postgres(*folders: Path) -> None:
+    for folder in folders:
+        folder.mkdir(parents=True, exist_ok=True)
+        if os.geteuid() == 0:
+            shutil.chown(folder, "postgres", "postgres")
+
+
+def postgres_running(layout: Layout) -> bool:
+    if not (layout.cluster / "PG_VERSION").exists():
+        return False
+    status = subprocess.run(pg("pg_ctl", "-D", layout.cluster, "status"), capture_output=True, check=False)
+    return status.returncode == 0
+
+
+def start_postgres(layout: Layout, port: int, password: str) -> str:
+    """The private cluster started (created on first use, with the role and both databases);
+    returns the database URL the tracking server uses."""
+    _check_reachable_by_postgres(layout.root)
+    if not (layout.cluster / "PG_VERSION").exists():
+        _give_to_postgres(layout.cluster, layout.socket)
+        _run(
+            pg(
+                "initdb",
+                "-D",
+                layout.cluster,
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+                "--locale=C.UTF-8",
+            ),
+            "creating the PostgreSQL cluster (initdb)",
+        )
+    if not postgres_running(layout):
+        _give_to_postgres(layout.socket)
+        options = f"-p {port} -k {layout.socket} -c listen_addresses=127.0.0.1"
+        _run(
+            pg(
+                "pg_ctl",
+                "-D",
+                layout.cluster,
+                "-l",
+                layout.cluster / "server.log",
+                "-w",
+                "-o",
+                options,
+                "start",
+            ),
+            f"starting PostgreSQL on 127.0.0.1:{port}",
+        )
+    _create_databases(layout, port, password)
+    return f"postgresql://{ROLE}:{password}@127.0.0.1:{port}/{DATABASE}"
+
+
+def psql(layout: Layout, port: int, sql: str, database: str = "postgres") -> str:
+    """One statement as the cluster's superuser, over the cluster's own socket."""
+    command = pg("psql", *on_socket(layout, port), "-d", database, "-tA", "-v", "ON_ERROR_STOP=1", "-c", sql)
+    return _run(command, f"psql: {sql.split()[0]}").strip()
+
+
+def _create_databases(layout: Layout, port: int, password: str) -> None:
+    if not psql(layout, port, f"SELECT 1 FROM pg_roles WHERE rolname = '{ROLE}'"):
+        psql(layout, port, f"CREATE ROLE {ROLE} LOGIN PASSWORD '{password}'")
+    for database in (DATABASE, AUTH_DATABASE):
+        if not psql(layout, port, f"SELECT 1 FROM pg_database WHERE datname = '{database}'"):
+            psql(layout, port, f"CREATE DATABASE {database} OWNER {ROLE}")
+
+
+def stop_postgres(layout: Layout) -> None:
+    if postgres_running(layout):
+        _run(pg("pg_ctl", "-D", layout.cluster, "-m", "fast", "-w", "stop"), "stopping PostgreSQL")
+
+
+# --- the MLflow server ----------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def read_state(layout: Layout) -> ServerState | None:
+    if not layout.state.exists():
+        return None
+    return ServerState(**json.loads(layout.state.read_text()))
+
+
+def write_state(layout: Layout, state: ServerState) -> None:
+    write_text(layout.state, json.dumps(asdict(state), indent=2) + "\n")
+
+
+def read_secrets(layout: Layout) -> dict[str, str]:
+    """The database role's password and the web session key, made once, readable by the owner only."""
+    if layout.secrets.exists():
+        return json.loads(layout.secrets.read_text())
+    made = {"database_password": secrets.token_urlsafe(24), "flask_secret_key": secrets.token_hex(32)}
+    layout.root.mkdir(parents=True, exist_ok=True)
+    descriptor = os.open(layout.secrets, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "w") as handle:
+        json.dump(made, handle)
+    return made
+
+
+def server_running(state: ServerState) -> bool:
+    return state.pid is not None and store.process_start(state.pid) == state.pid_start
+
+
+def healthy(uri: str) -> bool:
+    import requests
+
+    try:
+        return requests.get(f"{uri}/health", timeout=5).status_code == 200
+    except requests.RequestException:
+        return False
+
+
+def auth_config(database_url: str) -> str:
+    auth_url = database_url.rsplit("/", 1)[0] + f"/{AUTH_DATABASE}"
+    return (
+        "[mlflow]\n"
+        f"default_permission = {DEFAULT_PERMISSION}\n"
+        f"database_uri = {auth_url}\n"
+        f"admin_username = {ADMIN}\n"
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+    )
+
+
+def admin_password(state: ServerState) -> str | None:
+    """Needed on the first start only: the auth database keeps the account afterwards."""
+    password = os.environ.get(PASSWORD_VARIABLE)
+    if state.initialised:
+        return password
+    if not password or len(password) < MIN_PASSWORD:
+        raise UserError(
+            f"the first start creates the account `{ADMIN}`: set its password (at least {MIN_PASSWORD} "
+            f"characters) in {PASSWORD_VARIABLE}, e.g. `read -s {PASSWORD_VARIABLE} && export "
+            f"{PASSWORD_VARIABLE}`; there is no default password"
+        )
+    return password
+
+
+def start_mlflow(layout: Layout, state: ServerState, database_url: str, secret_key: str) -> int:
+    """The tracking server in its own session (stop signals its whole group); returns its pid once
+    /health answers."""
+    write_text(layout.auth_config, auth_config(database_url))
+    layout.auth_config.chmod(0o600)  # it holds the database password
+    env = {
+        **os.environ,
+        "MLFLOW_AUTH_CONFIG_PATH": str(layout.auth_config),
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": secret_key,
+        # the server's own uvicorn must be found where its mlflow is (a venv not on PATH)
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+    password = admin_password(state)
+    if password:
+        env[PASSWORD_VARIABLE] = password
+    command = [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri", database_url]
+    command += ["--serve-artifacts", "--artifacts-destination", state.artifacts]
+    command += ["--host", state.host, "--port", str(state.port), "--workers", "1", "--app-name", "basic-auth"]
+    with layout.log.open("a") as log:
+        process = subprocess.Popen(
+            command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while not healthy(state.uri):
+        if process.poll() is not None or time.monotonic() > deadline:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGTERM)
+            tail = layout.log.read_text(errors="replace")[-3000:]
+            raise UserError(f"the MLflow server did not start; the end of {layout.log}:\n{tail}")
+        time.sleep(0.5)
+    return process.pid
+
+
+def start(
+    root: Path,
+    host: str = "127.0.0.1",
+    port: int | None = None,
+    artifacts: str | None = None,
+    database_url: str | None = None,
+) -> ServerState:
+    """Start whatever is not running; a restart keeps the ports and stores of the first start."""
+    layout = Layout(root.resolve())
+    layout.root.mkdir(parents=True, exist_ok=True)
+    state = read_state(layout) or ServerState(
+        host=host,
+        port=port or 5000,
+        pg_port=None if database_url else free_port(),
+        database_url=database_url,
+        artifacts=artifacts or str(layout.artifacts),
+    )
+    state.host, state.port = host, port or state.port
+    if state.database_url is None:
+        url = start_postgres(layout, state.pg_port or free_port(), read_secrets(layout)["database_password"])
+    else:
+        url = state.database_url
+    if server_running(state) and healthy(state.uri):
+        print(f"server: already running at {state.uri} (pid {state.pid})")
+        return state
+    if "://" not in state.artifacts:
+        Path(state.artifacts).mkdir(parents=True, exist_ok=True)
+    state.pid = start_mlflow(layout, state, url, read_secrets(layout)["flask_secret_key"])
+    state.pid_start, state.initialised = store.process_start(state.pid), True
+    write_state(layout, state)
+    return state
+
+
+def stop(root: Path) -> None:
+    """Stop the tracking server, then PostgreSQL; every run stays in the directory."""
+    layout = Layout(root.resolve())
+    state = read_state(layout)
+    if state is None:
+        raise UserError(f"no tracking server was ever started in {layout.root} (`lstm-textgen server start`)")
+    if server_running(state):
+        os.killpg(state.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        while server_running(state) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if server_running(state):
+            os.killpg(state.pid, signal.SIGKILL)
+    state.pid = state.pid_start = None
+    write_state(layout, state)
+    if state.database_url is None:
+        stop_postgres(layout)
+
+
+def client_variables(state: ServerState) -> str:
+    return (
+        "On each machine that trains, serves or looks at runs:\n"
+        f"  export MLFLOW_TRACKING_URI={state.uri}\n"
+        f"  export MLFLOW_TRACKING_USERNAME={ADMIN}      # or the user's own account (server add-user)\n"
+        "  read -s MLFLOW_TRACKING_PASSWORD && export MLFLOW_TRACKING_PASSWORD"
+    )
+
+
+def status(root: Path) -> bool:
+    """Print what runs; with credentials in the environment, also close the runs whose process died
+    on any machine (`store.close_abandoned_runs`). True when the server answers."""
+    layout = Layout(root.resolve())
+    state = read_state(layout)
+    if state is None:
+        print(f"server: nothing in {layout.root} (`lstm-textgen server start --dir {root}`)")
+        return False
+    postgres = "running" if postgres_running(layout) else "stopped"
+    database = "an external database" if state.database_url else f"PostgreSQL :{state.pg_port} {postgres}"
+    up = server_running(state) and healthy(state.uri)
+    running = "running" if up else "stopped"
+    print(f"server: MLflow at {state.uri} {running} ({database}; artifacts {state.artifacts})")
+    if up and os.environ.get("MLFLOW_TRACKING_USERNAME"):
+        os.environ.setdefault("MLFLOW_TRACKING_URI", state.uri)
+        for run_id in store.close_abandoned_runs():
+            print(f"server: run {run_id} was left RUNNING by a process that is gone; marked KILLED")
+    return up
+
+
+# --- backup and restore ---------------------------------------------------------------------------
+
+
+def _dump(layout: Layout, state: ServerState, database: str, target: Path) -> None:
+    result = subprocess.run(
+        pg("pg_dump", *on_socket(layout, state.pg_port), "-Fc", database), capture_output=True, check=False
+    )
+    if result.returncode != 0:
+        raise UserError(f"pg_dump {database} failed: {result.stderr.decode(errors='replace')[-2000:]}")
+    target.write_bytes(result.stdout)
+
+
+def backup(root: Path, target: Path) -> None:
+    """Both databases (pg_dump, custom format) and the artifact store in one tar file, written
+    atomically. PostgreSQL must be running (the MLflow server need not be)."""
+    layout = Layout(root.resolve())
+    state = read_state(layout)
+    if state is None or state.database_url is not None:
+        raise UserError("backup needs a server of `lstm-textgen server start` with its own PostgreSQL")
+    if not postgres_running(layout):
+        raise UserError(f"PostgreSQL is not running: `lstm-textgen server start --dir {root}` first")
+    target = target.resolve()
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        with tarfile.open(Path(tmp) / "backup.tar.gz", "w:gz") as archive:
+            for database in (DATABASE, AUTH_DATABASE):
+                _dump(layout, state, database, Path(tmp) / f"{database}.dump")
+                archive.add(Path(tmp) / f"{database}.dump", arcname=f"{database}.dump")
+            if "://" not in state.artifacts:
+                archive.add(state.artifacts, arcname="artifacts")
+        with open(Path(tmp) / "backup.tar.gz", "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(Path(tmp) / "backup.tar.gz", target)
+    print(f"server: backed up {layout.root} to {target}")
+
+
+def restore(root: Path, source: Path, host: str = "127.0.0.1", port: int | None = None) -> ServerState:
+    """A new server directory from a backup: a fresh cluster with both databases restored and the
+    artifacts unpacked, then started. The admin account and every other account come with it."""
+    layout = Layout(root.resolve())
+    if layout.state.exists() or layout.cluster.exists():
+        raise UserError(f"{layout.root} already holds a server: restore into a new directory")
+    layout.root.mkdir(parents=True, exist_ok=True)
+    state = ServerState(host, port or 5000, free_port(), None, str(layout.artifacts), initialised=True)
+    start_postgres(layout, state.pg_port, read_secrets(layout)["database_password"])
+    with tempfile.TemporaryDirectory(dir=layout.root) as tmp, tarfile.open(source) as archive:
+        archive.extractall(tmp, filter="data")
+        for database in (DATABASE, AUTH_DATABASE):
+            dump = Path(tmp) / f"{database}.dump"
+            _give_to_postgres(Path(tmp))
+            _run(
+                pg(
+                    "pg_restore",
+                    *on_socket(layout, state.pg_port),
+                    "--no-owner",
+                    f"--role={ROLE}",
+                    "-d",
+                    database,
+                    dump,
+                ),
+                f"pg_restore {database}",
+            )
+        if (Path(tmp) / "artifacts").exists():
+            shutil.move(Path(tmp) / "artifacts", layout.artifacts)
+    layout.artifacts.mkdir(exist_ok=True)
+    write_state(layout, state)
+    return start(root, host, port)
+
+
+# --- accounts and the client side -------------------------------------------------------------------
+
+
+def add_user(name: str, password: str, read_only: bool) -> None:
+    """A new account on the server of MLFLOW_TRACKING_URI, made with the admin's credentials
+    (MLFLOW_TRACKING_USERNAME / _PASSWORD). Every account may read; one that trains gets EDIT on
+    the experiment and on every registered model, those made later included."""
+    from mlflow.server import get_app_client
+
+    uri = store.tracking_uri()
+    if not store.is_server(uri):
+        raise UserError("set MLFLOW_TRACKING_URI to the tracking server's http:// address first")
+    if len(password) < MIN_PASSWORD:
+        raise UserError(f"the password of {name!r} must have at least {MIN_PASSWORD} characters")
+    mlflow = store.configure()
+    admin = get_app_client("basic-auth", tracking_uri=uri)
+    admin.create_user(name, password)
+    if not read_only:
+        experiment = mlflow.get_experiment_by_name(store.experiment_name()).experiment_id
+        admin.grant_user_permission(name, "experiment", experiment, "EDIT")
+        admin.grant_user_permission(name, "registered_model", "*", "EDIT")
+    print(f"server: account {name!r} created ({'READ' if read_only else 'EDIT'} on {uri})")
+
+
+def read_new_password(name: str) -> str:
+    """From the terminal without echo, or the first line of stdin (scripts)."""
+    import getpass
+
+    if sys.stdin.isatty():
+        return getpass.getpass(f"password for {name}: ")
+    return sys.stdin.readline().rstrip("\n")
+
+
+def sync() -> None:
+    """Send what earlier runs kept because the server was away (outbox.py)."""
+    if not any(store.pending_dir().glob("*.jsonl")):
+        print(f"server: nothing waits in {store.pending_dir()}")
+        return
+    store.configure()  # sends what waits, and says what
+    print(f"server: every kept point sent to {store.tracking_uri()}")
+
+
+# --- the command ------------------------------------------------------------------------------------
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser("lstm-textgen server", description=__doc__, formatter_class=RawText)
+    verbs = top.add_subparsers(dest="action", required=True)
+    for action, summary in (
+        ("start", "start PostgreSQL and the MLflow server (idempotent)"),
+        ("stop", "stop both; every run stays in --dir"),
+        ("status", "what runs; with credentials set, close runs whose process died"),
+        ("backup", "both databases and the artifacts in one file"),
+        ("restore", "a new server directory from a backup file, started"),
+    ):
+        verb = verbs.add_parser(action, help=summary, description=summary)
+        verb.add_argument("--dir", type=Path, required=True, help="the server's directory")
+        if action in ("start", "restore"):
+            verb.add_argument("--host", default="127.0.0.1", help="the address to listen on")
+            verb.add_argument("--port", type=int, help="the tracking server's port (first start: 5000)")
+        if action == "start":
+            verb.add_argument("--artifacts", help="the artifact store, a folder or URI (DIR/artifacts)")
+            verb.add_argument("--database-url", help="an existing PostgreSQL database, not a private one")
+        if action == "backup":
+            verb.add_argument("--to", type=Path, required=True, help="the backup file (.tar.gz)")
+        if action == "restore":
+            verb.add_argument("--from", dest="source", type=Path, required=True, help="a backup file")
+    user = verbs.add_parser("add-user", help="an account (the admin's credentials in the environment)")
+    user.add_argument("name")
+    user.add_argument("--read-only", action="store_true", help="may list, compare, serve and score only")
+    verbs.add_parser("sync", help="send the points a run kept while the server was away")
+    return top
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    if args.action == "start":
+        state = start(args.dir, args.host, args.port, args.artifacts, args.database_url)
+        print(f"server: MLflow tracking server at {state.uri}\n{client_variables(state)}")
+    elif args.action == "restore":
+        state = restore(args.dir, args.source, args.host, args.port)
+        print(f"server: restored {args.source} into {args.dir}, running at {state.uri}")
+    elif args.action == "stop":
+        stop(args.dir)
+        print(f"server: stopped; the runs stay in {args.dir} (`lstm-textgen server start --dir {args.dir}`)")
+    elif args.action == "add-user":
+        add_user(args.name, read_new_password(args.name), args.read_only)
+    elif args.action == "sync":
+        sync()
+    elif args.action == "status":
+        raise SystemExit(0 if status(args.dir) else 3)
+    else:
+        backup(args.dir, args.to)

@@ -11,7 +11,7 @@ WITH_VENV := PATH="$(CURDIR)/$(BIN):$$PATH"
 export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := 1
 
-.PHONY: install install-dev install-demo browser demo plots repro exp test test-fast lint ui params compare preset presets bench bench-ddp bench-serving bench-scale gpu-check gpu-bundle gpu-rehearse screenshots clean
+.PHONY: install install-dev install-demo system-packages browser tracking-server demo plots repro exp test test-fast lint ui params compare preset presets bench bench-ddp bench-serving bench-tracking bench-scale gpu-check gpu-bundle gpu-rehearse screenshots clean
 BENCH_CORPUS ?= tinyshakespeare
 # the embedded corpus: a GPU node is offline
 GPU_CORPUS ?= shakespeare
@@ -55,10 +55,14 @@ repro: $(STAMP)  ## the whole pipeline on params.yaml
 exp: $(STAMP)  ## make exp ARGS="-S model.layers=4": a DVC experiment (ARGS go to `dvc exp run`)
 	$(WITH_VENV) $(BIN)/dvc exp run $(ARGS)
 
-# The browser test drives Debian's chromium (Playwright's own browser download is not reachable).
-browser:
-	@test -x $(CHROMIUM) || $(SUDO) apt-get install -y -q --no-install-recommends chromium \
-		|| { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q --no-install-recommends chromium; }
+# The real parts the tests start, from Debian: chromium (Playwright's own browser download is not
+# reachable), PostgreSQL for the tracking server, sshd for the DVC remote. Installed only when missing.
+SYSTEM_PACKAGES := $(CHROMIUM):chromium /usr/lib/postgresql:postgresql /usr/sbin/sshd:openssh-server
+system-packages:
+	@missing="$$(for item in $(SYSTEM_PACKAGES); do test -e $${item%%:*} || echo $${item#*:}; done)"; \
+	test -z "$$missing" || $(SUDO) apt-get install -y -q --no-install-recommends $$missing \
+		|| { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q --no-install-recommends $$missing; }
+browser: system-packages
 
 # The edit-test loop: every test that starts no pipeline, server or browser (under 2 minutes).
 test-fast: $(DEV_STAMP)
@@ -76,6 +80,12 @@ demo: $(DEMO_STAMP)  ## the web page: http://127.0.0.1:$(DEMO_PORT) (MODEL=path/
 
 plots: $(DEMO_STAMP)  ## dvc_plots/index.html, rendering offline (ARGS="diff main workspace" to compare)
 	$(WITH_VENV) $(BIN)/lstm-textgen plots $(ARGS)
+
+# A lab's tracking service (docs/team.md): PostgreSQL + MLflow with accounts, in SERVER_DIR.
+SERVER_DIR ?= tracking-server
+SERVER_PORT ?= 5000
+tracking-server: $(STAMP)  ## start it (first start: MLFLOW_AUTH_ADMIN_PASSWORD); stop: lstm-textgen server stop
+	$(WITH_VENV) $(BIN)/lstm-textgen server start --dir $(SERVER_DIR) --port $(SERVER_PORT)
 
 ui: $(STAMP)  ## the MLflow UI on the repository's store; prints the link to its runs table
 	$(WITH_VENV) $(BIN)/lstm-textgen ui --port $(UI_PORT)
@@ -101,6 +111,9 @@ bench-ddp: $(STAMP)  ## training throughput on 1 and 2 local processes (DDP, glo
 
 bench-serving: $(STAMP)  ## the champion under 16 concurrent clients (after make repro)
 	$(WITH_VENV) $(BIN)/python -m benchmarks.bench_serving
+
+bench-tracking: $(STAMP) system-packages  ## training logging to SQLite vs the server (and through an outage); 8 clients
+	$(WITH_VENV) $(BIN)/python -m benchmarks.bench_tracking
 
 bench-scale: $(STAMP)  ## prepare time and peak memory on 10 MB, 100 MB, 1 GB corpora (SIZES=10,100,1000)
 	$(BIN)/python -m benchmarks.bench_scale --sizes $(SIZES)

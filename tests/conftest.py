@@ -340,14 +340,18 @@ CHROMIUM = Path(os.environ.get("CHROMIUM", "/usr/bin/chromium"))
 LOCAL = ("http://127.0.0.1", "ws://127.0.0.1", "file://", "data:", "blob:")
 
 
-def require_browser() -> None:
-    """Under CI a missing browser fails the test (`make test` installs it); elsewhere it skips."""
-    if CHROMIUM.exists():
+def require_installed(path: Path, package: str) -> None:
+    """Under CI a missing Debian package fails the test (`make test` installs it); elsewhere it skips."""
+    if path.exists():
         return
-    message = f"no browser at {CHROMIUM}: `make test` installs it (apt-get install chromium)"
+    message = f"no {path}: `make test` installs it (apt-get install {package})"
     if os.environ.get("CI"):
         pytest.fail(message)
     pytest.skip(message)
+
+
+def require_browser() -> None:
+    require_installed(CHROMIUM, "chromium")
 
 
 def offline(route, refused: list[str]) -> None:

@@ -33,12 +33,14 @@ def entry(kind: str, **payload: Any) -> dict[str, Any]:
 
 
 class Outbox:
-    """The queue of one run and the thread that sends it (`send` does one entry)."""
+    """The queue of one run and the thread that sends it: consecutive points go in one request."""
 
-    def __init__(self, run_id: str, pending_dir: Path) -> None:
-        self.run_id, self.pending_dir = run_id, pending_dir
+    def __init__(self, run_id: str, pending_dir: Path, client: Any = None) -> None:
+        self.run_id, self.pending_dir, self._client = run_id, pending_dir, client
         self._queue: queue.Queue[dict[str, Any] | None] = queue.Queue()
-        self._in_flight: dict[str, Any] | None = None
+        self._in_flight: list[dict[str, Any]] = []
+        self._held_back: dict[str, Any] | None = None  # taken from the queue, sent after the batch
+        self._last_progress = time.monotonic()
         self._abandoned = threading.Event()
         self._thread = threading.Thread(target=self._send_all, name="mlflow-outbox", daemon=True)
         self._thread.start()
@@ -55,31 +57,54 @@ class Outbox:
     def end(self, status: str) -> None:
         self._queue.put(entry("end", status=status))
 
+    def _next_batch(self) -> list[dict[str, Any]] | None:
+        """The next entry, with the points queued right behind it when it is points too."""
+        first = self._held_back if self._held_back is not None else self._queue.get()
+        self._held_back = None
+        if first is None or first["kind"] != "metrics":
+            return None if first is None else [first]
+        batch, points = [first], len(first["values"])
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is None or item["kind"] != "metrics" or points + len(item["values"]) > BATCH:
+                self._held_back = item
+                break
+            batch.append(item)
+            points += len(item["values"])
+        return batch
+
     def _send_all(self) -> None:
         import mlflow
 
-        client = mlflow.MlflowClient()
-        while (item := self._queue.get()) is not None:
-            self._in_flight = item
+        client = self._client or mlflow.MlflowClient()
+        while not self._abandoned.is_set() and (batch := self._next_batch()) is not None:
+            self._in_flight = batch
             while not self._abandoned.is_set():
                 try:
-                    send(client, self.run_id, item)
+                    send_batch(client, self.run_id, batch)
                     break
-                except Exception:  # the server away beyond MLflow's retries: try again
+                except Exception:  # the server away: try again in a moment
                     time.sleep(RETRY_PAUSE_S)
-            if self._abandoned.is_set():
-                return
-            self._in_flight = None
+            if not self._abandoned.is_set():
+                self._in_flight = []
+                self._last_progress = time.monotonic()
 
     def close(self, wait_s: float = CLOSE_WAIT_S) -> list[dict[str, Any]]:
-        """Wait up to `wait_s` for the queue to drain; keep what is left in the pending file and
-        return it (empty when everything reached the store)."""
+        """Send what is queued, for as long as the store takes something at least every `wait_s`;
+        keep what is left in the pending file and return it (empty when all reached the store)."""
         self._queue.put(None)
-        self._thread.join(wait_s)
+        self._last_progress = max(self._last_progress, time.monotonic())
+        while self._thread.is_alive() and time.monotonic() - self._last_progress < wait_s:
+            self._thread.join(1.0)
         if not self._thread.is_alive():
             return []
         self._abandoned.set()
-        unsent = [self._in_flight] if self._in_flight else []
+        unsent = list(self._in_flight)
+        if self._held_back is not None:
+            unsent.append(self._held_back)
         while (item := self._drain()) is not None:
             unsent.append(item)
         keep(self.pending_dir, self.run_id, unsent)
@@ -101,19 +126,32 @@ def send(client: Any, run_id: str, item: dict[str, Any], held: set[Point] | None
 
     kind = item["kind"]
     if kind == "metrics":
-        points = [
-            Metric(key, value, item["timestamp"], item["step"])
-            for key, value in item["values"].items()
-            if held is None or (key, item["step"], value) not in held
-        ]
-        for start in range(0, len(points), BATCH):
-            client.log_batch(run_id, metrics=points[start : start + BATCH])
+        held = held or set()
+        missing = [Metric(*row) for row in points(item) if (row[0], row[3], row[1]) not in held]
+        for start in range(0, len(missing), BATCH):
+            client.log_batch(run_id, metrics=missing[start : start + BATCH])
     elif kind == "tags":
         client.log_batch(run_id, tags=[RunTag(k, v) for k, v in item["values"].items()])
     elif kind == "artifact":
         client.log_artifact(run_id, item["path"])
     elif kind == "end":
         client.set_terminated(run_id, status=item["status"], end_time=item["timestamp"])
+
+
+def send_batch(client: Any, run_id: str, batch: list[dict[str, Any]]) -> None:
+    """Entries in one request where they are all points, else one at a time."""
+    from mlflow.entities import Metric
+
+    if len(batch) == 1 or any(item["kind"] != "metrics" for item in batch):
+        for item in batch:
+            send(client, run_id, item)
+        return
+    client.log_batch(run_id, metrics=[Metric(*point) for item in batch for point in points(item)])
+
+
+def points(item: dict[str, Any]) -> list[tuple[str, float, int, int]]:
+    """A metrics entry as (key, value, timestamp, step) rows, the order of mlflow's `Metric`."""
+    return [(key, value, item["timestamp"], item["step"]) for key, value in item["values"].items()]
 
 
 def keep(pending_dir: Path, run_id: str, items: list[dict[str, Any]]) -> None:

@@ -268,6 +268,9 @@ def auth_config(database_url: str) -> str:
         f"database_uri = {auth_url}\n"
         f"admin_username = {ADMIN}\n"
         "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+        # a password is checked (PBKDF2) once a minute, not on every logging call of every run;
+        # a changed password or a deleted account takes up to that long to count
+        "auth_cache_ttl_seconds = 60\n"
     )
 
 
@@ -300,7 +303,8 @@ def start_mlflow(layout: Layout, state: ServerState, database_url: str, secret_k
     password = admin_password(state)
     if password:
         env[PASSWORD_VARIABLE] = password
-    command = [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri", database_url]
+    env["MLFLOW_BACKEND_STORE_URI"] = database_url  # not on the command line, where `ps` shows it
+    command = [str(Path(sys.executable).parent / "mlflow"), "server"]
     command += ["--serve-artifacts", "--artifacts-destination", state.artifacts]
     command += ["--host", state.host, "--port", str(state.port), "--workers", "1", "--app-name", "basic-auth"]
     with layout.log.open("a") as log:

@@ -124,7 +124,7 @@ def training_run(
     else:
         continue_run(TrainingRun(run_id, outbox), saved, logged, tags)
     outbox.set_tags(tags)
-    with store.heartbeat(run_id), closing(outbox):
+    with store.retrying_on_our_own(), store.heartbeat(run_id), closing(outbox):
         try:
             yield TrainingRun(run_id, outbox)
         except BaseException as exc:

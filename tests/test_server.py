@@ -1,0 +1,430 @@
+"""A lab's tracking service as a team uses it: `lstm-textgen server` starts PostgreSQL and an MLflow
+server with accounts on 127.0.0.1; a model trained and registered from one clone is scored, served and
+fine-tuned from another through the server alone; a missing or wrong password, or a read-only account,
+is refused in one line before any training; the server going away mid-run, or for longer than the run,
+loses no point; a backup restores into a new cluster with every run, version and alias."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import requests
+from conftest import REPO_ROOT, edit_params, free_port, require_installed, run, tiny_repo, tool_env
+
+pytestmark = pytest.mark.slow
+
+PASSWORDS = {"admin": "admin-password-lab-1", "trainer": "trainer-password-2", "reader": "reader-password-3"}
+MODEL = "lstm-textgen-shakespeare-char"
+
+
+def server_command(*args: str | Path) -> list[str]:
+    return [sys.executable, "-m", "lstm_textgen.apps.cli", "server", *map(str, args)]
+
+
+@dataclass(frozen=True)
+class Lab:
+    root: Path  # a folder the `postgres` user can enter (PostgreSQL runs as that user)
+    uri: str
+
+    @property
+    def server_dir(self) -> Path:
+        return self.root / "server"
+
+    def env(self, user: str | None, repo: Path | None = None, password: str | None = None) -> dict[str, str]:
+        env = {
+            **tool_env(repo),
+            "MLFLOW_TRACKING_URI": self.uri,
+            "PYTHONPATH": str((repo or REPO_ROOT) / "src"),
+        }
+        for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_AUTH_ADMIN_PASSWORD"):
+            env.pop(key, None)
+        if user:
+            env["MLFLOW_TRACKING_USERNAME"] = user
+            env["MLFLOW_TRACKING_PASSWORD"] = password or PASSWORDS[user]
+        return env
+
+    def server(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        env = {**self.env("admin"), "MLFLOW_AUTH_ADMIN_PASSWORD": PASSWORDS["admin"]}
+        return run(server_command(*args, "--dir", self.server_dir), cwd=self.root, env=env, check=check)
+
+    def client(self, user: str = "admin"):
+        from mlflow.tracking import MlflowClient
+
+        os.environ.update({k: v for k, v in self.env(user).items() if k.startswith("MLFLOW_TRACKING_")})
+        return MlflowClient(tracking_uri=self.uri)
+
+
+@pytest.fixture(scope="module")
+def lab() -> Iterator[Lab]:
+    require_installed(Path("/usr/lib/postgresql"), "postgresql")
+    root = Path(tempfile.mkdtemp(prefix="lstm-textgen-lab-", dir="/tmp"))
+    root.chmod(0o755)
+    lab = Lab(root, f"http://127.0.0.1:{free_port()}")
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")}
+    try:
+        started = lab.server("start", "--port", lab.uri.rsplit(":", 1)[1])
+        assert f"MLFLOW_TRACKING_URI={lab.uri}" in started.stdout
+        assert PASSWORDS["admin"] not in started.stdout + started.stderr
+        for user, flags in (("trainer", []), ("reader", ["--read-only"])):
+            done = subprocess.run(
+                server_command("add-user", user, *flags),
+                input=PASSWORDS[user] + "\n",
+                env=lab.env("admin"),
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            assert done.returncode == 0, done.stderr
+        yield lab
+    finally:
+        lab.server("stop", check=False)
+        for key, value in saved.items():
+            os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def trained(lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """Clone A: the pipeline run by the trainer against the server; returns the clone and its output."""
+    repo = tiny_repo(tmp_path_factory.mktemp("machine-a") / "repo")
+    done = run(["dvc", "repro"], cwd=repo, env=lab.env("trainer", repo))
+    return repo, done.stdout + done.stderr
+
+
+def test_start_is_idempotent_and_status_answers(lab: Lab) -> None:
+    again = lab.server("start")
+    assert "already running" in again.stdout
+    status = lab.server("status")
+    assert f"MLflow at {lab.uri} running" in status.stdout and "PostgreSQL" in status.stdout
+    assert (lab.server_dir / "secrets.json").stat().st_mode & 0o777 == 0o600
+    assert requests.get(f"{lab.uri}/api/2.0/mlflow/experiments/search", timeout=10).status_code == 401
+
+
+@pytest.mark.parametrize(
+    ("user", "password", "named"),
+    [
+        (None, None, "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD"),
+        ("trainer", "not-the-password", "refused the user 'trainer'"),
+        ("reader", None, "READ permission"),
+    ],
+)
+def test_credentials_and_permissions_are_checked_before_training(
+    lab: Lab, tmp_path: Path, user: str | None, password: str | None, named: str
+) -> None:
+    repo = tiny_repo(tmp_path / "repo")
+    env = lab.env(user, repo, password)
+    run(["dvc", "repro", "prepare"], cwd=repo, env=env)
+    done = run([sys.executable, "stages/train.py"], cwd=repo, env=env, check=False)
+    assert done.returncode == 2, done.stderr
+    assert named in done.stderr and "Traceback" not in done.stderr
+    assert "step " not in done.stdout  # refused before any training step
+
+
+def test_a_model_from_one_clone_is_scored_served_and_finetuned_from_another(
+    lab: Lab, trained: tuple[Path, str], tmp_path: Path
+) -> None:
+    clone_a, output = trained
+    assert not (clone_a / "mlruns").exists() and not (clone_a / "mlflow.db").exists()
+    client = lab.client()
+    champion = client.get_model_version_by_alias(MODEL, "champion")
+    assert client.get_run(champion.run_id).info.status == "FINISHED"
+
+    # machine B has never seen A's disk: scoring and serving read the model from the server alone
+    elsewhere = tmp_path / "machine-b"
+    elsewhere.mkdir()
+    (elsewhere / "text.txt").write_text("ROMEO: good night\n")
+    reader = lab.env("reader")
+    scored = run(
+        [
+            sys.executable,
+            "-m",
+            "lstm_textgen.apps.cli",
+            "score",
+            "--json",
+            "--model",
+            f"models:/{MODEL}@champion",
+            "text.txt",
+        ],
+        cwd=elsewhere,
+        env=reader,
+    )
+    assert json.loads(scored.stdout)["bits_per_character"] > 0
+    port = free_port()
+    serve = subprocess.Popen(
+        [
+            "mlflow",
+            "models",
+            "serve",
+            "-m",
+            f"models:/{MODEL}@champion",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(port),
+            "--env-manager",
+            "local",
+        ],
+        cwd=elsewhere,
+        env=reader,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if requests.get(f"http://127.0.0.1:{port}/ping", timeout=2).ok:
+                    break
+            except requests.ConnectionError:
+                time.sleep(0.5)
+        body = {"dataframe_records": [{"prompt": "ROMEO:", "max_new_tokens": 12}]}
+        answer = requests.post(f"http://127.0.0.1:{port}/invocations", json=body, timeout=60)
+        assert answer.status_code == 200 and len(answer.json()["predictions"][0]["text"]) > 0
+    finally:
+        os.killpg(serve.pid, signal.SIGTERM)
+        serve.wait(timeout=30)
+
+    # clone B fine-tunes the champion through the server
+    clone_b = tiny_repo(tmp_path / "clone-b")
+    edit_params(clone_b / "params.yaml", train={"init_from": f"models:/{MODEL}@champion"})
+    run(["dvc", "repro", "train"], cwd=clone_b, env=lab.env("trainer", clone_b))
+    finetuned = json.loads((clone_b / "metrics" / "train.json").read_text())["mlflow_run_id"]
+    tags = client.get_run(finetuned).data.tags
+    assert tags["init_from_model"] == MODEL and tags["init_from_version"] == champion.version
+    assert_no_password_in(clone_a, clone_b, output, client)
+
+
+def assert_no_password_in(clone_a: Path, clone_b: Path, output: str, client) -> None:
+    """Credentials never land in params, dvc.lock, metrics, the logs, or MLflow's params and tags."""
+    secrets = [PASSWORDS["trainer"], PASSWORDS["admin"]]
+    files = [
+        p for clone in (clone_a, clone_b) for p in clone.rglob("*") if p.is_file() and ".git" not in p.parts
+    ]
+    for path in files:
+        if path.suffix in (".yaml", ".lock", ".json", ".csv", ".txt", ".md", ".log"):
+            text = path.read_text(errors="replace")
+            assert not any(secret in text for secret in secrets), path
+    assert not any(secret in output for secret in secrets)
+    for run_ in client.search_runs([client.get_experiment_by_name("lstm-textgen").experiment_id]):
+        logged = json.dumps({**run_.data.params, **run_.data.tags})
+        assert not any(secret in logged for secret in secrets), run_.info.run_id
+
+
+def history_steps(repo: Path) -> dict[int, float]:
+    with (repo / "metrics" / "train_history.csv").open() as handle:
+        return {int(row["step"]): float(row["val_loss"]) for row in csv.DictReader(handle)}
+
+
+def assert_every_point_logged(lab: Lab, repo: Path) -> None:
+    run_id = json.loads((repo / "metrics" / "train.json").read_text())["mlflow_run_id"]
+    client = lab.client()
+    logged = {m.step: m.value for m in client.get_metric_history(run_id, "val_loss")}
+    expected = history_steps(repo)
+    assert sorted(logged) == sorted(expected)
+    for step, value in expected.items():
+        assert logged[step] == pytest.approx(value, rel=1e-5), step
+    assert client.get_run(run_id).info.status == "FINISHED"
+    assert "final_steps" in client.get_run(run_id).data.metrics
+
+
+def start_training(lab: Lab, repo: Path, **train: object) -> subprocess.Popen[str]:
+    edit_params(repo / "params.yaml", train={"eval_every": 50, "eval_batches": 1, **train})
+    run(["dvc", "repro", "prepare"], cwd=repo, env=lab.env("trainer", repo))
+    return subprocess.Popen(
+        [sys.executable, "stages/train.py"],
+        cwd=repo,
+        env=lab.env("trainer", repo),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def wait_for_line(process: subprocess.Popen[str], text: str) -> None:
+    assert process.stdout is not None
+    for line in process.stdout:
+        if text in line:
+            return
+    raise AssertionError(f"training ended before printing {text!r}: {process.stderr.read()}")
+
+
+def test_a_server_away_for_a_minute_mid_run_loses_no_point(lab: Lab, tmp_path: Path) -> None:
+    repo = tiny_repo(tmp_path / "repo")
+    training = start_training(lab, repo, max_steps=1_000_000, max_minutes=2.0)
+    wait_for_line(training, "step 50:")
+    lab.server("stop")
+    time.sleep(60)
+    lab.server("start")
+    _, err = training.communicate(timeout=300)
+    assert training.returncode == 0, err
+    assert "kept in" not in err  # everything reached the server once it was back
+    assert_every_point_logged(lab, repo)
+
+
+def test_an_outage_longer_than_the_run_is_sent_by_sync(lab: Lab, tmp_path: Path) -> None:
+    repo = tiny_repo(tmp_path / "repo")
+    training = start_training(lab, repo, max_steps=1_000_000, max_minutes=0.5)
+    wait_for_line(training, "step 50:")
+    lab.server("stop")
+    try:
+        _, err = training.communicate(timeout=300)
+        assert training.returncode == 0, err
+        assert "kept in" in err and "lstm-textgen server sync" in err
+        assert list((repo / "mlflow-pending").glob("*.jsonl"))
+    finally:
+        lab.server("start")
+    synced = run(server_command("sync"), cwd=repo, env=lab.env("trainer", repo))
+    assert "sent" in synced.stdout + synced.stderr
+    assert not list((repo / "mlflow-pending").glob("*.jsonl"))
+    assert_every_point_logged(lab, repo)
+
+
+def test_a_backup_restores_every_run_version_and_alias(lab: Lab, trained: tuple[Path, str]) -> None:
+    backup = lab.root / "lab-backup.tar.gz"
+    lab.server("backup", "--to", str(backup))
+    restored = Lab(lab.root, f"http://127.0.0.1:{free_port()}")
+    target = lab.root / "restored"
+    env = lab.env("admin")
+    run(
+        server_command(
+            "restore", "--dir", target, "--from", backup, "--port", restored.uri.rsplit(":", 1)[1]
+        ),
+        cwd=lab.root,
+        env=env,
+    )
+    try:
+        old, new = lab.client(), restored.client()
+        experiment = old.get_experiment_by_name("lstm-textgen").experiment_id
+        old_runs = {r.info.run_id: r for r in old.search_runs([experiment])}
+        new_runs = {r.info.run_id: r for r in new.search_runs([experiment])}
+        assert sorted(old_runs) == sorted(new_runs)
+        for run_id, before in old_runs.items():
+            assert new_runs[run_id].data.metrics == before.data.metrics
+            assert new_runs[run_id].info.status == before.info.status
+        versions = {v.version for v in old.search_model_versions(f"name='{MODEL}'")}
+        assert {v.version for v in new.search_model_versions(f"name='{MODEL}'")} == versions
+        champion = old.get_model_version_by_alias(MODEL, "champion").version
+        assert new.get_model_version_by_alias(MODEL, "champion").version == champion
+        import mlflow.pyfunc
+
+        previous = mlflow.get_tracking_uri()
+        mlflow.set_tracking_uri(restored.uri)
+        try:
+            assert mlflow.pyfunc.load_model(f"models:/{MODEL}@champion") is not None  # artifacts restored
+        finally:
+            mlflow.set_tracking_uri(previous)
+        reader = restored.env("reader")  # accounts came along
+        answer = requests.get(
+            f"{restored.uri}/api/2.0/mlflow/experiments/search",
+            params={"max_results": 5},
+            auth=(reader["MLFLOW_TRACKING_USERNAME"], reader["MLFLOW_TRACKING_PASSWORD"]),
+            timeout=10,
+        )
+        assert answer.status_code == 200
+    finally:
+        run(server_command("stop", "--dir", target), cwd=lab.root, env=env, check=False)
+
+
+# Two machines register at the same moment: each a process with its own host name in the run's tags.
+REGISTER = """
+import socket, sys, time
+from pathlib import Path
+from lstm_textgen.tracking import registry
+socket.gethostname = lambda: sys.argv[4]  # the machine this process stands for
+start, run_id, loss = float(sys.argv[1]), sys.argv[2], float(sys.argv[3])
+time.sleep(max(0.0, start - time.time()))
+registry.register(Path(sys.argv[5]), run_id, sys.argv[6], "ROMEO:", loss, {"corpus": "c", "level": "char"})
+"""
+
+
+@pytest.mark.parametrize("losses", [(2.0, 1.0), (1.0, 2.0)])
+def test_two_machines_registering_at_once_leave_the_best_champion(
+    lab: Lab, trained: tuple[Path, str], losses: tuple[float, float]
+) -> None:
+    repo, _ = trained
+    client = lab.client()
+    experiment = client.get_experiment_by_name("lstm-textgen").experiment_id
+    runs = [client.create_run(experiment, run_name=f"machine-{i}").info.run_id for i in range(2)]
+    name = "race-" + "-".join(f"{loss:g}" for loss in losses)  # a new registered model each time
+    start = time.time() + 10  # after both have imported torch and mlflow
+    env = lab.env("trainer", repo)
+    writers = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                REGISTER,
+                str(start),
+                runs[i],
+                str(losses[i]),
+                f"machine-{i}",
+                str(repo / "data" / "model" / "model.pt"),
+                name,
+            ],
+            cwd=repo,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    outputs = [writer.communicate(timeout=300) for writer in writers]
+    for writer, (_, err) in zip(writers, outputs, strict=True):
+        assert writer.returncode == 0, err[-4000:]
+    best_run = runs[losses.index(min(losses))]
+    assert client.get_model_version_by_alias(name, "champion").run_id == best_run
+    for run_id in runs:
+        assert client.get_run(run_id).data.tags["owner.host"].startswith("machine-")
+
+
+def test_status_closes_a_run_whose_machine_stopped_beating(lab: Lab) -> None:
+    client = lab.client()
+    experiment = client.get_experiment_by_name("lstm-textgen").experiment_id
+    tags = {"owner.host": "gone-machine", "owner.pid": "1", "owner.start": "1"}
+    dead = client.create_run(experiment, tags={**tags, "owner.heartbeat": str(int(time.time() - 3600))})
+    alive = client.create_run(experiment, tags={**tags, "owner.heartbeat": str(int(time.time()))})
+    status = lab.server("status")
+    assert dead.info.run_id in status.stdout
+    assert client.get_run(dead.info.run_id).info.status == "KILLED"
+    assert client.get_run(alive.info.run_id).info.status == "RUNNING"
+    client.set_terminated(alive.info.run_id)
+
+
+def test_first_writers_at_the_same_moment_on_the_server_lose_no_run(lab: Lab) -> None:
+    """Three processes open a new experiment on the server at once (`dvc queue start -j 3` on a new
+    lab): each creates it or finds it, and every run lands."""
+    from test_tracking import WRITER
+
+    env = {**lab.env("trainer"), "MLFLOW_EXPERIMENT_NAME": "first-writers"}
+    start = time.time() + 8
+    writers = [
+        subprocess.Popen(
+            [sys.executable, "-c", WRITER, str(start), f"writer-{i}"],
+            cwd=lab.root,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(3)
+    ]
+    outputs = [writer.communicate(timeout=120) for writer in writers]
+    assert [writer.returncode for writer in writers] == [0, 0, 0], outputs
+    client = lab.client()
+    runs = client.search_runs([client.get_experiment_by_name("first-writers").experiment_id])
+    assert sorted(r.info.run_name for r in runs) == ["writer-0", "writer-1", "writer-2"]
+    assert {r.info.status for r in runs} == {"FINISHED"}

@@ -11,7 +11,7 @@ WITH_VENV := PATH="$(CURDIR)/$(BIN):$$PATH"
 export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := 1
 
-.PHONY: install install-dev install-demo system-packages browser tracking-server demo plots repro exp test test-fast lint ui params compare preset presets bench bench-ddp bench-serving bench-tracking bench-scale gpu-check gpu-bundle gpu-rehearse screenshots clean
+.PHONY: install install-dev install-demo system-packages browser tracking-server demo plots repro exp test test-fast lint ui params compare preset presets tune bench bench-ddp bench-serving bench-tracking bench-scale gpu-check gpu-bundle gpu-rehearse screenshots clean
 BENCH_CORPUS ?= tinyshakespeare
 # the embedded corpus: a GPU node is offline
 GPU_CORPUS ?= shakespeare
@@ -95,6 +95,10 @@ params: $(STAMP)  ## docs/params.md: the table of every parameter, from params.p
 
 compare: $(STAMP)  ## table of runs, as text and runs.md, plus val loss against time
 	$(BIN)/lstm-textgen compare --markdown runs.md --plot runs.png
+
+tune: $(STAMP)  ## an Optuna study of training runs (params.yaml's tune section; WORKERS=2, ARGS="--trials 40")
+	$(WITH_VENV) $(BIN)/dvc repro prepare
+	$(WITH_VENV) $(BIN)/lstm-textgen tune $(if $(WORKERS),--workers $(WORKERS)) $(ARGS)
 
 presets: $(STAMP)
 	$(BIN)/lstm-textgen presets list

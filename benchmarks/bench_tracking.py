@@ -4,7 +4,7 @@ logging to SQLite beside the repository, to `lstm-textgen server` (PostgreSQL, b
 server while it is stopped for `--outage-s` seconds mid-run; then `--clients` processes logging to the
 server at once, each call timed. Written to benchmarks/results/<machine>/tracking.md.
 
-    python -m benchmarks.bench_tracking [--steps 600] [--eval-every 25] [--outage-s 30] [--clients 8]
+    python -m benchmarks.bench_tracking [--steps 2000] [--repeats 2] [--outage-s 20] [--clients 8]
 """
 
 from __future__ import annotations
@@ -54,9 +54,10 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--repeats", type=int, default=2, help="runs per store, interleaved")
     parser.add_argument("--eval-every", type=int, default=25, help="a logged evaluation every N steps")
-    parser.add_argument("--outage-s", type=float, default=30.0)
+    parser.add_argument("--outage-s", type=float, default=20.0, help="the server stopped this long mid-run")
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--calls", type=int, default=200, help="logging calls per client")
     parser.add_argument("--out", type=Path)
@@ -144,6 +145,23 @@ def concurrent_clients(env: dict[str, str], clients: int, calls: int) -> dict[st
     }
 
 
+def summarise(runs: list[dict[str, Any]], outage_s: float) -> list[dict[str, Any]]:
+    """One row per store: the mean of its runs."""
+    rows = []
+    for store in dict.fromkeys(r["store"] for r in runs):
+        mine = [r for r in runs if r["store"] == store]
+        row = {
+            key: statistics.mean(r[key] for r in mine)
+            for key in ("tokens_per_sec", "train_seconds", "wall_seconds")
+        }
+        label = f"{store} {outage_s:.0f} s" if "outage" in store else store
+        rows.append(
+            row
+            | {"store": label, "runs": len(mine), "kept_for_later": any(r["kept_for_later"] for r in mine)}
+        )
+    return rows
+
+
 def report(results: dict[str, Any]) -> str:
     runs, info, load = results["runs"], results["machine"], results["clients"]
     base = runs[0]["tokens_per_sec"]
@@ -155,13 +173,14 @@ def report(results: dict[str, Any]) -> str:
         f"`make bench-tracking`. Each row is a real train-stage run on the same prepared corpus; the "
         f"server is `lstm-textgen server` (PostgreSQL, basic-auth) on this machine, sharing its cores.",
         "",
-        "| logging to | tokens/s | vs SQLite | training s | wall s | points kept for later |",
-        "|---|---|---|---|---|---|",
+        "| logging to | runs | tokens/s (mean) | vs SQLite | training s | wall s | points kept for later |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in runs:
         lines.append(
-            f"| {r['store']} | {r['tokens_per_sec']:,.0f} | {r['tokens_per_sec'] / base:.3f}x | "
-            f"{r['train_seconds']:.1f} | {r['wall_seconds']:.1f} | {'yes' if r['kept_for_later'] else 'no'} |"
+            f"| {r['store']} | {r['runs']} | {r['tokens_per_sec']:,.0f} | "
+            f"{r['tokens_per_sec'] / base:.3f}x | {r['train_seconds']:.1f} | {r['wall_seconds']:.1f} | "
+            f"{'yes' if r['kept_for_later'] else 'no'} |"
         )
     lines += [
         "",
@@ -192,15 +211,13 @@ def main() -> None:
         remote = {**os.environ, "MLFLOW_TRACKING_URI": state.uri}
         remote |= {"MLFLOW_TRACKING_USERNAME": server.ADMIN, "MLFLOW_TRACKING_PASSWORD": password}
         local = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{workdir / 'mlflow.db'}"}
-        results["runs"] = []
-        for name, env, outage in (
-            ("SQLite", local, None),
-            ("server", remote, None),
-            ("server, outage", remote, lab),
-        ):
+        runs = []
+        # interleaved, so that a machine warming up or a neighbour's load falls on both alike
+        setups = [("SQLite", local, None), ("server", remote, None)] * args.repeats
+        for i, (name, env, outage) in enumerate([*setups, ("server, outage", remote, lab)]):
             print(f"bench-tracking: training, logging to {name} ...", flush=True)
-            results["runs"].append(train(workdir, name.replace(", ", "-"), env, outage, args.outage_s))
-            results["runs"][-1]["store"] = name + (f" {args.outage_s:.0f} s" if outage else "")
+            runs.append(train(workdir, f"run-{i}", env, outage, args.outage_s) | {"store": name})
+        results["runs"] = summarise(runs, args.outage_s)
         print(f"bench-tracking: {args.clients} clients at once ...", flush=True)
         results["clients"] = concurrent_clients(remote, args.clients, args.calls)
     finally:

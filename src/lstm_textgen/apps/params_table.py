@@ -15,7 +15,7 @@ import annotated_types
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
-from lstm_textgen.params import CorpusSpec, Params
+from lstm_textgen.params import CorpusSpec, Params, SearchDimension, TuneParams
 
 BOUNDS = {"ge": "≥", "gt": ">", "le": "≤", "lt": "<"}
 HEADER = (
@@ -112,6 +112,11 @@ def render() -> str:
         "default table: " + ", ".join(f"`{n}`" for n in Params().corpora) + " (see params.yaml)."
     )
     sections.append(section_table("`corpora`", CorpusSpec, "corpora.NAME.", corpora))
+    space = (
+        "The keys `lstm-textgen tune` searches (`tune.space.KEY`, KEY a data, model or train setting); "
+        "each takes these keys. The default space: " + ", ".join(f"`{k}`" for k in TuneParams().space) + "."
+    )
+    sections.append(section_table("`tune.space`", SearchDimension, "tune.space.KEY.", space))
     return HEADER + "\n" + "\n".join(sections)
 
 

@@ -5,6 +5,7 @@ new version's validation loss beats the current champion's on the same corpus an
 from __future__ import annotations
 
 import tempfile
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -119,7 +120,7 @@ def register(
     with store.registry_lock():  # on one machine: read the champion and move it as one step
         promoted, reason, champion_version = _decide(client, model_name, version, val_loss, version_tags)
         if promoted:
-            client.set_registered_model_alias(model_name, CHAMPION, str(version))
+            set_champion(client, model_name, version)
         champion_version = settle_champion(client, model_name)
     if promoted and champion_version != version:
         reason += f"; v{champion_version}, registered meanwhile, is better still: it is the champion"
@@ -155,8 +156,24 @@ def settle_champion(client: Any, name: str, rounds: int = 10) -> int:
         best = min(comparable, key=lambda v: (float(v.tags["val_loss"]), int(v.version)), default=current)
         if int(best.version) == int(current.version):
             return int(current.version)
-        client.set_registered_model_alias(name, CHAMPION, str(best.version))
+        set_champion(client, name, int(best.version))
     return int(client.get_model_version_by_alias(name, CHAMPION).version)
+
+
+def set_champion(client: Any, name: str, version: int, attempts: int = 5) -> None:
+    """Point `champion` at `version`. Two machines setting a new model's first alias at the same
+    moment meet in the database (MLflow inserts it: one gets a unique-key violation); the one
+    refused tries again, as an update, and `settle_champion` then decides between them."""
+    from mlflow.exceptions import MlflowException
+
+    for attempt in range(attempts):
+        try:
+            client.set_registered_model_alias(name, CHAMPION, str(version))
+            return
+        except MlflowException:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.2 * (attempt + 1))
 
 
 def _decide(

@@ -104,10 +104,13 @@ def training_run(
     world: World,
     saved: dict[str, Any] | None,
     lineage: dict[str, str],
+    name: str | None = None,
+    extra_tags: dict[str, str] | None = None,
 ) -> Iterator[TrainingRun]:
-    """The run this training logs to: a new one, or the one the resumed checkpoint (`saved`) names.
-    A failure inside marks it FAILED, a stop request (Ctrl-C, SIGTERM) KILLED, with the reason as
-    its `error` tag."""
+    """The run this training logs to: a new one (named `name`, else after the DVC experiment), or
+    the one the resumed checkpoint (`saved`) names. `extra_tags` place it, e.g. under a search's
+    parent run. A failure inside marks it FAILED, a stop request (Ctrl-C, SIGTERM) KILLED, with the
+    reason as its `error` tag."""
     if not world.is_main:
         yield TrainingRun()
         return
@@ -116,8 +119,8 @@ def training_run(
     for run_id in store.close_abandoned_runs():
         print(f"train: MLflow run {run_id} was left RUNNING by a process that is gone; marked KILLED")
     logged = logged_params(params, corpus, vocab_size)
-    tags = {**run_tags(corpus, device, world, lineage), **store.owner_tags()}
-    run_id = open_run(store.existing_run((saved or {}).get("labels", {}).get("mlflow_run_id")))
+    tags = {**run_tags(corpus, device, world, lineage), **store.owner_tags(), **(extra_tags or {})}
+    run_id = open_run(store.existing_run((saved or {}).get("labels", {}).get("mlflow_run_id")), name)
     outbox = Outbox(run_id, store.pending_dir())
     if saved is None:
         log_params(run_id, logged)
@@ -137,7 +140,7 @@ def training_run(
         outbox.end("FINISHED")
 
 
-def open_run(run_id: str | None) -> str:
+def open_run(run_id: str | None, name: str | None = None) -> str:
     """A new run (named after the DVC experiment), or `run_id` reopened. An account that may only
     read is refused here, before any training, with the permission it lacks."""
     mlflow = store.configure()
@@ -147,7 +150,7 @@ def open_run(run_id: str | None) -> str:
             client.update_run(run_id, status="RUNNING")
             return run_id
         experiment = client.get_experiment_by_name(store.experiment_name())
-        return client.create_run(experiment.experiment_id, run_name=store.run_name()).info.run_id
+        return client.create_run(experiment.experiment_id, run_name=name or store.run_name()).info.run_id
     except mlflow.exceptions.MlflowException as exc:
         if exc.error_code != "PERMISSION_DENIED":
             raise

@@ -1,0 +1,145 @@
+"""`lstm-textgen tune` on a tiny corpus and a tiny space, as a user runs it: two workers share one
+study with every trial unique and nested under the study's MLflow run; a learning rate far too small is
+pruned before its budget; the best trial becomes a DVC experiment and a registered version; a worker
+killed outright leaves a failed trial and a new `tune` goes on with the study; bad `tune` settings are
+refused with the key named before any training."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import edit_params, run, runs_by_name, tiny_repo, tool_env
+
+pytestmark = pytest.mark.slow
+
+TUNE = [sys.executable, "-m", "lstm_textgen.apps.cli", "tune"]
+TRIAL = {"trial_minutes": None, "trial_steps": 40, "startup_trials": 1, "heartbeat_seconds": 2}
+
+
+def tune_repo(dest: Path, space: dict, **tune: object) -> Path:
+    """A tiny repo, prepared, whose `tune` section is TRIAL with `tune` merged in and `space` as the
+    whole search space (params.yaml's own is replaced, not merged)."""
+    repo = tiny_repo(dest)
+    edit_params(repo / "params.yaml", train={"eval_every": 10, "eval_batches": 2}, tune={**TRIAL, **tune})
+    raw = yaml.safe_load((repo / "params.yaml").read_text())
+    raw["tune"]["space"] = space
+    (repo / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    run(["dvc", "repro", "prepare"], cwd=repo)
+    return repo
+
+
+def study(repo: Path, name: str):
+    import optuna
+
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{repo / 'optuna.db'}")
+
+
+def trial_runs(repo: Path) -> list:
+    return [r for r in runs_by_name(repo / "mlflow.db").values() if "tune.trial" in r.data.tags]
+
+
+def test_two_workers_share_one_study_with_unique_trials(tmp_path: Path) -> None:
+    space = {"model.hidden": {"choices": [16, 24, 32]}, "train.lr": {"low": 0.003, "high": 0.03, "log": True}}
+    repo = tune_repo(
+        tmp_path / "repo", space, study="pair", trials=4, workers=2, sampler="random", experiment=False
+    )
+    done = run([*TUNE], cwd=repo)
+    assert "Study pair" in done.stdout
+    trials = study(repo, "pair").trials
+    assert sorted(t.number for t in trials) == [0, 1, 2, 3]
+    assert trials[0].params == {"model.hidden": 32, "train.lr": pytest.approx(6.5e-3)}  # params.yaml's
+    runs = trial_runs(repo)
+    assert sorted(r.data.tags["tune.trial"] for r in runs) == ["0", "1", "2", "3"]
+    parents = {r.data.tags["mlflow.parentRunId"] for r in runs}
+    assert len(parents) == 1
+    parent = next(r for r in runs_by_name(repo / "mlflow.db").values() if r.info.run_id in parents)
+    assert parent.data.tags["tune.role"] == "study"
+    hosts = {r.data.tags["owner.pid"] for r in runs}
+    assert len(hosts) == 2  # both workers trained
+    shown = run([*TUNE, "show"], cwd=repo)
+    assert "dvc exp run -S model.hidden=" in shown.stdout
+    assert (repo / "data" / "tune" / "pair" / "history.png").stat().st_size > 0
+
+
+def test_a_hopeless_learning_rate_is_pruned_and_the_best_becomes_an_experiment(tmp_path: Path) -> None:
+    space = {"train.lr": {"choices": [0.01, 0.000001]}}
+    repo = tune_repo(tmp_path / "repo", space, study="prune", trials=2, sampler="grid")
+    edit_params(repo / "params.yaml", train={"lr": 0.01})  # the baseline: trial 0
+    run([*TUNE], cwd=repo)
+    trials = {t.number: t for t in study(repo, "prune").trials}
+    assert trials[0].params["train.lr"] == 0.01 and trials[0].state.name == "COMPLETE"
+    assert trials[1].params["train.lr"] == 0.000001 and trials[1].state.name == "PRUNED"
+    assert max(trials[1].intermediate_values) < 40  # stopped before its budget
+    runs = {r.data.tags["tune.trial"]: r for r in trial_runs(repo)}
+    assert runs["1"].data.tags["tune.state"] == "PRUNED" and runs["1"].info.status == "FINISHED"
+    assert runs["0"].data.tags["tune.state"] == "COMPLETE"
+    assert "tune-prune-0" in run(["dvc", "exp", "list", "--name-only"], cwd=repo).stdout.split()
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
+    versions = client.search_model_versions("name='lstm-textgen-shakespeare-char'")
+    assert versions  # the experiment registered a version
+
+
+def children(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(p) for p in path.read_text().split()] if path.exists() else []
+
+
+def test_a_killed_worker_fails_its_trial_and_the_study_goes_on(tmp_path: Path) -> None:
+    space = {"model.hidden": {"choices": [16, 32]}}
+    repo = tune_repo(
+        tmp_path / "repo",
+        space,
+        study="killed",
+        trials=2,
+        experiment=False,
+        trial_steps=100_000,
+        trial_minutes=0.3,
+    )
+    main = subprocess.Popen(
+        [*TUNE], cwd=repo, env=tool_env(repo), stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    deadline = time.monotonic() + 120
+    while not any(t.state.name == "RUNNING" for t in study_or_none(repo, "killed")):
+        assert time.monotonic() < deadline and main.poll() is None, main.communicate()
+        time.sleep(0.5)
+    time.sleep(2)
+    for pid in children(main.pid):
+        os.kill(pid, signal.SIGKILL)
+    main.communicate(timeout=60)
+    assert [t.state.name for t in study(repo, "killed").trials] == ["RUNNING"]
+    time.sleep(5)  # past the heartbeat's grace period (2 x 2 s)
+    run([*TUNE], cwd=repo)
+    states = [t.state.name for t in study(repo, "killed").trials]
+    assert states[0] == "FAIL" and states.count("COMPLETE") >= 1
+
+
+def study_or_none(repo: Path, name: str) -> list:
+    try:
+        return study(repo, name).trials
+    except Exception:
+        return []
+
+
+@pytest.mark.parametrize(
+    ("tune", "named"),
+    [
+        ({"space": {"model.hiden": {"choices": [16]}}}, "did you mean model.hidden"),
+        ({"space": {"train.lr": {"low": 0.1, "high": 0.01}}}, "must be below high"),
+        ({"sampler": "bayes"}, "tune.sampler"),
+    ],
+)
+def test_bad_tune_settings_are_refused_before_any_training(tmp_path: Path, tune: dict, named: str) -> None:
+    repo = tiny_repo(tmp_path / "repo")
+    edit_params(repo / "params.yaml", tune=tune)
+    done = run([*TUNE], cwd=repo, check=False)
+    assert done.returncode == 2 and named in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr and not (repo / "optuna.db").exists()

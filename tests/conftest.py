@@ -29,7 +29,9 @@ CORPORA_DIR = Path(os.environ.get("LSTM_TEXTGEN_CORPORA", REPO_ROOT.parent / "sh
 # (--dist loadgroup would keep test_pipeline and test_serving's repro_repo on one worker, but xdist 3.8
 # cannot tag node ids under pytest 9.2, which renamed Node._nodeid, so every group was split.)
 LONGEST_FIRST = (
+    "test_server.py",
     "test_experiments.py",
+    "test_tune.py",
     "test_distributed.py",
     "test_interrupted.py",
     "test_presets.py",
@@ -38,6 +40,7 @@ LONGEST_FIRST = (
     "test_levels.py",
     "test_serving.py",
     "test_demo.py",
+    "test_dvc_remote.py",
 )
 
 

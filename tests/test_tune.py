@@ -69,9 +69,14 @@ def test_two_workers_share_one_study_with_unique_trials(tmp_path: Path) -> None:
 
 
 def test_a_hopeless_learning_rate_is_pruned_and_the_best_becomes_an_experiment(tmp_path: Path) -> None:
-    space = {"train.lr": {"choices": [0.01, 0.000001]}}
-    repo = tune_repo(tmp_path / "repo", space, study="prune", trials=2, sampler="grid")
-    edit_params(repo / "params.yaml", train={"lr": 0.01})  # the baseline: trial 0
+    repo = tune_repo(
+        tmp_path / "repo", {"train.lr": {"low": 1e-6, "high": 0.05, "log": True}}, study="prune", trials=2
+    )
+    import optuna
+
+    first = optuna.create_study(storage=f"sqlite:///{repo / 'optuna.db'}", study_name="prune")
+    first.enqueue_trial({"train.lr": 0.01})  # a good rate, then one far too small
+    first.enqueue_trial({"train.lr": 0.000001})
     run([*TUNE], cwd=repo)
     trials = {t.number: t for t in study(repo, "prune").trials}
     assert trials[0].params["train.lr"] == 0.01 and trials[0].state.name == "COMPLETE"

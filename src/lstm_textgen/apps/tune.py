@@ -44,6 +44,10 @@ OVERRIDES = {
 }
 
 
+# every trial a worker took (a WAITING one is only enqueued)
+STARTED = ("RUNNING", "COMPLETE", "PRUNED", "FAIL")
+
+
 @dataclass(frozen=True)
 class Paths:
     """What the trials read (the pipeline's prepared corpus) and where they write."""
@@ -197,7 +201,11 @@ def worker(params: Params, paths: Paths, storage: str, parent_run_id: str, deadl
     from lstm_textgen.train.search import open_study
 
     study = open_study(params, storage)
-    stop = [optuna.study.MaxTrialsCallback(params.tune.trials, states=None)] if params.tune.trials else []
+    started = tuple(optuna.trial.TrialState[name] for name in STARTED)
+    if params.tune.trials and len(study.get_trials(deepcopy=False, states=started)) >= params.tune.trials:
+        print(f"tune: study {params.tune.study!r} has its {params.tune.trials} trials (--trials for more)")
+        return
+    stop = [optuna.study.MaxTrialsCallback(params.tune.trials, states=started)] if params.tune.trials else []
     timeout = None if deadline is None else max(0.0, deadline - time.time())
     study.optimize(
         Trainer(params, paths, parent_run_id),

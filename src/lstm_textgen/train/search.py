@@ -119,7 +119,13 @@ def open_study(params: Params, storage_url: str) -> optuna.Study:
             if attempt == CREATE_ATTEMPTS - 1:
                 raise
             time.sleep(0.5 * (attempt + 1))
-    if tune.baseline and not study.trials and not study.user_attrs.get("baseline_enqueued"):
+    # (a grid covers its points itself: it would not count an enqueued one as visited)
+    if (
+        tune.baseline
+        and tune.sampler != "grid"
+        and not study.trials
+        and not study.user_attrs.get("baseline_enqueued")
+    ):
         study.set_user_attr("baseline_enqueued", True)
         values = baseline(params)
         if values is not None:

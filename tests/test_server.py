@@ -263,7 +263,7 @@ def wait_for_line(process: subprocess.Popen[str], text: str) -> None:
 
 def test_a_server_away_for_a_minute_mid_run_loses_no_point(lab: Lab, tmp_path: Path) -> None:
     repo = tiny_repo(tmp_path / "repo")
-    training = start_training(lab, repo, max_steps=1_000_000, max_minutes=2.0)
+    training = start_training(lab, repo, max_steps=1_000_000, max_minutes=1.5)
     wait_for_line(training, "step 50:")
     lab.server("stop")
     time.sleep(60)

@@ -148,3 +148,26 @@ def test_bad_tune_settings_are_refused_before_any_training(tmp_path: Path, tune:
     done = run([*TUNE], cwd=repo, check=False)
     assert done.returncode == 2 and named in done.stderr, done.stderr
     assert "Traceback" not in done.stderr and not (repo / "optuna.db").exists()
+
+
+def test_sigterm_ends_the_trial_as_killed_and_the_worker_cleanly(tmp_path: Path) -> None:
+    space = {"model.hidden": {"choices": [16, 32]}}
+    repo = tune_repo(
+        tmp_path / "repo", space, study="stopped", trials=1, experiment=False, trial_steps=100_000
+    )
+    main = subprocess.Popen(
+        [*TUNE], cwd=repo, env=tool_env(repo), stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    deadline = time.monotonic() + 120
+    while not any(t.state.name == "RUNNING" for t in study_or_none(repo, "stopped")):
+        assert time.monotonic() < deadline and main.poll() is None, main.communicate()
+        time.sleep(0.5)
+    time.sleep(3)  # training has started
+    for pid in children(main.pid):
+        os.kill(pid, signal.SIGTERM)
+    _, err = main.communicate(timeout=120)
+    [trial] = study(repo, "stopped").trials
+    assert trial.state.name == "FAIL" and "Terminated" in trial.user_attrs["stopped"]
+    [killed] = trial_runs(repo)
+    assert killed.info.status == "KILLED"
+    assert b"Traceback" not in err

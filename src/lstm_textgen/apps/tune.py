@@ -94,6 +94,7 @@ class Trainer:
         if not (paths.prepared / "vocab.json").exists():
             raise UserError(f"no prepared corpus in {paths.prepared}: run `dvc repro prepare` first")
         self.params, self.paths, self.parent_run_id = params, paths, parent_run_id
+        self.stopped_by: BaseException | None = None  # Ctrl-C or SIGTERM, for the worker's exit code
         self.dataset = load_dataset(paths.prepared)
         self.corpus = read_json(paths.corpus_info)
 
@@ -110,8 +111,13 @@ class Trainer:
         started = time.monotonic()
         try:
             value, pruned_at = self.train(trial, params)
-        except (KeyboardInterrupt, Terminated):
+        except (KeyboardInterrupt, Terminated) as exc:
+            self.stopped_by = exc
+            trial.set_user_attr("stopped", f"{type(exc).__name__}: {exc}")
             raise KeyboardInterrupt from None  # Optuna marks the trial FAIL, then the worker stops
+        except Exception as exc:  # Optuna marks it FAIL and goes on; `said` prints why, in one line
+            trial.set_user_attr("error", f"{type(exc).__name__}: {exc}"[:2000])
+            raise
         trial.set_user_attr("minutes", (time.monotonic() - started) / 60)
         if pruned_at is not None:
             raise optuna.TrialPruned(f"pruned at step {pruned_at}")
@@ -201,19 +207,33 @@ def worker(params: Params, paths: Paths, storage: str, parent_run_id: str, deadl
     from lstm_textgen.train.search import open_study
 
     study = open_study(params, storage)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # a failed trial: one line (said), no traceback
     started = tuple(optuna.trial.TrialState[name] for name in STARTED)
     if params.tune.trials and len(study.get_trials(deepcopy=False, states=started)) >= params.tune.trials:
         print(f"tune: study {params.tune.study!r} has its {params.tune.trials} trials (--trials for more)")
         return
     stop = [optuna.study.MaxTrialsCallback(params.tune.trials, states=started)] if params.tune.trials else []
     timeout = None if deadline is None else max(0.0, deadline - time.time())
-    study.optimize(
-        Trainer(params, paths, parent_run_id),
-        timeout=timeout,
-        callbacks=stop,
-        catch=(Exception,),  # a failing trial (a bad combination) is FAIL; the worker goes on
-        gc_after_trial=True,
-    )
+    trainer = Trainer(params, paths, parent_run_id)
+    try:
+        study.optimize(
+            trainer,
+            timeout=timeout,
+            callbacks=[*stop, said],
+            catch=(Exception,),  # a failing trial (a bad combination) is FAIL; the worker goes on
+            gc_after_trial=True,
+        )
+    except KeyboardInterrupt:
+        if isinstance(trainer.stopped_by, Terminated):  # exit 143, as SIGTERM is reported
+            raise trainer.stopped_by from None
+        raise
+
+
+def said(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+    """One line per finished trial, as the worker's log."""
+    reason = trial.user_attrs.get("error") or trial.user_attrs.get("stopped") or ""
+    value = f"{trial.value:.4f}" if trial.value is not None else ""
+    print(f"tune: trial {trial.number} {trial.state.name.lower()} {value}{reason}".rstrip(), flush=True)
 
 
 def parent_run(params: Params, study: optuna.Study) -> str:

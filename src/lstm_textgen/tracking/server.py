@@ -304,6 +304,8 @@ def start_mlflow(layout: Layout, state: ServerState, database_url: str, secret_k
     if password:
         env[PASSWORD_VARIABLE] = password
     env["MLFLOW_BACKEND_STORE_URI"] = database_url  # not on the command line, where `ps` shows it
+    # MLflow's job runner (GenAI evaluations, seven worker processes) serves nothing of this project
+    env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
     command = [str(Path(sys.executable).parent / "mlflow"), "server"]
     command += ["--serve-artifacts", "--artifacts-destination", state.artifacts]
     command += ["--host", state.host, "--port", str(state.port), "--workers", "1", "--app-name", "basic-auth"]

@@ -211,12 +211,15 @@ def active_run(run_id: str | None = None, **start_kwargs: Any) -> Iterator[Any]:
             status = "KILLED" if isinstance(exc, (KeyboardInterrupt, Terminated)) else "FAILED"
             mlflow.set_tag("error", f"{type(exc).__name__}: {exc}"[:5000])
             mlflow.end_run(status=status)
-            print(
-                f"MLflow run {run.info.run_id} is marked {status} with the reason as its 'error' tag; "
-                f"look at it with `make ui` (experiment lstm-textgen, status {status.title()})",
-                file=sys.stderr,
-            )
+            print(failure_note(run.info.run_id, status), file=sys.stderr)
             raise
+
+
+def failure_note(run_id: str, status: str) -> str:
+    return (
+        f"MLflow run {run_id} is marked {status} with the reason as its 'error' tag; look at it with "
+        f"`make ui` (experiment {experiment_name()}, status {status.title()})"
+    )
 
 
 @contextmanager

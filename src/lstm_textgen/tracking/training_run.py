@@ -135,7 +135,7 @@ def training_run(
             status = "KILLED" if isinstance(exc, (KeyboardInterrupt, Terminated)) else "FAILED"
             outbox.set_tags({"error": f"{type(exc).__name__}: {exc}"[:5000]})
             outbox.end(status)
-            print(f"MLflow run {run_id} is marked {status}, the reason in its 'error' tag", file=sys.stderr)
+            print(store.failure_note(run_id, status), file=sys.stderr)
             raise
         outbox.end("FINISHED")
 

@@ -127,6 +127,17 @@ def test_a_killed_worker_fails_its_trial_and_the_study_goes_on(tmp_path: Path) -
     assert states[0] == "FAIL" and states.count("COMPLETE") >= 1
 
 
+def trial_runs_once_running(repo: Path, name: str) -> list:
+    """The trials' MLflow runs, read only once a trial runs (the store exists by then: reading it
+    earlier would race the `tune` process on its schema)."""
+    if not any(t.state.name == "RUNNING" for t in study_or_none(repo, name)):
+        return []
+    try:
+        return trial_runs(repo)
+    except Exception:  # no store yet
+        return []
+
+
 def study_or_none(repo: Path, name: str) -> list:
     try:
         return study(repo, name).trials
@@ -158,11 +169,11 @@ def test_sigterm_ends_the_trial_as_killed_and_the_worker_cleanly(tmp_path: Path)
     main = subprocess.Popen(
         [*TUNE], cwd=repo, env=tool_env(repo), stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )
-    deadline = time.monotonic() + 120
-    while not any(t.state.name == "RUNNING" for t in study_or_none(repo, "stopped")):
+    deadline = time.monotonic() + 180
+    while not trial_runs_once_running(repo, "stopped"):  # the trial's run is open: training started
         assert time.monotonic() < deadline and main.poll() is None, main.communicate()
         time.sleep(0.5)
-    time.sleep(3)  # training has started
+    time.sleep(2)
     for pid in children(main.pid):
         os.kill(pid, signal.SIGTERM)
     _, err = main.communicate(timeout=120)

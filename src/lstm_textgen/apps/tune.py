@@ -172,9 +172,8 @@ class Trainer:
                 labels=run.labels,
             )
             run.finish(result)
-            value = (
-                math.nan if pruned_at is not None else self.objective(params, result, checkpointer.best_path)
-            )
+            best = checkpointer.best_path
+            value = math.nan if pruned_at is not None else self.objective(params, result, best, device)
             state = "PRUNED" if pruned_at is not None else "COMPLETE"
             assert run.outbox is not None
             run.outbox.set_tags({"tune.state": state})
@@ -182,14 +181,14 @@ class Trainer:
                 run.outbox.log_metrics({"tune.objective": value})
         return value, pruned_at
 
-    def objective(self, params: Params, result: Any, best: Path) -> float:
-        """What the study minimises (`tune.objective`)."""
+    def objective(self, params: Params, result: Any, best: Path, device: Any) -> float:
+        """What the study minimises (`tune.objective`); evaluated in float32, as the evaluate stage."""
         if params.tune.objective == "window_val_loss":
             return float(result.window_val_loss_best)
         from lstm_textgen.inference.evaluation import evaluate_stateful
         from lstm_textgen.model.checkpoint import load_model
 
-        loaded = load_model(best, "cpu")
+        loaded = load_model(best, device)
         figures = evaluate_stateful(
             loaded.model, self.dataset.splits["val"], params.evaluate.seq_len, params.evaluate.batch_size
         )

@@ -39,7 +39,8 @@ from lstm_textgen.data.dataset import Dataset
 from lstm_textgen.data.preparation import build_dataset
 from lstm_textgen.devices import dtype_name, needs_loss_scaling, recurrent_dtype, resolve_device
 from lstm_textgen.files import write_text
-from lstm_textgen.inference.generation import generate, warm_up
+from lstm_textgen.inference.batcher import warm_up
+from lstm_textgen.inference.generation import generate
 from lstm_textgen.model.checkpoint import load_checkpoint, load_model
 from lstm_textgen.params import Params, Sampling, load_params, with_settings
 from lstm_textgen.train.distributed import World

@@ -122,10 +122,10 @@ def corpus_server(corpora_dir: Path) -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def model_server(store: Path, model_uri: str) -> Iterator[str]:
+def model_server(store: Path, model_uri: str, extra_env: dict[str, str] | None = None) -> Iterator[str]:
     """A real `mlflow models serve` of `model_uri` from the store in `store`; its base URL."""
     port = free_port()
-    env = tool_env(store)
+    env = tool_env(store) | (extra_env or {})
     env["MLFLOW_TRACKING_URI"] = f"sqlite:///{store / 'mlflow.db'}"
     command = ["mlflow", "models", "serve", "-m", model_uri, "-h", "127.0.0.1", "-p", str(port)]
     process = subprocess.Popen(

@@ -196,6 +196,29 @@ def stop_midway(page, prompt: str) -> str:
     return stopped
 
 
+def generate_in_two_pages(page, external: list[str], requests: list[tuple[str, int]]) -> list[str]:
+    """A second page beside `page`; both press Generate at once (prompt, seed each, 2000 tokens);
+    their final texts."""
+    second = page.context.new_page()
+    second.route("**/*", lambda route: offline(route, external))
+    second.goto(page.url)
+    second.wait_for_selector("#generate")
+    pages = [page, second]
+    for each, (prompt, seed) in zip(pages, requests, strict=True):
+        each.fill("#prompt textarea", prompt)
+        each.fill("#length input[type=number]", "2000")
+        each.press("#length input[type=number]", "Enter")
+        each.fill("#seed input", str(seed))
+        each.press("#seed input", "Tab")
+    for each in pages:
+        each.click("#generate")
+    for each in pages:
+        each.wait_for_function("() => /tokens in/.test(document.querySelector('#generate-status').innerText)")
+    texts = [each.input_value("#output textarea") for each in pages]
+    second.close()
+    return texts
+
+
 @pytest.mark.slow
 def test_demo_page_streams_scores_and_switches_models_offline(store: Path, tmp_path: Path) -> None:
     import mlflow.pyfunc
@@ -210,6 +233,15 @@ def test_demo_page_streams_scores_and_switches_models_offline(store: Path, tmp_p
         served = champion.predict(pd.DataFrame({"prompt": ["ROMEO:"], "max_new_tokens": [2000], "seed": [7]}))
         assert text == "ROMEO:" + served["text"][0]  # the served model's generation code, streamed
         page.screenshot(path=str(tmp_path / "demo.png"), full_page=True)
+
+        # two pages at once: both stream through the model's one batcher, each as if alone
+        requests = [("JULIET:", 11), ("KING HENRY:", 12)]
+        both = generate_in_two_pages(page, refused, requests)
+        for (prompt, seed), shown in zip(requests, both, strict=True):
+            alone = champion.predict(
+                pd.DataFrame({"prompt": [prompt], "max_new_tokens": [2000], "seed": [seed]})
+            )
+            assert shown == prompt + alone["text"][0]
 
         page.fill("#prompt textarea", "ROMEO: \u2603")
         page.click("#generate")

@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 import torch
 
 from lstm_textgen.data.tokenisers import Vocabulary, word_tokens
 from lstm_textgen.errors import UserError
+from lstm_textgen.inference.drawing import draw, invert_cdf, plan_draws
 from lstm_textgen.inference.generation import (
     PromptError,
     Sampling,
-    draw_one,
     encode_prompt,
     generate,
-    invert_cdf,
-    next_tokens,
     sample_texts,
     stream_text,
 )
@@ -41,6 +41,12 @@ def model(request, vocab: Vocabulary) -> RecurrentLM:
     ).eval()
 
 
+def next_tokens(logits: torch.Tensor, sampling: Sampling, seed: int) -> torch.Tensor:
+    """Every row of `logits` drawn with the same settings, each from its own stream."""
+    randoms = [random.Random(seed + row) for row in range(logits.shape[0])]
+    return draw(logits, plan_draws([sampling] * logits.shape[0]), randoms)
+
+
 def test_greedy_is_deterministic(model: RecurrentLM, vocab: Vocabulary) -> None:
     prompts = [ids(vocab, "hello"), ids(vocab, "tiny te")]
     first = generate(model, prompts, 30, Sampling(strategy="greedy"))
@@ -60,26 +66,24 @@ def test_top_k_stays_in_the_k_most_likely() -> None:
     torch.manual_seed(1)
     logits = torch.randn(500, 30)
     allowed = torch.topk(logits, 4, dim=-1).indices
-    generator = torch.Generator().manual_seed(0)
-    for _ in range(5):
-        picked = next_tokens(logits, Sampling(top_k=4, temperature=2.0), generator)
+    for seed in range(5):
+        picked = next_tokens(logits, Sampling(top_k=4, temperature=2.0), seed)
         assert (allowed == picked[:, None]).any(dim=1).all()
 
 
 def test_top_p_keeps_the_smallest_nucleus() -> None:
     probs = torch.tensor([[0.5, 0.3, 0.1, 0.1]]).repeat(2000, 1)
-    generator = torch.Generator().manual_seed(0)
-    picked = next_tokens(probs.log(), Sampling(top_p=0.75), generator)
+    picked = next_tokens(probs.log(), Sampling(top_p=0.75), 0)
     assert set(picked.tolist()) == {0, 1}
-    picked = next_tokens(probs.log(), Sampling(top_p=0.5), generator)
+    picked = next_tokens(probs.log(), Sampling(top_p=0.5), 0)
     assert set(picked.tolist()) == {0}
-    picked = next_tokens(probs.log(), Sampling(top_p=1.0), generator)
+    picked = next_tokens(probs.log(), Sampling(top_p=1.0), 0)
     assert set(picked.tolist()) == {0, 1, 2, 3}
 
 
 def test_mode_of_draws_picks_the_most_likely() -> None:
     probs = torch.tensor([[0.1, 0.55, 0.35]]).repeat(200, 1)
-    picked = next_tokens(probs.log(), Sampling(strategy="mode", draws=400), torch.Generator().manual_seed(0))
+    picked = next_tokens(probs.log(), Sampling(strategy="mode", draws=400), 0)
     assert (picked == 1).all()
 
 
@@ -175,16 +179,16 @@ def test_bad_sampling_settings() -> None:
 
 def test_inverse_cdf_draws_follow_the_distribution_and_skip_zero_probabilities() -> None:
     probs = torch.tensor([[0.0, 0.5, 0.0, 0.3, 0.2, 0.0]]).repeat(20_000, 1)
-    picked = draw_one(probs, torch.Generator().manual_seed(0))
+    picked = next_tokens(probs.log(), Sampling(temperature=1.0), 0)
     counts = torch.bincount(picked, minlength=6).double() / len(picked)
     assert counts[[0, 2, 5]].sum() == 0
     torch.testing.assert_close(counts, probs[0].double(), atol=0.015, rtol=0)
     # the ends of [0, 1) must still land on tokens that can occur
     edge = torch.tensor([[0.0, 0.25, 0.75, 0.0]]).repeat(2, 1)
     ends = torch.tensor([[0.0], [1.0 - 2**-24]])
-    assert invert_cdf(edge, ends).tolist() == [1, 2]
-    same = draw_one(probs[:50], torch.Generator().manual_seed(7))
-    assert torch.equal(same, draw_one(probs[:50], torch.Generator().manual_seed(7)))
+    assert invert_cdf(edge, ends)[:, 0].tolist() == [1, 2]
+    same = next_tokens(probs[:50].log(), Sampling(temperature=1.0), 7)
+    assert torch.equal(same, next_tokens(probs[:50].log(), Sampling(temperature=1.0), 7))
 
 
 def test_streamed_pieces_join_to_the_batch_text(model: RecurrentLM, vocab: Vocabulary) -> None:

@@ -175,6 +175,43 @@ def test_sixteen_clients_at_once_are_all_answered_as_if_alone(server: str) -> No
     assert requests.get(f"{server}/ping", timeout=5).status_code == 200
 
 
+def test_rows_setting_different_optional_columns_are_answered_row_by_row(server: str) -> None:
+    """A row that leaves a column out gets its default; a row that sets it, its own value."""
+    rows = [
+        {"prompt": "ROMEO:", "max_new_tokens": 20, "top_k": 5, "seed": 1},
+        {"prompt": "JULIET:", "seed": 2},
+        {"prompt": "KING:", "max_new_tokens": 9, "temperature": 1, "top_p": 0.9, "seed": 3},
+    ]
+    mixed = _post(server, {"dataframe_records": rows})
+    assert mixed.status_code == 200, mixed.text
+    alone = [_post(server, {"dataframe_records": [row]}).json()["predictions"][0] for row in rows]
+    assert mixed.json()["predictions"] == alone
+    assert [len(a["text"]) for a in alone] == [20, 200, 9]  # 200: the served model's default length
+
+
+def test_overload_gets_503_with_retry_after_and_the_server_keeps_serving(
+    repro_repo: tuple[Path, str],
+) -> None:
+    """Two places (one row stepping, one waiting): of 16 long requests at once, those that find no
+    place are refused at once with 503, Retry-After and the reason; the others are answered."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    store, _ = repro_repo
+    small = {"LSTM_TEXTGEN_ACTIVE_ROWS": "1", "LSTM_TEXTGEN_WAITING_ROWS": "1"}
+    with model_server(store, f"models:/{MODEL_NAME}@champion", small) as url:
+        body = {"dataframe_records": [{"prompt": "ROMEO:", "max_new_tokens": 2000, "seed": 1}]}
+        with ThreadPoolExecutor(max_workers=16) as pool:
+            answers = list(pool.map(lambda _: _post(url, body), range(16)))
+        refused = [a for a in answers if a.status_code == 503]
+        answered = [a for a in answers if a.status_code == 200]
+        assert refused and answered and len(refused) + len(answered) == 16
+        for answer in refused:
+            assert answer.headers["Retry-After"] == "1"
+            assert "the server is busy" in answer.json()["message"]
+        assert len({a.json()["predictions"][0]["text"] for a in answered}) == 1  # seeded: each as alone
+        assert _post(url, body).status_code == 200
+
+
 def test_scores_agree_with_evaluate_the_command_and_the_server(
     repro_repo: tuple[Path, str], server: str, tmp_path: Path
 ) -> None:

@@ -6,9 +6,10 @@ the model's surprisal. A picker switches between the registered versions (the re
 first) or any model given with `--model` (a checkpoint path or a model URI).
 
 The page calls the served model's own code: `serving.request_settings` checks a request's values,
-`generation.encode_prompt` the prompt (the same messages, word for word), `generation.stream_text`
-draws the tokens and `scoring.score_text` scores. It works offline: gradio's fonts and scripts are
-served by the page itself, analytics are off and server-side rendering (a Node process) is not used.
+`generation.encode_prompt` the prompt (the same messages, word for word), the model's batcher
+(`inference/batcher.py`: one per model, every page's stream steps in it) draws the tokens and
+`scoring.score_text` scores. It works offline: gradio's fonts and scripts are served by the page
+itself, analytics are off and server-side rendering (a Node process) is not used.
 """
 
 from __future__ import annotations
@@ -95,11 +96,13 @@ def model_entries(extra: str | None, registered: list[ModelEntry]) -> list[Model
 
 
 class ModelCache:
-    """Models loaded once each, on first use; safe to call from gradio's worker threads."""
+    """Models loaded once each, on first use, each with its running batcher (every page's stream
+    steps in one batch per model); safe to call from gradio's worker threads."""
 
     def __init__(self, device: str) -> None:
         self.device = device
         self.loaded: dict[str, Any] = {}
+        self.batchers: dict[str, Any] = {}
         self.lock = threading.Lock()
 
     def get(self, source: str) -> Any:
@@ -109,6 +112,15 @@ class ModelCache:
             if source not in self.loaded:
                 self.loaded[source] = load_source(source, self.device)
             return self.loaded[source]
+
+    def batcher(self, source: str) -> Any:
+        from lstm_textgen.inference.batcher import Batcher
+
+        loaded = self.get(source)
+        with self.lock:
+            if source not in self.batchers:
+                self.batchers[source] = Batcher(loaded.model).start()
+            return self.batchers[source]
 
 
 def describe(loaded: Any) -> str:
@@ -128,27 +140,37 @@ def error_html(exc: Exception) -> str:
     return f'<p class="error"><strong>Error:</strong> {html.escape(message)}</p>'
 
 
-def stream_generation(loaded: Any, prompt: str, settings: dict[str, Any]) -> Iterator[tuple[str, str]]:
+def stream_generation(
+    loaded: Any, batcher: Any, prompt: str, settings: dict[str, Any]
+) -> Iterator[tuple[str, str]]:
     """(text so far, status) as the continuation grows; a bad request yields its message once.
-    `settings` are a request's optional columns (max_new_tokens, temperature, ...)."""
+    `settings` are a request's optional columns (max_new_tokens, temperature, ...). The row steps in
+    the model's batcher beside every other page's; Stop (gradio closes this generator) or a closed
+    page frees it at the next step."""
     from mlflow.exceptions import MlflowException
 
-    from lstm_textgen.inference.generation import encode_prompt, stream_text
+    from lstm_textgen.inference.batcher import Row
+    from lstm_textgen.inference.generation import encode_prompt, stream_row
     from lstm_textgen.serving.model import request_settings
 
     sample = loaded.params.sample
     try:
         prompt, length, sampling = request_settings({"prompt": prompt, **settings}, {}, sample)
         ids = encode_prompt(prompt, loaded.vocab, sample.unknown, sample.replacement)
+        row = Row(ids, length, sampling, stream=True)
+        batcher.submit([row])
     except (UserError, MlflowException) as exc:
         yield prompt, error_html(exc)
         return
     text, shown, start = prompt, time.monotonic(), time.monotonic()
-    for piece in stream_text(loaded.model, loaded.vocab, ids, length, sampling):
-        text += piece
-        if time.monotonic() - shown >= FRAME_SECONDS:
-            shown = time.monotonic()
-            yield text, "generating…"
+    try:
+        for piece in stream_row(loaded.vocab, ids, row.stream()):
+            text += piece
+            if time.monotonic() - shown >= FRAME_SECONDS:
+                shown = time.monotonic()
+                yield text, "generating…"
+    finally:
+        row.cancel()
     yield text, f"{length:,} tokens in {time.monotonic() - start:.2f} s"
 
 
@@ -271,7 +293,7 @@ def build_page(entries: list[ModelEntry], models: ModelCache) -> Any:
         def on_generate(source, prompt_text, *values):
             names = ("max_new_tokens", *controls)
             yield from stream_generation(
-                models.get(source), prompt_text, dict(zip(names, values, strict=True))
+                models.get(source), models.batcher(source), prompt_text, dict(zip(names, values, strict=True))
             )
 
         reset = [name for name in controls if name != "seed"]  # a chosen seed outlives a switch

@@ -69,6 +69,19 @@ class Stepper:
     def state(self) -> State:
         return (self.h, self.c) if self.c is not None else self.h
 
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        """Keep only these batch rows of the state, in this order (finished rows leave the batch)."""
+        self.h = self.h.index_select(1, rows)
+        if self.c is not None:
+            self.c = self.c.index_select(1, rows)
+
+    def add_rows(self, state: State) -> None:
+        """Append rows to the batch, e.g. prompts warmed while the others were generating."""
+        h, c = state if isinstance(state, tuple) else (state, None)
+        self.h = torch.cat([self.h, h.detach().float()], dim=1)
+        if self.c is not None and c is not None:
+            self.c = torch.cat([self.c, c.detach().float()], dim=1)
+
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
         """[B] token ids -> [B, vocab] logits for the next token; the state advances by one.
         No `torch.no_grad()` here: every tensor the step reads was made under it in `__init__`, so no

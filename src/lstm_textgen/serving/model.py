@@ -21,6 +21,10 @@ into an HTTP 400 with the message; the server keeps serving.
 from __future__ import annotations
 
 import math
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +32,7 @@ import mlflow.pyfunc
 import pandas as pd
 
 from lstm_textgen.errors import UserError
+from lstm_textgen.inference.batcher import BatchLimits
 from lstm_textgen.params import SampleParams, Sampling, scalar_type
 
 MAX_NEW_TOKENS = 2000
@@ -140,23 +145,62 @@ def request_settings(
     return prompt, max_new, sampling
 
 
+@dataclass(frozen=True)
+class ServingOptions:
+    """How the served model schedules requests, read from the server's environment (set the
+    variables before `mlflow models serve`)."""
+
+    batching: bool = True  # LSTM_TEXTGEN_BATCHING=off: each request generates alone, in its own thread
+    limits: BatchLimits = field(default_factory=BatchLimits)  # LSTM_TEXTGEN_ACTIVE_ROWS, _WAITING_ROWS
+    request_seconds: float = 60.0  # MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT: the server gives up then
+
+    @classmethod
+    def from_environment(cls, env: Mapping[str, str] = os.environ) -> ServingOptions:
+        def number(name: str, default: float, kind: type = int) -> Any:
+            value = env.get(name, str(default))
+            try:
+                parsed = kind(value)
+            except ValueError:
+                parsed = 0
+            if not parsed > 0:
+                raise UserError(f"{name} must be a positive {kind.__name__}, got {value!r}")
+            return parsed
+
+        batching = env.get("LSTM_TEXTGEN_BATCHING", "on").lower()
+        if batching not in ("on", "off"):
+            raise UserError(f"LSTM_TEXTGEN_BATCHING must be on or off, got {batching!r}")
+        limits = BatchLimits(
+            active_rows=number("LSTM_TEXTGEN_ACTIVE_ROWS", BatchLimits.active_rows),
+            waiting_rows=number("LSTM_TEXTGEN_WAITING_ROWS", BatchLimits.waiting_rows),
+        )
+        seconds = number("MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT", cls.request_seconds, float)
+        return cls(batching == "on", limits, seconds)
+
+
 class TextGenerator(mlflow.pyfunc.PythonModel):
-    """prompt -> generated text, with the checkpoint's vocabulary and unknown-token policy."""
+    """prompt -> generated text, with the checkpoint's vocabulary and unknown-token policy. Every
+    request's rows join one batcher per loaded model (`inference/batcher.py`), so concurrent requests
+    share each recurrent step."""
 
     def load_context(self, context: Any) -> None:
         import torch
 
+        from lstm_textgen.inference.batcher import Batcher
         from lstm_textgen.model.checkpoint import load_model
+        from lstm_textgen.serving.overload import adapt_scoring_server
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
         self.loaded = load_model(Path(context.artifacts["checkpoint"]), device)
+        self.options = ServingOptions.from_environment()
+        self.batcher = Batcher(self.loaded.model, self.options.limits)
+        if self.options.batching:  # off: MLflow's server as it is, each request alone (for comparison)
+            self.batcher.start()
+            adapt_scoring_server(self.options.limits.active_rows + self.options.limits.waiting_rows)
 
     # pd.DataFrame: MLflow infers no request schema from it (and warns on no hint or on `Any`)
     def predict(
         self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None
     ) -> pd.DataFrame:
-        from lstm_textgen.inference.generation import sample_texts
-
         frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
         if "prompt" not in frame.columns:
             raise _bad_request("the request needs a 'prompt' column")
@@ -165,34 +209,48 @@ class TextGenerator(mlflow.pyfunc.PythonModel):
         task, per_token = request_task(params)
         if task == "score":
             return self.score(frame, per_token)
-        sample = self.loaded.params.sample
-        rows = [request_settings(row, params or {}, sample) for row in frame.to_dict(orient="records")]
+        rows = [
+            request_settings(row, params or {}, self.loaded.params.sample) for row in frame.to_dict("records")
+        ]
         total = sum(length for _, length, _ in rows)
         if total > MAX_TOKENS_PER_REQUEST:
             raise _bad_request(
                 f"a request may generate at most {MAX_TOKENS_PER_REQUEST:,} tokens in all (rows x "
                 f"max_new_tokens), got {total:,}; lower max_new_tokens or send fewer rows"
             )
-        groups: dict[tuple[Any, ...], list[int]] = {}  # rows with the same settings generate as one batch
-        for i, (_, length, sampling) in enumerate(rows):
-            groups.setdefault((length, sampling), []).append(i)
-        texts: list[str] = [""] * len(rows)
-        for (length, sampling), indices in groups.items():
-            try:
-                generated = sample_texts(
-                    self.loaded.model,
-                    self.loaded.vocab,
-                    [rows[i][0] for i in indices],
-                    length,
-                    sampling,
-                    sample.unknown,
-                    sample.replacement,
-                )
-            except UserError as exc:
-                raise _bad_request(str(exc)) from None
-            for i, text in zip(indices, generated, strict=True):
-                texts[i] = text
-        return pd.DataFrame({"text": texts})
+        return pd.DataFrame({"text": self.generate(rows)})
+
+    def generate(self, rows: list[tuple[str, int, Sampling]]) -> list[str]:
+        """Each row's text, its rows stepping beside every other request's (or alone, batching off)."""
+        from lstm_textgen.inference.batcher import Batcher, Overloaded, Row
+        from lstm_textgen.inference.generation import continuation, encode_prompt
+
+        sample, vocab = self.loaded.params.sample, self.loaded.vocab
+        try:
+            ids = [encode_prompt(prompt, vocab, sample.unknown, sample.replacement) for prompt, _, _ in rows]
+        except UserError as exc:
+            raise _bad_request(str(exc)) from None
+        deadline = time.monotonic() + self.options.request_seconds
+        handles = [
+            Row(prompt_ids, length, sampling, deadline=deadline)
+            for prompt_ids, (_, length, sampling) in zip(ids, rows, strict=True)
+        ]
+        if not self.options.batching:  # one loop per request, in the request's thread (for comparison)
+            generated = Batcher(self.loaded.model).run(handles)
+            return [continuation(vocab, i, tokens) for i, tokens in zip(ids, generated, strict=True)]
+        try:
+            self.batcher.submit(handles)
+        except Overloaded as exc:
+            from lstm_textgen.serving.overload import overloaded
+
+            raise overloaded(str(exc)) from None
+        try:
+            return [continuation(vocab, i, handle.result()) for i, handle in zip(ids, handles, strict=True)]
+        except UserError as exc:
+            raise _bad_request(str(exc)) from None
+        finally:
+            for handle in handles:
+                handle.cancel()  # a row of a request that failed leaves at the next step
 
     def score(self, frame: pd.DataFrame, per_token: bool) -> pd.DataFrame:
         """task=score: each row's `prompt` scored (scoring.py), one row of figures per prompt."""

@@ -38,11 +38,17 @@ def default_model_name(corpus: str, level: str) -> str:
 
 
 def signature(sample: SampleParams) -> Any:
-    """The request schema; the params' defaults are the served model's (from `sample`)."""
-    from mlflow.models import ModelSignature
-    from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
+    """The request schema; the params' defaults are the served model's (from `sample`).
 
-    columns = [ColSpec(column_kind(name), name, required=False) for name in OPTIONAL_COLUMNS]
+    The numeric optional columns are typed `Any`: a request whose rows set a column in some rows
+    only arrives as a column with gaps (NaN), which MLflow cannot put in a `long` column, and a
+    `double` column refuses whole numbers. The served model checks each value itself, naming the
+    column, and a row's gap takes the default."""
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import AnyType, ColSpec, ParamSchema, ParamSpec, Schema
+
+    kind = lambda name: column_kind(name) if column_kind(name) == "string" else AnyType()  # noqa: E731
+    columns = [ColSpec(kind(name), name, required=False) for name in OPTIONAL_COLUMNS]
     inputs = Schema([ColSpec("string", "prompt"), *columns])
     defaults = request_defaults(sample)
     specs = [ParamSpec(name, column_kind(name), defaults[name]) for name in OPTIONAL_COLUMNS]

@@ -1,0 +1,66 @@
+"""Two adjustments of MLflow's scoring server, so that concurrent requests meet in one batch and
+overload is answered at once (503 with `Retry-After`), never left to time out.
+
+- MLflow runs each request's `predict` with `asyncio.to_thread`, on the event loop's default thread
+  pool: `min(32, cores + 4)` threads, 6 on 2 cores. A request waiting for its rows holds a thread, so
+  only 6 requests could ever step together, and the 7th would queue where no limit applies. The
+  pool gets one thread per place of the batcher (active and waiting rows), created as needed, plus
+  a few that answer the requests beyond them with a 503 in microseconds.
+- MLflow turns an `MlflowException` into its HTTP status (TEMPORARILY_UNAVAILABLE is 503) with the
+  message as JSON, but sets no headers. A 503 here also says when to come back; clients such as
+  urllib3's `Retry` honour it.
+
+Both happen in a wrapper of the server's exception handler, which `scoring_server.init` applies
+after the model is loaded; outside the scoring server nothing calls it. tests/test_serving.py checks
+both over HTTP, so an MLflow that renames the handler fails there, not silently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+RETRY_AFTER_SECONDS = 1  # a step of every active row takes milliseconds: places free up fast
+SPARE_THREADS = 4  # beyond one per place: they refuse what does not fit
+
+
+def overloaded(message: str) -> Exception:
+    """The exception the served model raises when its batcher is full: HTTP 503."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import TEMPORARILY_UNAVAILABLE
+
+    return MlflowException(f"{message} (after {RETRY_AFTER_SECONDS} s)", error_code=TEMPORARILY_UNAVAILABLE)
+
+
+def adapt_scoring_server(places: int) -> None:
+    """Widen the request thread pool to `places` threads and a few spare, add `Retry-After` to 503s
+    (idempotent; a no-op where MLflow's handler is not found)."""
+    from mlflow.pyfunc import scoring_server
+
+    handler = getattr(scoring_server, "_async_catch_mlflow_exception", None)
+    if handler is None or getattr(handler, "adapted", False):
+        return
+    widened: set[int] = set()
+
+    def adapted(endpoint: Any) -> Any:
+        caught = handler(endpoint)
+
+        @functools.wraps(endpoint)
+        async def answer(*args: Any, **kwargs: Any) -> Any:
+            loop = asyncio.get_running_loop()
+            if id(loop) not in widened:  # before this request's predict goes to the pool
+                widened.add(id(loop))
+                loop.set_default_executor(
+                    ThreadPoolExecutor(max_workers=places + SPARE_THREADS, thread_name_prefix="predict")
+                )
+            response = await caught(*args, **kwargs)
+            if response.status_code == 503:
+                response.headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
+            return response
+
+        return answer
+
+    adapted.adapted = True  # type: ignore[attr-defined]
+    scoring_server._async_catch_mlflow_exception = adapted

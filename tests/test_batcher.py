@@ -1,0 +1,149 @@
+"""Continuous batching: every row's tokens equal its solo run, whatever joins or leaves beside it;
+cancelled, expired and failing rows leave without touching the others; a full batcher refuses."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from lstm_textgen.inference.batcher import Batcher, BatchLimits, Cancelled, Overloaded, Row
+from lstm_textgen.model.recurrent import RecurrentLM
+from lstm_textgen.params import ModelParams, Sampling
+
+VOCAB = 29
+
+# rows differing in prompt, length, strategy, temperature, top-k, top-p and seed
+SETTINGS = [
+    ([1, 2, 3], 40, Sampling(strategy="sample", temperature=1.3, seed=1)),
+    ([4], 7, Sampling(strategy="greedy")),
+    ([5, 6, 7, 8, 9, 10, 11], 55, Sampling(strategy="sample", temperature=0.9, top_k=5, seed=2)),
+    ([12, 13], 23, Sampling(strategy="sample", temperature=1.0, top_p=0.8, seed=3)),
+    ([1, 2, 3], 31, Sampling(strategy="sample", temperature=1.3, seed=4)),
+    ([14, 15, 16], 12, Sampling(strategy="mode", draws=9, temperature=1.1, seed=5)),
+    ([17], 48, Sampling(strategy="sample", temperature=2.0, top_k=3, top_p=0.9, seed=6)),
+    ([18, 19, 20, 21], 1, Sampling(strategy="sample", seed=7)),
+]
+
+
+@pytest.fixture(scope="module", params=["lstm", "gru"])
+def model(request) -> RecurrentLM:
+    torch.manual_seed(0)
+    return RecurrentLM(VOCAB, ModelParams(cell=request.param, layers=2, hidden=32, embedding_dim=8)).eval()
+
+
+def rows(settings=SETTINGS, **options) -> list[Row]:
+    return [Row(ids, length, sampling, **options) for ids, length, sampling in settings]
+
+
+def solo(model: RecurrentLM, settings=SETTINGS) -> list[list[int]]:
+    return [Batcher(model).run([row])[0] for row in rows(settings)]
+
+
+def test_rows_joining_at_different_steps_equal_their_solo_runs(model: RecurrentLM) -> None:
+    batcher = Batcher(model)
+    joining = rows()
+    batcher.submit(joining[:2])
+    for _ in range(3):
+        batcher.step()
+    batcher.submit(joining[2:5])  # join while the first two are mid-way
+    batcher.step()
+    batcher.submit(joining[5:])
+    while not all(row.done.is_set() for row in joining):
+        batcher.step()
+    assert [row.result() for row in joining] == solo(model)
+    assert [len(row.tokens) for row in joining] == [length for _, length, _ in SETTINGS]
+    assert not batcher.rows and not batcher.waiting  # every finished row has left
+
+
+def test_threaded_requests_meet_in_one_batch_and_equal_their_solo_runs(model: RecurrentLM) -> None:
+    batcher = Batcher(model)
+    sizes: list[int] = []
+    step = batcher.step
+
+    def recorded_step() -> None:
+        step()
+        sizes.append(len(batcher.rows))
+
+    batcher.step = recorded_step  # type: ignore[method-assign]
+    batcher.start()
+    requests = [rows() for _ in range(4)]  # 32 rows from 4 threads at once
+    threads = [threading.Thread(target=batcher.submit, args=(request,)) for request in requests]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    expected = solo(model)
+    for request in requests:
+        assert [row.result() for row in request] == expected
+    assert max(sizes) > len(SETTINGS)  # rows of different requests stepped together
+
+
+def test_streamed_tokens_arrive_as_drawn_and_equal_the_result(model: RecurrentLM) -> None:
+    batcher = Batcher(model).start()
+    streamed = Row(*SETTINGS[0], stream=True)
+    batcher.submit([streamed, *rows()[1:]])
+    assert list(streamed.stream()) == streamed.result() == solo(model)[0]
+
+
+def test_a_cancelled_row_leaves_at_the_next_step_and_the_others_go_on(model: RecurrentLM) -> None:
+    batcher = Batcher(model)
+    running = rows()
+    batcher.submit(running)
+    for _ in range(5):
+        batcher.step()
+    running[2].cancel()
+    batcher.step()
+    assert running[2] not in batcher.rows
+    with pytest.raises(Cancelled):
+        running[2].result()
+    while not all(row.done.is_set() for row in running):
+        batcher.step()
+    expected = solo(model)
+    assert [running[i].result() for i in (0, 1, 3, 4, 5, 6, 7)] == [
+        expected[i] for i in (0, 1, 3, 4, 5, 6, 7)
+    ]
+
+
+def test_a_row_past_its_deadline_is_dropped(model: RecurrentLM) -> None:
+    batcher = Batcher(model)
+    late = Row([1, 2], 500, Sampling(seed=1), deadline=time.monotonic() + 0.5)
+    batcher.submit([late])
+    for _ in range(3):
+        batcher.step()
+    time.sleep(0.6)
+    batcher.step()
+    with pytest.raises(Cancelled):
+        late.result()
+    assert len(late.tokens) == 3 and not batcher.rows
+
+
+def test_a_row_that_fails_to_warm_fails_alone(model: RecurrentLM) -> None:
+    batcher = Batcher(model)
+    bad = Row([1, VOCAB + 5], 10, Sampling(seed=1))  # an id past the vocabulary
+    good = rows()
+    batcher.submit([*good[:3], bad, *good[3:]])
+    while not all(row.done.is_set() for row in [*good, bad]):
+        batcher.step()
+    with pytest.raises(IndexError):
+        bad.result()
+    assert [row.result() for row in good] == solo(model)
+
+
+def test_a_full_batcher_refuses_whole_requests_at_once(model: RecurrentLM) -> None:
+    batcher = Batcher(model, BatchLimits(active_rows=2, waiting_rows=3))
+    batcher.submit(rows()[:4])
+    with pytest.raises(Overloaded, match="4 waiting, at most 5 in all; retry"):
+        batcher.submit(rows()[:2])  # all or none: not even one of the two joins
+    batcher.submit(rows()[:1])
+    batcher.step()
+    assert len(batcher.rows) == 2 and len(batcher.waiting) == 3
+
+
+def test_a_batcher_that_emptied_takes_new_rows(model: RecurrentLM) -> None:
+    batcher = Batcher(model)
+    first, second = rows()[:2], rows()[2:5]
+    assert batcher.run(first) == solo(model)[:2]
+    assert batcher.run(second) == solo(model)[2:5]

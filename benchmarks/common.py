@@ -1,18 +1,20 @@
 """What every benchmark shares: where the repository is, what machine it runs on (and the folder its
 reports go to, one per kind of machine), the goals, a corpus to measure on and free ports.
 
-Imports only torch and the standard library at the top, so the GPU check runs on a machine that has
-nothing else; the corpus helper imports the library's download code when called."""
+Imports only torch, the standard library and the package's stdlib-only `network` at the top, so the
+GPU check runs on a machine that has nothing else; the corpus helper imports the library's download
+code when called."""
 
 from __future__ import annotations
 
 import os
 import platform
-import socket
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+
+from lstm_textgen.network import free_port  # noqa: F401  (the benchmarks import it from here)
 
 if TYPE_CHECKING:
     from lstm_textgen.params import Params
@@ -118,10 +120,3 @@ def load_corpus(spec: str, params: Params, workdir: Path) -> str:
     )
     acquire(name, corpus, params.download, workdir / "corpus.txt")
     return (workdir / "corpus.txt").read_text(encoding="utf-8")
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]

@@ -6,7 +6,6 @@ import contextlib
 import http.server
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -20,6 +19,7 @@ import requests
 import torch
 import yaml
 
+from lstm_textgen.network import free_port
 from lstm_textgen.params import Params, parse_params
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -208,13 +208,6 @@ def run(
     if check and result.returncode != 0:
         raise AssertionError(f"{cmd} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on now (for a server or a rendezvous)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def train_stage_command(params: Path, out: Path) -> list[str]:

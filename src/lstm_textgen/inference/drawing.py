@@ -113,6 +113,10 @@ def uniforms(randoms: Sequence[random.Random], count: int, device: torch.device)
 
 def draw(logits: torch.Tensor, plan: DrawPlan, randoms: Sequence[random.Random]) -> torch.Tensor:
     """[B, V] logits -> [B] next token ids, each row by its own strategy, settings and stream."""
+    rows = plan.sampled
+    if rows is not None and len(rows.index) == logits.shape[0]:  # every row samples: no gather
+        probs = filtered_probabilities(logits, rows.temperature, rows.top_k, rows.top_p)
+        return invert_cdf(probs, uniforms(randoms, 1, logits.device))[:, 0]
     tokens = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
     if plan.greedy.numel():
         tokens[plan.greedy] = logits[plan.greedy].argmax(dim=-1)

@@ -16,7 +16,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tarfile
@@ -28,6 +27,7 @@ from pathlib import Path
 
 from lstm_textgen.errors import UserError
 from lstm_textgen.files import write_text
+from lstm_textgen.network import free_port
 from lstm_textgen.tracking import store
 
 DATABASE, AUTH_DATABASE, ROLE = "mlflow", "mlflow_auth", "mlflow"
@@ -217,12 +217,6 @@ def stop_postgres(layout: Layout) -> None:
 
 
 # --- the MLflow server ----------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def read_state(layout: Layout) -> ServerState | None:

@@ -210,6 +210,31 @@ def run(
     return result
 
 
+def run_at_once(
+    script: str, arguments: list[list[str]], cwd: Path, env: dict[str, str], delay: float, timeout: float
+) -> list[subprocess.CompletedProcess[str]]:
+    """One `python -c script START *args` per entry of `arguments`, all started now; each script
+    sleeps until START (`time.time()` + `delay`, past its imports) so that their work meets at one
+    moment. Their results, in order."""
+    start = str(time.time() + delay)
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-c", script, start, *args],
+            cwd=cwd,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for args in arguments
+    ]
+    outputs = [process.communicate(timeout=timeout) for process in processes]
+    return [
+        subprocess.CompletedProcess(process.args, process.returncode, out, err)
+        for process, (out, err) in zip(processes, outputs, strict=True)
+    ]
+
+
 def train_stage_command(params: Path, out: Path) -> list[str]:
     """`python stages/train.py` on `params`, its outputs under `out`: model/, last.pt, metrics/."""
     return [

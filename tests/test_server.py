@@ -21,7 +21,16 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest import REPO_ROOT, edit_params, free_port, require_installed, run, tiny_repo, tool_env
+from conftest import (
+    REPO_ROOT,
+    edit_params,
+    free_port,
+    require_installed,
+    run,
+    run_at_once,
+    tiny_repo,
+    tool_env,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -359,32 +368,12 @@ def test_two_machines_registering_at_once_leave_the_best_champion(
     experiment = client.get_experiment_by_name("lstm-textgen").experiment_id
     runs = [client.create_run(experiment, run_name=f"machine-{i}").info.run_id for i in range(2)]
     name = "race-" + "-".join(f"{loss:g}" for loss in losses)  # a new registered model each time
-    start = time.time() + 10  # after both have imported torch and mlflow
     env = lab.env("trainer", repo)
-    writers = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-c",
-                REGISTER,
-                str(start),
-                runs[i],
-                str(losses[i]),
-                f"machine-{i}",
-                str(repo / "data" / "model" / "model.pt"),
-                name,
-            ],
-            cwd=repo,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for i in range(2)
-    ]
-    outputs = [writer.communicate(timeout=300) for writer in writers]
-    for writer, (_, err) in zip(writers, outputs, strict=True):
-        assert writer.returncode == 0, err[-4000:]
+    checkpoint = str(repo / "data" / "model" / "model.pt")
+    arguments = [[runs[i], str(losses[i]), f"machine-{i}", checkpoint, name] for i in range(2)]
+    writers = run_at_once(REGISTER, arguments, repo, env, delay=10, timeout=300)  # past torch's import
+    for writer in writers:
+        assert writer.returncode == 0, writer.stderr[-4000:]
     best_run = runs[losses.index(min(losses))]
     assert client.get_model_version_by_alias(name, "champion").run_id == best_run
     for run_id in runs:
@@ -410,20 +399,8 @@ def test_first_writers_at_the_same_moment_on_the_server_lose_no_run(lab: Lab) ->
     from test_tracking import WRITER
 
     env = {**lab.env("trainer"), "MLFLOW_EXPERIMENT_NAME": "first-writers"}
-    start = time.time() + 8
-    writers = [
-        subprocess.Popen(
-            [sys.executable, "-c", WRITER, str(start), f"writer-{i}"],
-            cwd=lab.root,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for i in range(3)
-    ]
-    outputs = [writer.communicate(timeout=120) for writer in writers]
-    assert [writer.returncode for writer in writers] == [0, 0, 0], outputs
+    writers = run_at_once(WRITER, [[f"writer-{i}"] for i in range(3)], lab.root, env, delay=8, timeout=120)
+    assert [writer.returncode for writer in writers] == [0, 0, 0], [writer.stderr for writer in writers]
     client = lab.client()
     runs = client.search_runs([client.get_experiment_by_name("first-writers").experiment_id])
     assert sorted(r.info.run_name for r in runs) == ["writer-0", "writer-1", "writer-2"]

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO_ROOT, free_port, runs_by_name, tool_env, tracking_store, wait_for_page
+from conftest import REPO_ROOT, free_port, run_at_once, runs_by_name, tool_env, tracking_store, wait_for_page
 
 # Each writer waits for the same moment, then opens the store and logs one finished run.
 WRITER = """
@@ -28,20 +28,8 @@ def test_parallel_first_writers_on_a_new_store_lose_no_run(tmp_path: Path) -> No
     """MLflow creates a SQLite store's schema on first use; writers starting together (`dvc queue
     start -j 2` on a new clone) raced on that migration and all but one lost their run."""
     env = {**tool_env(), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
-    start = time.time() + 8  # after every writer has imported mlflow
-    writers = [
-        subprocess.Popen(
-            [sys.executable, "-c", WRITER, str(start), f"writer-{i}"],
-            cwd=tmp_path,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for i in range(3)
-    ]
-    outputs = [writer.communicate(timeout=120) for writer in writers]
-    assert [writer.returncode for writer in writers] == [0, 0, 0], outputs
+    writers = run_at_once(WRITER, [[f"writer-{i}"] for i in range(3)], tmp_path, env, delay=8, timeout=120)
+    assert [writer.returncode for writer in writers] == [0, 0, 0], [writer.stderr for writer in writers]
     runs = runs_by_name(tmp_path / "mlflow.db")
     assert sorted(runs) == ["writer-0", "writer-1", "writer-2"]
     assert {run.info.status for run in runs.values()} == {"FINISHED"}

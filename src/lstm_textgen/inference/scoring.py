@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from lstm_textgen.data.tokenisers import Vocabulary
+from lstm_textgen.devices import autocast
 from lstm_textgen.errors import UserError
 from lstm_textgen.inference.evaluation import stateful_pass
 from lstm_textgen.inference.generation import PromptError, UnknownPolicy, encode_prompt
@@ -60,6 +61,40 @@ class TextScore:
         }
 
 
+def encode_text(
+    text: str, vocab: Vocabulary, unknown: UnknownPolicy = "error", replacement: str | None = None
+) -> tuple[list[int], int]:
+    """The text's ids (tokens outside the vocabulary follow `unknown`, as a prompt's do) and how many
+    tokens were outside it."""
+    try:
+        ids = encode_prompt(text, vocab, unknown, replacement)
+    except PromptError as exc:
+        message = (
+            str(exc).replace("prompt", "text").replace("sample.unknown", "sample.unknown (or --unknown)")
+        )
+        raise UserError(message) from None
+    if len(ids) < 2:
+        raise UserError(f"a text needs at least two tokens to be scored, got {len(ids)}")
+    return ids, sum(1 for t in vocab.tokenize(vocab.normalise(text)) if t not in vocab)
+
+
+def text_score(
+    vocab: Vocabulary,
+    ids: list[int],
+    outside: int,
+    nats: float,
+    predicted: int,
+    logprobs: torch.Tensor | None,
+) -> TextScore:
+    """The figures of a text whose tokens 1 .. predicted scored `nats` in all (`logprobs` each)."""
+    targets = ids[1 : predicted + 1]
+    characters = int(vocab.character_counts[np.asarray(targets, dtype=np.int64)].sum())
+    if logprobs is None:
+        return TextScore(len(ids), predicted, characters, nats, outside)
+    listed = [(vocab.decode([t]), float(lp)) for t, lp in zip(targets, logprobs.tolist(), strict=True)]
+    return TextScore(len(ids), predicted, characters, nats, outside, listed, ids)
+
+
 @torch.no_grad()
 def score_text(
     model: RecurrentLM,
@@ -72,31 +107,66 @@ def score_text(
     per_token: bool = False,
 ) -> TextScore:
     """Score `text`; tokens outside the vocabulary follow `unknown` as a prompt's do."""
-    try:
-        ids = encode_prompt(text, vocab, unknown, replacement)
-    except PromptError as exc:
-        message = (
-            str(exc).replace("prompt", "text").replace("sample.unknown", "sample.unknown (or --unknown)")
-        )
-        raise UserError(message) from None
-    if len(ids) < 2:
-        raise UserError(f"a text needs at least two tokens to be scored, got {len(ids)}")
-    outside = sum(1 for t in vocab.tokenize(vocab.normalise(text)) if t not in vocab)
+    ids, outside = encode_text(text, vocab, unknown, replacement)
     nats, _, predicted, logprobs = stateful_pass(
-        model,
-        np.asarray(ids, dtype=vocab.dtype),
-        windows.seq_len,
-        windows.batch_size,
-        dtype,
-        keep_logprobs=per_token,
+        model, np.asarray(ids, dtype=vocab.dtype), windows.seq_len, windows.batch_size, dtype, per_token
     )
-    targets = ids[1 : predicted + 1]
-    counts = vocab.character_counts
-    characters = int(counts[np.asarray(targets, dtype=np.int64)].sum())
-    if logprobs is None:
-        return TextScore(len(ids), predicted, characters, nats, outside)
-    listed = [(vocab.decode([t]), float(lp)) for t, lp in zip(targets, logprobs.tolist(), strict=True)]
-    return TextScore(len(ids), predicted, characters, nats, outside, listed, ids)
+    return text_score(vocab, ids, outside, nats, predicted, logprobs if per_token else None)
+
+
+def one_stream(length: int, windows: EvaluateParams) -> bool:
+    """Whether `stateful_pass` reads a text of `length` tokens as a single stream (a short text)."""
+    return (length - 1) // windows.seq_len <= 1 or windows.batch_size == 1
+
+
+@torch.no_grad()
+def score_texts(
+    model: RecurrentLM,
+    vocab: Vocabulary,
+    texts: list[str],
+    windows: EvaluateParams,
+    dtype: torch.dtype = torch.float32,
+    unknown: UnknownPolicy = "error",
+    replacement: str | None = None,
+    per_token: bool = False,
+) -> list[TextScore]:
+    """`score_text` of each text, the short ones in one pass: they are read side by side, padded to
+    the longest, window by window with state carried, each row's predictions masked at its end (a
+    recurrent row never sees what follows it). Long texts, read as several streams, go alone."""
+    encoded = [encode_text(text, vocab, unknown, replacement) for text in texts]
+    short = [i for i, (ids, _) in enumerate(encoded) if one_stream(len(ids), windows)]
+    scores: dict[int, TextScore] = {}
+    if short:
+        figures = side_by_side(model, [encoded[i][0] for i in short], windows.seq_len, dtype)
+        for i, (nats, logprobs) in zip(short, figures, strict=True):
+            ids, outside = encoded[i]
+            scores[i] = text_score(vocab, ids, outside, nats, len(ids) - 1, logprobs if per_token else None)
+    for i, text in enumerate(texts):
+        if i not in scores:
+            scores[i] = score_text(model, vocab, text, windows, dtype, unknown, replacement, per_token)
+    return [scores[i] for i in range(len(texts))]
+
+
+def side_by_side(
+    model: RecurrentLM, texts: list[list[int]], seq_len: int, dtype: torch.dtype
+) -> list[tuple[float, torch.Tensor]]:
+    """Each text as one stream, all in one batch: (nats, each prediction's log-probability)."""
+    device = next(model.parameters()).device
+    longest = max(len(ids) for ids in texts)
+    padded = torch.zeros(len(texts), longest, dtype=torch.long)
+    for row, ids in enumerate(texts):
+        padded[row, : len(ids)] = torch.tensor(ids)
+    padded = padded.to(device)
+    state, pieces = None, []
+    for start in range(0, longest - 1, seq_len):
+        end = min(start + seq_len, longest - 1)
+        with autocast(device, dtype):
+            logits, state = model(padded[:, start:end], state)
+        targets = padded[:, start + 1 : end + 1, None]
+        pieces.append(logits.float().log_softmax(-1).gather(-1, targets)[..., 0])
+    logprobs = torch.cat(pieces, dim=1).cpu()
+    kept = [logprobs[row, : len(ids) - 1] for row, ids in enumerate(texts)]
+    return [(float(-row.double().sum()), row) for row in kept]
 
 
 def score_loaded(

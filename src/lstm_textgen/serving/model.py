@@ -253,15 +253,22 @@ class TextGenerator(mlflow.pyfunc.PythonModel):
                 handle.cancel()  # a row of a request that failed leaves at the next step
 
     def score(self, frame: pd.DataFrame, per_token: bool) -> pd.DataFrame:
-        """task=score: each row's `prompt` scored (scoring.py), one row of figures per prompt."""
-        from lstm_textgen.inference.scoring import score_loaded, score_row
+        """task=score: each row's `prompt` scored (scoring.py), one row of figures per prompt; the
+        short texts of a request in one pass."""
+        from lstm_textgen.inference.scoring import score_row, score_texts
 
         prompts = [checked_prompt(row) for row in frame.to_dict(orient="records")]
-        rows = []
-        for prompt in prompts:
-            try:
-                scored = score_loaded(self.loaded, prompt, per_token)
-            except UserError as exc:
-                raise _bad_request(str(exc)) from None
-            rows.append(score_row(scored))
-        return pd.DataFrame(rows)
+        loaded, sample = self.loaded, self.loaded.params.sample
+        try:
+            scores = score_texts(
+                loaded.model,
+                loaded.vocab,
+                prompts,
+                loaded.params.evaluate,
+                unknown=sample.unknown,
+                replacement=sample.replacement,
+                per_token=per_token,
+            )
+        except UserError as exc:
+            raise _bad_request(str(exc)) from None
+        return pd.DataFrame([score_row(scored) for scored in scores])

@@ -6,6 +6,7 @@ together on a new database race on its schema)."""
 from __future__ import annotations
 
 import time
+import warnings
 from typing import TYPE_CHECKING, Any
 
 from lstm_textgen.params import Params, SearchDimension, TuneParams, flatten, with_settings
@@ -101,11 +102,13 @@ def open_study(params: Params, storage_url: str) -> optuna.Study:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     for attempt in range(CREATE_ATTEMPTS):
         try:
-            storage = optuna.storages.RDBStorage(
-                storage_url,
-                heartbeat_interval=tune.heartbeat_seconds,
-                grace_period=2 * tune.heartbeat_seconds,
-            )
+            with warnings.catch_warnings():  # heartbeats are "experimental" in optuna 5: said once per worker
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                storage = optuna.storages.RDBStorage(
+                    storage_url,
+                    heartbeat_interval=tune.heartbeat_seconds,
+                    grace_period=2 * tune.heartbeat_seconds,
+                )
             study = optuna.create_study(
                 storage=storage,
                 study_name=tune.study,

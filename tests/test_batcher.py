@@ -147,3 +147,21 @@ def test_a_batcher_that_emptied_takes_new_rows(model: RecurrentLM) -> None:
     first, second = rows()[:2], rows()[2:5]
     assert batcher.run(first) == solo(model)[:2]
     assert batcher.run(second) == solo(model)[2:5]
+
+
+def test_a_row_whose_client_went_away_leaves_at_the_next_step(model: RecurrentLM) -> None:
+    batcher = Batcher(model)
+    gone = threading.Event()
+    abandoned = Row([1, 2], 500, Sampling(seed=1), abandoned=gone)
+    others = rows()
+    batcher.submit([abandoned, *others])
+    for _ in range(4):
+        batcher.step()
+    gone.set()
+    batcher.step()
+    assert abandoned not in batcher.rows and len(abandoned.tokens) == 4
+    with pytest.raises(Cancelled):
+        abandoned.result()
+    while not all(row.done.is_set() for row in others):
+        batcher.step()
+    assert [row.result() for row in others] == solo(model)

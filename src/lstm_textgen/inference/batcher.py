@@ -61,12 +61,14 @@ class Row:
         sampling: Sampling,
         stream: bool = False,
         deadline: float | None = None,
+        abandoned: threading.Event | None = None,
     ) -> None:
         self.prompt_ids = list(prompt_ids)
         self.max_new_tokens = max_new_tokens
         self.sampling = sampling
         self.random = row_random(sampling)
         self.deadline = deadline  # time.monotonic() after which the row is dropped
+        self.abandoned = abandoned  # set when the client went away (the served model)
         self.tokens: list[int] = []
         self.error: BaseException | None = None
         self.cancelled = False
@@ -89,7 +91,9 @@ class Row:
 
     @property
     def expired(self) -> bool:
-        return self.cancelled or (self.deadline is not None and time.monotonic() > self.deadline)
+        if self.cancelled or (self.abandoned is not None and self.abandoned.is_set()):
+            return True
+        return self.deadline is not None and time.monotonic() > self.deadline
 
     def result(self) -> list[int]:
         """The row's tokens once it has them all; its error, if it failed."""

@@ -187,7 +187,7 @@ class TextGenerator(mlflow.pyfunc.PythonModel):
 
         from lstm_textgen.inference.batcher import Batcher
         from lstm_textgen.model.checkpoint import load_model
-        from lstm_textgen.serving.overload import adapt_scoring_server
+        from lstm_textgen.serving.server_adapter import adapt_scoring_server
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
         self.loaded = load_model(Path(context.artifacts["checkpoint"]), device)
@@ -230,9 +230,11 @@ class TextGenerator(mlflow.pyfunc.PythonModel):
             ids = [encode_prompt(prompt, vocab, sample.unknown, sample.replacement) for prompt, _, _ in rows]
         except UserError as exc:
             raise _bad_request(str(exc)) from None
+        from lstm_textgen.serving.server_adapter import client_gone
+
         deadline = time.monotonic() + self.options.request_seconds
         handles = [
-            Row(prompt_ids, length, sampling, deadline=deadline)
+            Row(prompt_ids, length, sampling, deadline=deadline, abandoned=client_gone())
             for prompt_ids, (_, length, sampling) in zip(ids, rows, strict=True)
         ]
         if not self.options.batching:  # one loop per request, in the request's thread (for comparison)
@@ -241,7 +243,7 @@ class TextGenerator(mlflow.pyfunc.PythonModel):
         try:
             self.batcher.submit(handles)
         except Overloaded as exc:
-            from lstm_textgen.serving.overload import overloaded
+            from lstm_textgen.serving.server_adapter import overloaded
 
             raise overloaded(str(exc)) from None
         try:

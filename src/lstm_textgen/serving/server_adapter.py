@@ -1,5 +1,6 @@
-"""Two adjustments of MLflow's scoring server, so that concurrent requests meet in one batch and
-overload is answered at once (503 with `Retry-After`), never left to time out.
+"""What the served model adjusts in MLflow's scoring server, so that concurrent requests meet in one
+batch, overload is answered at once (503 with `Retry-After`) and a client that goes away frees its
+rows at the next step.
 
 - MLflow runs each request's `predict` with `asyncio.to_thread`, on the event loop's default thread
   pool: `min(32, cores + 4)` threads, 6 on 2 cores. A request waiting for its rows holds a thread, so
@@ -9,21 +10,35 @@ overload is answered at once (503 with `Retry-After`), never left to time out.
 - MLflow turns an `MlflowException` into its HTTP status (TEMPORARILY_UNAVAILABLE is 503) with the
   message as JSON, but sets no headers. A 503 here also says when to come back; clients such as
   urllib3's `Retry` honour it.
+- A request's `predict` runs on in its thread when the client disconnects. While it runs, the request
+  is watched for the disconnect; `client_gone()` gives `predict` (which runs in a copy of the
+  request's context) the event that is then set, and its rows leave the batch.
 
-Both happen in a wrapper of the server's exception handler, which `scoring_server.init` applies
+All three happen in a wrapper of the server's exception handler, which `scoring_server.init` applies
 after the model is loaded; outside the scoring server nothing calls it. tests/test_serving.py checks
-both over HTTP, so an MLflow that renames the handler fails there, not silently.
+them over HTTP, so an MLflow that renames the handler fails there, not silently.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 RETRY_AFTER_SECONDS = 1  # a step of every active row takes milliseconds: places free up fast
 SPARE_THREADS = 4  # beyond one per place: they refuse what does not fit
+
+_client_gone: contextvars.ContextVar[threading.Event | None] = contextvars.ContextVar(
+    "lstm_textgen_client_gone", default=None
+)
+
+
+def client_gone() -> threading.Event | None:
+    """The current request's "the client went away" event, inside the scoring server."""
+    return _client_gone.get()
 
 
 def overloaded(message: str) -> Exception:
@@ -34,9 +49,18 @@ def overloaded(message: str) -> Exception:
     return MlflowException(f"{message} (after {RETRY_AFTER_SECONDS} s)", error_code=TEMPORARILY_UNAVAILABLE)
 
 
+async def watch_disconnect(request: Any, gone: threading.Event) -> None:
+    """Once the body is read, the next ASGI message of a request is its disconnect (Starlette's
+    `is_disconnected` does not see it through MLflow's middleware: it waits here instead)."""
+    message = await request.receive()
+    if message.get("type") == "http.disconnect":
+        gone.set()
+
+
 def adapt_scoring_server(places: int) -> None:
-    """Widen the request thread pool to `places` threads and a few spare, add `Retry-After` to 503s
-    (idempotent; a no-op where MLflow's handler is not found)."""
+    """Widen the request thread pool to `places` threads and a few spare, add `Retry-After` to 503s,
+    watch each request for its client's disconnect (idempotent; a no-op where MLflow's handler is
+    not found)."""
     from mlflow.pyfunc import scoring_server
 
     handler = getattr(scoring_server, "_async_catch_mlflow_exception", None)
@@ -55,7 +79,18 @@ def adapt_scoring_server(places: int) -> None:
                 loop.set_default_executor(
                     ThreadPoolExecutor(max_workers=places + SPARE_THREADS, thread_name_prefix="predict")
                 )
-            response = await caught(*args, **kwargs)
+            request, gone = kwargs.get("request"), threading.Event()
+            watcher = None
+            if request is not None:
+                await request.body()  # read (and cached) first: the watcher's receive must not take it
+                watcher = asyncio.create_task(watch_disconnect(request, gone))
+            token = _client_gone.set(gone)
+            try:
+                response = await caught(*args, **kwargs)
+            finally:
+                _client_gone.reset(token)
+                if watcher is not None:
+                    watcher.cancel()
             if response.status_code == 503:
                 response.headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
             return response

@@ -24,8 +24,7 @@ CONCURRENT = 12  # twice MLflow's default pool on 2 cores
 
 # The stand-in model, logged from code as the real one is: waits, in `predict`, for CONCURRENT
 # requests at once, or for its client to go away.
-WAITING = (
-    """
+WAITING = """
 import threading, time
 import mlflow.models, mlflow.pyfunc, pandas as pd
 from lstm_textgen.serving.server_adapter import client_gone
@@ -49,11 +48,9 @@ class Waiting(mlflow.pyfunc.PythonModel):
             self.inside -= 1
         return pd.DataFrame({"text": ["-"]})
 
-CONCURRENT = %d
+CONCURRENT = COUNT
 mlflow.models.set_model(Waiting())
-"""
-    % CONCURRENT
-)
+""".replace("COUNT", str(CONCURRENT))
 
 
 @pytest.fixture(scope="module")

@@ -45,34 +45,26 @@ class Layout:
     """Where each part lives inside the server's directory."""
 
     root: Path
+    cluster: Path  # the private PostgreSQL cluster
+    socket: Path  # its Unix socket's folder
+    artifacts: Path
+    state: Path  # server.json: ServerState
+    secrets: Path  # the database role's password and the session key (0600)
+    auth_config: Path  # basic_auth.ini (0600)
+    log: Path
 
-    @property
-    def cluster(self) -> Path:
-        return self.root / "postgres"
-
-    @property
-    def socket(self) -> Path:
-        return self.root / "socket"
-
-    @property
-    def artifacts(self) -> Path:
-        return self.root / "artifacts"
-
-    @property
-    def state(self) -> Path:
-        return self.root / "server.json"
-
-    @property
-    def secrets(self) -> Path:
-        return self.root / "secrets.json"
-
-    @property
-    def auth_config(self) -> Path:
-        return self.root / "basic_auth.ini"
-
-    @property
-    def log(self) -> Path:
-        return self.root / "mlflow.log"
+    @classmethod
+    def of(cls, root: Path) -> Layout:
+        names = (
+            "postgres",
+            "socket",
+            "artifacts",
+            "server.json",
+            "secrets.json",
+            "basic_auth.ini",
+            "mlflow.log",
+        )
+        return cls(root, *(root / name for name in names))
 
 
 @dataclass
@@ -326,7 +318,7 @@ def start(
     database_url: str | None = None,
 ) -> ServerState:
     """Start whatever is not running; a restart keeps the ports and stores of the first start."""
-    layout = Layout(root.resolve())
+    layout = Layout.of(root.resolve())
     layout.root.mkdir(parents=True, exist_ok=True)
     state = read_state(layout) or ServerState(
         host=host,
@@ -353,7 +345,7 @@ def start(
 
 def stop(root: Path) -> None:
     """Stop the tracking server, then PostgreSQL; every run stays in the directory."""
-    layout = Layout(root.resolve())
+    layout = Layout.of(root.resolve())
     state = read_state(layout)
     if state is None:
         raise UserError(f"no tracking server was ever started in {layout.root} (`lstm-textgen server start`)")
@@ -382,7 +374,7 @@ def client_variables(state: ServerState) -> str:
 def status(root: Path) -> bool:
     """Print what runs; with credentials in the environment, also close the runs whose process died
     on any machine (`store.close_abandoned_runs`). True when the server answers."""
-    layout = Layout(root.resolve())
+    layout = Layout.of(root.resolve())
     state = read_state(layout)
     if state is None:
         print(f"server: nothing in {layout.root} (`lstm-textgen server start --dir {root}`)")
@@ -414,7 +406,7 @@ def _dump(layout: Layout, state: ServerState, database: str, target: Path) -> No
 def backup(root: Path, target: Path) -> None:
     """Both databases (pg_dump, custom format) and the artifact store in one tar file, written
     atomically. PostgreSQL must be running (the MLflow server need not be)."""
-    layout = Layout(root.resolve())
+    layout = Layout.of(root.resolve())
     state = read_state(layout)
     if state is None or state.database_url is not None:
         raise UserError("backup needs a server of `lstm-textgen server start` with its own PostgreSQL")
@@ -437,7 +429,7 @@ def backup(root: Path, target: Path) -> None:
 def restore(root: Path, source: Path, host: str = "127.0.0.1", port: int | None = None) -> ServerState:
     """A new server directory from a backup: a fresh cluster with both databases restored and the
     artifacts unpacked, then started. The admin account and every other account come with it."""
-    layout = Layout(root.resolve())
+    layout = Layout.of(root.resolve())
     if layout.state.exists() or layout.cluster.exists():
         raise UserError(f"{layout.root} already holds a server: restore into a new directory")
     layout.root.mkdir(parents=True, exist_ok=True)

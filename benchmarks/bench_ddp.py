@@ -13,7 +13,6 @@ import argparse
 import json
 import os
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -21,11 +20,8 @@ from typing import Any
 
 import yaml
 
-from benchmarks.common import REPO, machine, results_dir
-from lstm_textgen.data.corpora import acquire
-from lstm_textgen.data.preparation import prepare_corpus
+from benchmarks.common import REPO, machine, prepare_default_corpus, results_dir, train_stage_command
 from lstm_textgen.files import read_json, write_json, write_text
-from lstm_textgen.params import load_params
 
 # (processes, batch size per process): one process, then two sharing its batch, then two with a batch each
 SETUPS = ((1, 16), (2, 8), (2, 16))
@@ -40,15 +36,6 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def prepare(workdir: Path) -> dict[str, Any]:
-    params = load_params(REPO / "params.yaml")
-    name = params.data.corpus
-    acquire(name, params.corpora[name], params.download, workdir / "corpus.txt")
-    prepare_corpus(workdir / "corpus.txt", params.data, workdir / "prepared")
-    write_json(workdir / "corpus.json", {"name": name})
-    return params.model_dump()
-
-
 def train_once(
     workdir: Path, raw: dict[str, Any], processes: int, batch_size: int, steps: int
 ) -> dict[str, Any]:
@@ -58,10 +45,7 @@ def train_once(
     raw["train"].update(processes=processes, batch_size=batch_size, max_steps=steps, eval_every=steps)
     raw["train"].update(eval_batches=4, warmup_steps=min(150, steps // 2))
     (run_dir / "params.yaml").write_text(yaml.safe_dump(raw))
-    cmd = [sys.executable, str(REPO / "stages" / "train.py"), "--params", str(run_dir / "params.yaml")]
-    cmd += ["--prepared", str(workdir / "prepared"), "--corpus-info", str(workdir / "corpus.json")]
-    cmd += ["--out", str(run_dir / "model"), "--resume-from", str(run_dir / "last.pt")]
-    cmd += ["--metrics", str(run_dir / "metrics")]
+    cmd = train_stage_command(workdir, run_dir / "params.yaml", run_dir)
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{workdir / 'mlflow.db'}"}
     started = time.perf_counter()
     subprocess.run(cmd, cwd=REPO, env=env, check=True, capture_output=True, text=True)
@@ -105,7 +89,7 @@ def main() -> None:
     results: dict[str, Any] = {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "steps": args.steps}
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        raw = prepare(workdir)
+        raw = prepare_default_corpus(workdir)
         results["runs"] = []
         for processes, batch_size in SETUPS:
             print(f"bench-ddp: {processes} process(es) x batch {batch_size} ...", flush=True)

@@ -23,11 +23,14 @@ from typing import Any
 
 import yaml
 
-from benchmarks.common import REPO, free_port, machine, results_dir
-from lstm_textgen.data.corpora import acquire
-from lstm_textgen.data.preparation import prepare_corpus
+from benchmarks.common import (
+    free_port,
+    machine,
+    prepare_default_corpus,
+    results_dir,
+    train_stage_command,
+)
 from lstm_textgen.files import read_json, write_json, write_text
-from lstm_textgen.params import load_params
 from lstm_textgen.tracking import server
 
 # One client: `calls` synchronous logging calls of one point each to a run of its own; prints the
@@ -65,12 +68,7 @@ def parse_args() -> argparse.Namespace:
 
 
 def prepare(workdir: Path, steps: int, eval_every: int) -> Path:
-    params = load_params(REPO / "params.yaml")
-    name = params.data.corpus
-    acquire(name, params.corpora[name], params.download, workdir / "corpus.txt")
-    prepare_corpus(workdir / "corpus.txt", params.data, workdir / "prepared")
-    write_json(workdir / "corpus.json", {"name": name})
-    raw = params.model_dump()
+    raw = prepare_default_corpus(workdir)
     raw["train"].update(
         max_steps=steps, eval_every=eval_every, eval_batches=2, warmup_steps=min(100, steps // 4)
     )
@@ -81,16 +79,7 @@ def prepare(workdir: Path, steps: int, eval_every: int) -> Path:
 def train(workdir: Path, name: str, env: dict[str, str], lab: Path | None, outage_s: float) -> dict[str, Any]:
     """One train-stage run; with `lab`, its server is stopped for `outage_s` after the first evaluation."""
     out = workdir / name
-    cmd = [sys.executable, str(REPO / "stages" / "train.py"), "--params", str(workdir / "params.yaml")]
-    cmd += ["--prepared", str(workdir / "prepared"), "--corpus-info", str(workdir / "corpus.json")]
-    cmd += [
-        "--out",
-        str(out / "model"),
-        "--resume-from",
-        str(out / "last.pt"),
-        "--metrics",
-        str(out / "metrics"),
-    ]
+    cmd = train_stage_command(workdir, workdir / "params.yaml", out)
     started = time.perf_counter()
     process = subprocess.Popen(
         cmd, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True

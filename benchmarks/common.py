@@ -120,3 +120,29 @@ def load_corpus(spec: str, params: Params, workdir: Path) -> str:
     )
     acquire(name, corpus, params.download, workdir / "corpus.txt")
     return (workdir / "corpus.txt").read_text(encoding="utf-8")
+
+
+def prepare_default_corpus(workdir: Path) -> dict[str, Any]:
+    """params.yaml's corpus downloaded and prepared in `workdir` (corpus.txt, prepared/, corpus.json),
+    as the pipeline's download and prepare stages would; the params, as a dict to edit per run."""
+    from lstm_textgen.data.corpora import acquire
+    from lstm_textgen.data.preparation import prepare_corpus
+    from lstm_textgen.files import write_json
+    from lstm_textgen.params import load_params
+
+    params = load_params(REPO / "params.yaml")
+    name = params.data.corpus
+    acquire(name, params.corpora[name], params.download, workdir / "corpus.txt")
+    prepare_corpus(workdir / "corpus.txt", params.data, workdir / "prepared")
+    write_json(workdir / "corpus.json", {"name": name})
+    return params.model_dump()
+
+
+def train_stage_command(workdir: Path, params: Path, out: Path) -> list[str]:
+    """`python stages/train.py` on `params` and `workdir`'s prepared corpus, its outputs under `out`."""
+    import sys
+
+    command = [sys.executable, str(REPO / "stages" / "train.py"), "--params", str(params)]
+    command += ["--prepared", str(workdir / "prepared"), "--corpus-info", str(workdir / "corpus.json")]
+    command += ["--out", str(out / "model"), "--resume-from", str(out / "last.pt")]
+    return [*command, "--metrics", str(out / "metrics")]

@@ -16,12 +16,18 @@ token's log-probability), with the same code as `lstm-textgen score`.
 Bad values, and requests over the limits below (rows, prompt length, tokens in all), raise an
 MlflowException (INVALID_PARAMETER_VALUE) before any generation, which `mlflow models serve` turns
 into an HTTP 400 with the message; the server keeps serving.
+
+Every request's rows join one running batcher per loaded model (`inference/batcher.py`), so
+concurrent requests share each recurrent step; `ServingOptions` (from the server's environment) sets
+how many rows step and wait, and a request that does not fit gets HTTP 503 with `Retry-After`
+(`server_adapter.py`).
 """
 
 from __future__ import annotations
 
 import math
 import os
+import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -195,7 +201,8 @@ class TextGenerator(mlflow.pyfunc.PythonModel):
         self.batcher = Batcher(self.loaded.model, self.options.limits)
         if self.options.batching:  # off: MLflow's server as it is, each request alone (for comparison)
             self.batcher.start()
-            adapt_scoring_server(self.options.limits.active_rows + self.options.limits.waiting_rows)
+            if "mlflow.pyfunc.scoring_server.app" in sys.modules:  # loaded by `mlflow models serve`
+                adapt_scoring_server(self.options.limits.active_rows + self.options.limits.waiting_rows)
 
     # pd.DataFrame: MLflow infers no request schema from it (and warns on no hint or on `Any`)
     def predict(

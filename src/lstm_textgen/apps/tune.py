@@ -339,11 +339,21 @@ def leaderboard(study: optuna.Study, params: Params) -> str:
     from optuna.trial import TrialState
 
     rows = ["| trial | state | value | minutes | params |", "|---|---|---|---|---|"]
+    # completed trials by value; the others after them: a pruned trial's value is its last periodic
+    # validation loss (nats), not the objective
     order = sorted(
-        study.trials, key=lambda t: (t.value is None, t.value if t.value is not None else 0, t.number)
+        study.trials,
+        key=lambda t: (
+            t.state != TrialState.COMPLETE,
+            t.value if t.state == TrialState.COMPLETE else 0,
+            t.number,
+        ),
     )
     for t in order:
-        value = f"{t.value:.4f}" if t.value is not None else ""
+        value = f"{t.value:.4f}" if t.state == TrialState.COMPLETE and t.value is not None else ""
+        if t.state == TrialState.PRUNED and t.intermediate_values:
+            step = max(t.intermediate_values)
+            value = f"(step {step}: {t.intermediate_values[step]:.4f})"
         minutes = t.user_attrs.get("minutes")
         took = "" if minutes is None else f"{minutes:.1f}"
         shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in t.params.items())

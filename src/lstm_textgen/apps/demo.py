@@ -162,7 +162,7 @@ def stream_generation(
     except (UserError, MlflowException) as exc:
         yield prompt, error_html(exc)
         return
-    text, shown, start = prompt, time.monotonic(), time.monotonic()
+    text, shown, start = prompt, float("-inf"), time.monotonic()  # the first piece shows at once
     try:
         for piece in stream_row(loaded.vocab, ids, row.stream()):
             text += piece

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow.pyfunc
+import numpy as np
 import pandas as pd
 
 from lstm_textgen.errors import UserError
@@ -102,6 +103,13 @@ def _as_float(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise _bad_request(f"{name} must be a number, got {value!r}")
     return float(value)
+
+
+def records(frame: pd.DataFrame) -> list[dict[str, Any]]:
+    """The request's rows as dicts: through one object array, several times cheaper than
+    `to_dict("records")` on pandas' Arrow-backed string columns (it runs for every request)."""
+    columns = list(frame.columns)
+    return [dict(zip(columns, values, strict=True)) for values in frame.to_numpy(dtype=object).tolist()]
 
 
 def checked_prompt(row: dict[str, Any]) -> str:
@@ -216,16 +224,15 @@ class TextGenerator(mlflow.pyfunc.PythonModel):
         task, per_token = request_task(params)
         if task == "score":
             return self.score(frame, per_token)
-        rows = [
-            request_settings(row, params or {}, self.loaded.params.sample) for row in frame.to_dict("records")
-        ]
+        sample = self.loaded.params.sample
+        rows = [request_settings(row, params or {}, sample) for row in records(frame)]
         total = sum(length for _, length, _ in rows)
         if total > MAX_TOKENS_PER_REQUEST:
             raise _bad_request(
                 f"a request may generate at most {MAX_TOKENS_PER_REQUEST:,} tokens in all (rows x "
                 f"max_new_tokens), got {total:,}; lower max_new_tokens or send fewer rows"
             )
-        return pd.DataFrame({"text": self.generate(rows)})
+        return pd.DataFrame({"text": np.array(self.generate(rows), dtype=object)})  # no string-array build
 
     def generate(self, rows: list[tuple[str, int, Sampling]]) -> list[str]:
         """Each row's text, its rows stepping beside every other request's (or alone, batching off)."""
@@ -266,7 +273,7 @@ class TextGenerator(mlflow.pyfunc.PythonModel):
         short texts of a request in one pass."""
         from lstm_textgen.inference.scoring import score_row, score_texts
 
-        prompts = [checked_prompt(row) for row in frame.to_dict(orient="records")]
+        prompts = [checked_prompt(row) for row in records(frame)]
         loaded, sample = self.loaded, self.loaded.params.sample
         try:
             scores = score_texts(

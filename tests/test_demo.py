@@ -199,7 +199,7 @@ def stop_midway(page, prompt: str) -> str:
 def generate_in_two_pages(page, external: list[str], requests: list[tuple[str, int]]) -> list[str]:
     """A second page beside `page`; both press Generate at once (prompt, seed each, 2000 tokens);
     their final texts."""
-    second = page.context.new_page()
+    second = page.context.browser.new_page(viewport={"width": 1200, "height": 1000})
     second.route("**/*", lambda route: offline(route, external))
     second.goto(page.url)
     second.wait_for_selector("#generate")

@@ -50,3 +50,24 @@ def test_a_model_registered_before_the_folders_loads_in_a_fresh_process(old_mode
 
     beside = mlflow.pyfunc.load_model(str(old_model)).predict(REQUEST)["text"][0]
     assert fresh.stdout.rstrip("\n") == beside  # the old code and today's give the same text
+
+
+def test_serving_options_come_from_the_environment_and_bad_ones_are_named() -> None:
+    from lstm_textgen.errors import UserError
+    from lstm_textgen.serving.model import ServingOptions
+
+    default = ServingOptions.from_environment({})
+    assert default.batching and (default.limits.active_rows, default.limits.waiting_rows) == (64, 256)
+    chosen = ServingOptions.from_environment(
+        {
+            "LSTM_TEXTGEN_BATCHING": "off",
+            "LSTM_TEXTGEN_ACTIVE_ROWS": "8",
+            "MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT": "5",
+        }
+    )
+    assert not chosen.batching and chosen.limits.active_rows == 8 and chosen.request_seconds == 5.0
+    for name, value in (("LSTM_TEXTGEN_ACTIVE_ROWS", "many"), ("LSTM_TEXTGEN_WAITING_ROWS", "-1")):
+        with pytest.raises(UserError, match=f"{name} must be a positive int, got '{value}'"):
+            ServingOptions.from_environment({name: value})
+    with pytest.raises(UserError, match="LSTM_TEXTGEN_BATCHING must be on or off"):
+        ServingOptions.from_environment({"LSTM_TEXTGEN_BATCHING": "maybe"})

@@ -157,6 +157,7 @@ class Batcher:
 
     def run(self, rows: Sequence[Row]) -> list[list[int]]:
         """Without a thread: submit `rows`, step until they are done, return their tokens."""
+        assert self.thread is None, "a started batcher steps on its own thread: use submit and result"
         self.submit(rows)
         while not all(row.done.is_set() for row in rows):
             self.step()
@@ -164,6 +165,7 @@ class Batcher:
 
     def follow(self, row: Row) -> Iterator[int]:
         """Without a thread: submit one row and yield its tokens as the steps draw them."""
+        assert self.thread is None, "a started batcher steps on its own thread: use submit and stream"
         self.submit([row])
         seen = 0
         try:

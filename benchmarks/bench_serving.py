@@ -2,8 +2,10 @@
 continuous batching off (each request generates alone in its own thread) and on (every request's rows
 step together), 1, 4, 16 and 64 concurrent single-row clients, one server worker and one per core:
 requests/s, generated characters/s, p50/p99 latency. In the same run and on the same model, the
-generation path's own batch-64 rate (no server) and the demo's time to first token with 1 and 16
-streams at once. Written to benchmarks/results/<machine>/serving.md. Needs `make repro` first.
+generation path's own batch-64 rate (no server), the served model's `predict` from 16 and 64
+threads without a server, the demo's time to first token with 1 and 16 streams at once, and a step's
+recurrent product in float32 against bfloat16. Written to benchmarks/results/<machine>/serving.md.
+Needs `make repro` first.
 
     python -m benchmarks.bench_serving [--requests-per-client 4] [--tokens 100]
 """
@@ -182,6 +184,24 @@ def predict_rate(model: str, clients: int, tokens: int, per_client: int) -> floa
     return clients * per_client * tokens / (time.perf_counter() - started)
 
 
+def step_matmul_us(hidden: int, gates: int, batch: int, dtype: Any) -> float:
+    """Microseconds of one generation step's recurrent product (state [batch, hidden] times the
+    [hidden, gates] weights, plus the bias) in `dtype`, the casts to and from float32 included."""
+    import torch
+
+    h, w, b = torch.randn(batch, hidden), torch.randn(hidden, gates).to(dtype), torch.randn(gates).to(dtype)
+
+    def step() -> Any:
+        return torch.addmm(b, h.to(dtype), w).float()
+
+    for _ in range(50):
+        step()
+    started = time.perf_counter()
+    for _ in range(500):
+        step()
+    return (time.perf_counter() - started) / 500 * 1e6
+
+
 def measure_in_process(model: str, tokens: int) -> dict[str, Any]:
     from lstm_textgen.tracking.registry import load_source
 
@@ -192,6 +212,17 @@ def measure_in_process(model: str, tokens: int) -> dict[str, Any]:
         "batch_64_chars_per_sec": generation_rate(loaded, 64, tokens),
         "first_token": [],
         "predict_chars_per_sec": {clients: predict_rate(model, clients, tokens, 4) for clients in (16, 64)},
+    }
+    import torch
+
+    rnn = loaded.model.rnn
+    gates = rnn.weight_hh_l0.shape[0]
+    results["step_matmul_us"] = {
+        batch: {
+            str(dtype): step_matmul_us(rnn.hidden_size, gates, batch, dtype)
+            for dtype in (torch.float32, torch.bfloat16)
+        }
+        for batch in (1, 16, 64)
     }
     for batching in (False, True):
         for streams in (1, 16):
@@ -256,6 +287,17 @@ def report(results: dict[str, Any]) -> str:
         lines.append(
             f"| {'on' if r['batching'] else 'off'} | {r['streams']} | {r['p50_s'] * 1000:.1f} ms | "
             f"{r['max_s'] * 1000:.1f} ms |"
+        )
+    lines += [
+        "",
+        "A step's recurrent product (state times weights, casts included) in float32 and bfloat16:",
+        "",
+        "| rows stepping | float32 | bfloat16 |",
+        "|---|---|---|",
+    ]
+    for batch, by_dtype in local["step_matmul_us"].items():
+        lines.append(
+            f"| {batch} | {by_dtype['torch.float32']:.1f} µs | {by_dtype['torch.bfloat16']:.1f} µs |"
         )
     return "\n".join(lines) + "\n"
 

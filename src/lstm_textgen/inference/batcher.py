@@ -122,14 +122,15 @@ class Batcher:
         self.waiting: list[Row] = []
         self.lock = threading.Condition()
         self.thread: threading.Thread | None = None
-        self.stepper = model.stepper(self._empty_state())
-        self.logits = torch.empty(0, model.vocab_size, device=self.device)
-        self.plan = plan_draws([], self.device)
+        self._empty()
 
-    def _empty_state(self) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    def _empty(self) -> None:
+        """No active rows: an empty state, no logits, no plan."""
         rnn = self.model.rnn
         zeros = torch.zeros(rnn.num_layers, 0, rnn.hidden_size, device=self.device)
-        return (zeros, zeros.clone()) if isinstance(rnn, torch.nn.LSTM) else zeros
+        self.stepper = self.model.stepper((zeros, zeros.clone()) if isinstance(rnn, torch.nn.LSTM) else zeros)
+        self.logits = torch.empty(0, self.model.vocab_size, device=self.device)
+        self.plan = plan_draws([], self.device)
 
     # --- callers ---------------------------------------------------------------------------------
 
@@ -216,8 +217,9 @@ class Batcher:
         with self.lock:
             free = self.limits.active_rows - len(self.rows)
             joining, self.waiting = self.waiting[:free], self.waiting[free:]
-        for row in [row for row in joining if row.expired]:
-            row.finish(Cancelled("the request was cancelled before it started"))
+        for row in joining:
+            if row.expired:
+                row.finish(Cancelled("the request was cancelled before it started"))
         joining = [row for row in joining if not row.done.is_set()]
         if not joining:
             return
@@ -258,9 +260,7 @@ class Batcher:
             failed, self.rows = self.rows, []
         for row in failed:
             row.finish(exc)
-        self.stepper = self.model.stepper(self._empty_state())
-        self.logits = torch.empty(0, self.model.vocab_size, device=self.device)
-        self.plan = plan_draws([], self.device)
+        self._empty()
 
 
 def warm_up(

@@ -25,9 +25,9 @@ def row_random(sampling: Sampling) -> random.Random:
 
 
 @dataclass(frozen=True)
-class SampledRows:
-    """The rows of a batch that sample, with their settings as [S, 1] columns. `top_k` and `top_p`
-    are None when no row uses them; a row without them gets a value that filters nothing."""
+class RowSettings:
+    """Some rows of a batch (`index`), with their settings as [R, 1] columns. `top_k` and `top_p`
+    are None when none of them uses it; a row without it gets a value that filters nothing."""
 
     index: torch.Tensor
     temperature: torch.Tensor
@@ -35,15 +35,31 @@ class SampledRows:
     top_p: torch.Tensor | None
 
 
+def row_settings(
+    settings: Sequence[Sampling], rows: list[int], device: torch.device | str
+) -> RowSettings | None:
+    """The settings of `rows` as columns (None for no rows)."""
+    if not rows:
+        return None
+    chosen = [settings[i] for i in rows]
+    column = lambda values, dtype: torch.tensor(values, dtype=dtype, device=device)[:, None]  # noqa: E731
+    nucleus = [s.top_p if s.top_p is not None and s.top_p < 1 else 2.0 for s in chosen]
+    return RowSettings(
+        index=torch.tensor(rows, dtype=torch.long, device=device),
+        temperature=column([s.temperature for s in chosen], torch.float32),
+        top_k=column([s.top_k or 0 for s in chosen], torch.long) if any(s.top_k for s in chosen) else None,
+        top_p=column(nucleus, torch.float32) if any(p <= 1 for p in nucleus) else None,
+    )
+
+
 @dataclass(frozen=True)
 class DrawPlan:
     """Which rows use which strategy: made once each time the batch's rows change, not every step."""
 
     greedy: torch.Tensor
-    sampled: SampledRows | None
-    mode: tuple[int, ...]
+    sampled: RowSettings | None
+    mode: RowSettings | None
     mode_draws: tuple[int, ...]
-    settings: tuple[Sampling, ...]
 
 
 def plan_draws(settings: Sequence[Sampling], device: torch.device | str = "cpu") -> DrawPlan:
@@ -52,35 +68,18 @@ def plan_draws(settings: Sequence[Sampling], device: torch.device | str = "cpu")
         name: [i for i, s in enumerate(settings) if s.strategy == name]
         for name in ("greedy", "sample", "mode")
     }
-    sampled = None
-    if by["sample"]:
-        rows = [settings[i] for i in by["sample"]]
-        column = lambda values, dtype: torch.tensor(values, dtype=dtype, device=device)[:, None]  # noqa: E731
-        has_k, has_p = any(s.top_k for s in rows), any(s.top_p is not None and s.top_p < 1 for s in rows)
-        sampled = SampledRows(
-            index=torch.tensor(by["sample"], dtype=torch.long, device=device),
-            temperature=column([s.temperature for s in rows], torch.float32),
-            top_k=column([s.top_k or 0 for s in rows], torch.long) if has_k else None,
-            top_p=column(
-                [s.top_p if s.top_p is not None and s.top_p < 1 else 2.0 for s in rows], torch.float32
-            )
-            if has_p
-            else None,
-        )
     return DrawPlan(
         greedy=torch.tensor(by["greedy"], dtype=torch.long, device=device),
-        sampled=sampled,
-        mode=tuple(by["mode"]),
+        sampled=row_settings(settings, by["sample"], device),
+        mode=row_settings(settings, by["mode"], device),
         mode_draws=tuple(settings[i].draws for i in by["mode"]),
-        settings=tuple(settings),
     )
 
 
-def filtered_probabilities(
-    logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None
-) -> torch.Tensor:
-    """[R, V] logits -> probabilities after temperature, then top-k, then top-p, per row. A top_k of
-    0 and a top_p above 1 leave a row unfiltered."""
+def filtered_probabilities(logits: torch.Tensor, rows: RowSettings) -> torch.Tensor:
+    """[R, V] logits of `rows` -> probabilities after temperature, then top-k, then top-p, per row.
+    A top_k of 0 and a top_p above 1 leave a row unfiltered."""
+    temperature, top_k, top_p = rows.temperature, rows.top_k, rows.top_p
     logits = logits.float() / temperature
     if top_k is not None:
         widest = int(top_k.max())
@@ -115,29 +114,16 @@ def draw(logits: torch.Tensor, plan: DrawPlan, randoms: Sequence[random.Random])
     """[B, V] logits -> [B] next token ids, each row by its own strategy, settings and stream."""
     rows = plan.sampled
     if rows is not None and len(rows.index) == logits.shape[0]:  # every row samples: no gather
-        probs = filtered_probabilities(logits, rows.temperature, rows.top_k, rows.top_p)
-        return invert_cdf(probs, uniforms(randoms, 1, logits.device))[:, 0]
+        return invert_cdf(filtered_probabilities(logits, rows), uniforms(randoms, 1, logits.device))[:, 0]
     tokens = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
     if plan.greedy.numel():
         tokens[plan.greedy] = logits[plan.greedy].argmax(dim=-1)
-    if plan.sampled is not None:
-        rows = plan.sampled
-        probs = filtered_probabilities(logits[rows.index], rows.temperature, rows.top_k, rows.top_p)
+    if rows is not None:
         u = uniforms([randoms[i] for i in rows.index.tolist()], 1, logits.device)
-        tokens[rows.index] = invert_cdf(probs, u)[:, 0]
-    for row, draws in zip(plan.mode, plan.mode_draws, strict=True):
-        tokens[row] = mode_of_draws(logits[row : row + 1], plan.settings[row], randoms[row], draws)
+        tokens[rows.index] = invert_cdf(filtered_probabilities(logits[rows.index], rows), u)[:, 0]
+    if plan.mode is not None:  # the most frequent of `draws` draws, the lowest id among ties
+        probs = filtered_probabilities(logits[plan.mode.index], plan.mode)
+        for i, (row, draws) in enumerate(zip(plan.mode.index.tolist(), plan.mode_draws, strict=True)):
+            picks = invert_cdf(probs[i : i + 1], uniforms([randoms[row]], draws, logits.device))[0]
+            tokens[row] = torch.bincount(picks, minlength=logits.shape[-1]).argmax()
     return tokens
-
-
-def mode_of_draws(logits: torch.Tensor, sampling: Sampling, rng: random.Random, draws: int) -> torch.Tensor:
-    """[1, V] logits -> the most frequent of `draws` draws (the lowest id among ties)."""
-    column = lambda value, dtype: torch.tensor([[value]], dtype=dtype, device=logits.device)  # noqa: E731
-    probs = filtered_probabilities(
-        logits,
-        column(sampling.temperature, torch.float32),
-        column(sampling.top_k or 0, torch.long) if sampling.top_k else None,
-        column(sampling.top_p, torch.float32) if sampling.top_p is not None and sampling.top_p < 1 else None,
-    )
-    picks = invert_cdf(probs, uniforms([rng], draws, logits.device))[0]
-    return torch.bincount(picks, minlength=logits.shape[-1]).argmax()

@@ -111,7 +111,7 @@ def score_text(
     nats, _, predicted, logprobs = stateful_pass(
         model, np.asarray(ids, dtype=vocab.dtype), windows.seq_len, windows.batch_size, dtype, per_token
     )
-    return text_score(vocab, ids, outside, nats, predicted, logprobs if per_token else None)
+    return text_score(vocab, ids, outside, nats, predicted, logprobs)  # None unless per_token
 
 
 def one_stream(length: int, windows: EvaluateParams) -> bool:

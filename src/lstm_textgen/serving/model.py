@@ -206,9 +206,11 @@ class TextGenerator(mlflow.pyfunc.PythonModel):
         device = "cuda" if torch.cuda.is_available() else "cpu"
         self.loaded = load_model(Path(context.artifacts["checkpoint"]), device)
         self.options = ServingOptions.from_environment()
-        self.batcher = Batcher(self.loaded.model, self.options.limits)
-        if self.options.batching:  # off: MLflow's server as it is, each request alone (for comparison)
-            self.batcher.start()
+        self.batcher: Batcher | None = (
+            None  # off: MLflow's server as it is, each request alone (for comparison)
+        )
+        if self.options.batching:
+            self.batcher = Batcher(self.loaded.model, self.options.limits).start()
             if "mlflow.pyfunc.scoring_server.app" in sys.modules:  # loaded by `mlflow models serve`
                 adapt_scoring_server(self.options.limits.active_rows + self.options.limits.waiting_rows)
 
@@ -238,27 +240,24 @@ class TextGenerator(mlflow.pyfunc.PythonModel):
         """Each row's text, its rows stepping beside every other request's (or alone, batching off)."""
         from lstm_textgen.inference.batcher import Batcher, Overloaded, Row
         from lstm_textgen.inference.generation import continuation, encode_prompt
+        from lstm_textgen.serving.server_adapter import client_gone, overloaded
 
         sample, vocab = self.loaded.params.sample, self.loaded.vocab
         try:
             ids = [encode_prompt(prompt, vocab, sample.unknown, sample.replacement) for prompt, _, _ in rows]
         except UserError as exc:
             raise _bad_request(str(exc)) from None
-        from lstm_textgen.serving.server_adapter import client_gone
-
         deadline = time.monotonic() + self.options.request_seconds
         handles = [
             Row(prompt_ids, length, sampling, deadline=deadline, abandoned=client_gone())
             for prompt_ids, (_, length, sampling) in zip(ids, rows, strict=True)
         ]
-        if not self.options.batching:  # one loop per request, in the request's thread (for comparison)
+        if self.batcher is None:  # one loop per request, in the request's thread (for comparison)
             generated = Batcher(self.loaded.model).run(handles)
             return [continuation(vocab, i, tokens) for i, tokens in zip(ids, generated, strict=True)]
         try:
             self.batcher.submit(handles)
         except Overloaded as exc:
-            from lstm_textgen.serving.server_adapter import overloaded
-
             raise overloaded(str(exc)) from None
         try:
             return [continuation(vocab, i, handle.result()) for i, handle in zip(ids, handles, strict=True)]

@@ -19,8 +19,10 @@ import requests
 import torch
 import yaml
 
+from lstm_textgen.data.tokenisers import Vocabulary
+from lstm_textgen.model.recurrent import RecurrentLM
 from lstm_textgen.network import free_port
-from lstm_textgen.params import Params, parse_params
+from lstm_textgen.params import ModelParams, Params, parse_params
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CORPORA_DIR = Path(os.environ.get("LSTM_TEXTGEN_CORPORA", REPO_ROOT.parent / "shared" / "corpora"))
@@ -208,6 +210,22 @@ def run(
     if check and result.returncode != 0:
         raise AssertionError(f"{cmd} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result
+
+
+# a tiny character vocabulary and untrained models over it, for generation and scoring
+CHAR_TEXT = "hello world, this is a tiny text.\n"
+
+
+@pytest.fixture(scope="module")
+def char_vocab() -> Vocabulary:
+    return Vocabulary.build(CHAR_TEXT, "char", lowercase=False)
+
+
+@pytest.fixture(scope="module", params=["lstm", "gru"])
+def char_model(request, char_vocab: Vocabulary) -> RecurrentLM:
+    torch.manual_seed(0)
+    shape = ModelParams(cell=request.param, layers=2, hidden=24, embedding_dim=8)
+    return RecurrentLM(len(char_vocab), shape).eval()
 
 
 def run_at_once(

@@ -21,24 +21,9 @@ from lstm_textgen.inference.generation import (
 from lstm_textgen.model.recurrent import RecurrentLM
 from lstm_textgen.params import ModelParams
 
-TEXT = "hello world, this is a tiny text.\n"
-
 
 def ids(vocab: Vocabulary, text: str) -> list[int]:
     return [int(i) for i in vocab.encode(text)]
-
-
-@pytest.fixture(scope="module")
-def vocab() -> Vocabulary:
-    return Vocabulary.build(TEXT, "char", lowercase=False)
-
-
-@pytest.fixture(scope="module", params=["lstm", "gru"])
-def model(request, vocab: Vocabulary) -> RecurrentLM:
-    torch.manual_seed(0)
-    return RecurrentLM(
-        len(vocab), ModelParams(cell=request.param, layers=2, hidden=24, embedding_dim=8)
-    ).eval()
 
 
 def next_tokens(logits: torch.Tensor, sampling: Sampling, seed: int) -> torch.Tensor:
@@ -47,19 +32,19 @@ def next_tokens(logits: torch.Tensor, sampling: Sampling, seed: int) -> torch.Te
     return draw(logits, plan_draws([sampling] * logits.shape[0]), randoms)
 
 
-def test_greedy_is_deterministic(model: RecurrentLM, vocab: Vocabulary) -> None:
-    prompts = [ids(vocab, "hello"), ids(vocab, "tiny te")]
-    first = generate(model, prompts, 30, Sampling(strategy="greedy"))
-    assert first == generate(model, prompts, 30, Sampling(strategy="greedy"))
+def test_greedy_is_deterministic(char_model: RecurrentLM, char_vocab: Vocabulary) -> None:
+    prompts = [ids(char_vocab, "hello"), ids(char_vocab, "tiny te")]
+    first = generate(char_model, prompts, 30, Sampling(strategy="greedy"))
+    assert first == generate(char_model, prompts, 30, Sampling(strategy="greedy"))
     assert [len(g) for g in first] == [30, 30]
 
 
-def test_seed_repeats_and_differs(model: RecurrentLM, vocab: Vocabulary) -> None:
-    prompts = [ids(vocab, "hello")] * 3
+def test_seed_repeats_and_differs(char_model: RecurrentLM, char_vocab: Vocabulary) -> None:
+    prompts = [ids(char_vocab, "hello")] * 3
     settings = Sampling(strategy="sample", temperature=1.5, seed=7)
-    first = generate(model, prompts, 40, settings)
-    assert first == generate(model, prompts, 40, settings)
-    assert first != generate(model, prompts, 40, Sampling(strategy="sample", temperature=1.5, seed=8))
+    first = generate(char_model, prompts, 40, settings)
+    assert first == generate(char_model, prompts, 40, settings)
+    assert first != generate(char_model, prompts, 40, Sampling(strategy="sample", temperature=1.5, seed=8))
 
 
 def test_top_k_stays_in_the_k_most_likely() -> None:
@@ -87,16 +72,16 @@ def test_mode_of_draws_picks_the_most_likely() -> None:
     assert (picked == 1).all()
 
 
-def test_stateful_generation_equals_refeeding(model: RecurrentLM, vocab: Vocabulary) -> None:
-    prompt = ids(vocab, "this is")
-    generated = generate(model, [prompt], 25, Sampling(strategy="greedy"))[0]
+def test_stateful_generation_equals_refeeding(char_model: RecurrentLM, char_vocab: Vocabulary) -> None:
+    prompt = ids(char_vocab, "this is")
+    generated = generate(char_model, [prompt], 25, Sampling(strategy="greedy"))[0]
     sequence = prompt + generated
     # stateful: one step at a time from the warmed state, through the same `step` generation uses
     with torch.no_grad():
-        logits, state = model(torch.tensor([prompt]), last_only=True)
-        step = model.stepper(state)
+        logits, state = char_model(torch.tensor([prompt]), last_only=True)
+        step = char_model.stepper(state)
         for i, token in enumerate(generated):
-            refed, _ = model(torch.tensor([sequence[: len(prompt) + i]]), last_only=True)
+            refed, _ = char_model(torch.tensor([sequence[: len(prompt) + i]]), last_only=True)
             torch.testing.assert_close(logits, refed, atol=1e-5, rtol=0)
             assert int(refed.argmax()) == token
             logits = step(torch.tensor([token]))
@@ -138,25 +123,32 @@ def test_steps_record_no_graph_even_from_a_state_that_requires_grad() -> None:
     assert not any(t.requires_grad for t in step.state)
 
 
-def test_batched_prompts_of_different_lengths_match_one_by_one(model: RecurrentLM, vocab: Vocabulary) -> None:
+def test_batched_prompts_of_different_lengths_match_one_by_one(
+    char_model: RecurrentLM, char_vocab: Vocabulary
+) -> None:
     # prompts of equal length are warmed in one call: interleaved lengths must keep their rows
-    prompts = [ids(vocab, "a"), ids(vocab, "hello world, th"), ids(vocab, "t"), ids(vocab, "this is a tiny ")]
-    together = generate(model, prompts, 20, Sampling(strategy="greedy"))
-    alone = [generate(model, [p], 20, Sampling(strategy="greedy"))[0] for p in prompts]
+    prompts = [
+        ids(char_vocab, "a"),
+        ids(char_vocab, "hello world, th"),
+        ids(char_vocab, "t"),
+        ids(char_vocab, "this is a tiny "),
+    ]
+    together = generate(char_model, prompts, 20, Sampling(strategy="greedy"))
+    alone = [generate(char_model, [p], 20, Sampling(strategy="greedy"))[0] for p in prompts]
     assert together == alone
 
 
-def test_unknown_prompt_characters(vocab: Vocabulary) -> None:
+def test_unknown_prompt_characters(char_vocab: Vocabulary) -> None:
     with pytest.raises(PromptError, match=r"2 token\(s\) not in the vocabulary: 'Q', 'Z'.*sample\.unknown"):
-        encode_prompt("hello QZ", vocab)
-    assert encode_prompt("heQllo", vocab, "skip") == ids(vocab, "hello")
-    assert encode_prompt("heQllo", vocab, "replace", " ") == ids(vocab, "he llo")
+        encode_prompt("hello QZ", char_vocab)
+    assert encode_prompt("heQllo", char_vocab, "skip") == ids(char_vocab, "hello")
+    assert encode_prompt("heQllo", char_vocab, "replace", " ") == ids(char_vocab, "he llo")
     with pytest.raises(PromptError, match="replacement 'Q' is not in the vocabulary"):
-        encode_prompt("heQ", vocab, "replace", "Q")
+        encode_prompt("heQ", char_vocab, "replace", "Q")
     with pytest.raises(PromptError, match="empty"):
-        encode_prompt("QQ", vocab, "skip")
+        encode_prompt("QQ", char_vocab, "skip")
     with pytest.raises(PromptError, match="must be a string"):
-        encode_prompt(123, vocab)  # type: ignore[arg-type]
+        encode_prompt(123, char_vocab)  # type: ignore[arg-type]
 
 
 def test_word_level_generation_reads_as_text() -> None:
@@ -191,11 +183,11 @@ def test_inverse_cdf_draws_follow_the_distribution_and_skip_zero_probabilities()
     assert torch.equal(same, next_tokens(probs[:50].log(), Sampling(temperature=1.0), 7))
 
 
-def test_streamed_pieces_join_to_the_batch_text(model: RecurrentLM, vocab: Vocabulary) -> None:
+def test_streamed_pieces_join_to_the_batch_text(char_model: RecurrentLM, char_vocab: Vocabulary) -> None:
     settings = Sampling(strategy="sample", temperature=1.2, seed=5)
-    pieces = list(stream_text(model, vocab, ids(vocab, "hello"), 30, settings))
+    pieces = list(stream_text(char_model, char_vocab, ids(char_vocab, "hello"), 30, settings))
     assert len(pieces) == 30  # one character per step at char level, each as soon as it is drawn
-    assert "".join(pieces) == sample_texts(model, vocab, ["hello"], 30, settings)[0]
+    assert "".join(pieces) == sample_texts(char_model, char_vocab, ["hello"], 30, settings)[0]
 
 
 def test_streamed_bytes_come_out_as_whole_characters() -> None:

@@ -77,13 +77,24 @@ def precision(device: torch.device) -> dict[str, Any]:
     facts: dict[str, Any] = {}
     for cell in ("lstm", "gru"):
         for dtype in (torch.bfloat16, torch.float16):
-            with contextlib.suppress(RuntimeError):  # a CPU without native bf16/fp16 RNNs
+            key = f"{cell}_{dtype_name(dtype)}"
+            try:
                 ran = recurrent_dtype(device, dtype, cell)
-                facts[f"{cell}_{dtype_name(dtype)}"] = {
-                    "recurrent_dtype": dtype_name(ran),
-                    "loss_scaled": needs_loss_scaling(dtype, ran),
-                }
+            except RuntimeError as error:  # a CPU kind without this dtype's RNN kernel: say so
+                facts[key] = {"ran": False, "error": str(error).splitlines()[0][:200]}
+                continue
+            facts[key] = {
+                "ran": True,
+                "recurrent_dtype": dtype_name(ran),
+                "loss_scaled": needs_loss_scaling(dtype, ran),
+            }
     return facts
+
+
+def precision_cell(fact: dict[str, Any]) -> str:
+    if not fact.get("ran", True):
+        return "no kernel here"
+    return f"{fact['recurrent_dtype']}{' (scaled)' if fact['loss_scaled'] else ''}"
 
 
 def throughput(dataset: Dataset, params: Params, workdir: Path, steps: int) -> dict[str, Any]:
@@ -298,9 +309,7 @@ def report(results: dict[str, Any]) -> str:
             results,
             "precision",
             "recurrent layers under autocast (cell_autocast: ran in, loss scaled)",
-            lambda p: ", ".join(
-                f"{k}: {v['recurrent_dtype']}{' (scaled)' if v['loss_scaled'] else ''}" for k, v in p.items()
-            ),
+            lambda p: ", ".join(f"{k}: {precision_cell(v)}" for k, v in p.items()),
         ),
         row(
             results,

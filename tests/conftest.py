@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -130,27 +131,15 @@ def model_server(store: Path, model_uri: str, extra_env: dict[str, str] | None =
     env = tool_env(store) | (extra_env or {})
     env["MLFLOW_TRACKING_URI"] = f"sqlite:///{store / 'mlflow.db'}"
     command = ["mlflow", "models", "serve", "-m", model_uri, "-h", "127.0.0.1", "-p", str(port)]
-    process = subprocess.Popen(
-        [*command, "--env-manager", "local"],
-        cwd=store,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    # its log goes to a file: a pipe nobody reads fills up and blocks the server mid-request
+    log = Path(tempfile.mkstemp(prefix="model-server-", suffix=".log")[1])
+    with log.open("w") as output:
+        process = subprocess.Popen(
+            [*command, "--env-manager", "local"], cwd=store, env=env, stdout=output, stderr=subprocess.STDOUT
+        )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise AssertionError(f"server exited:\n{process.stdout.read()}")
-            try:
-                if requests.get(f"{url}/ping", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                time.sleep(0.5)
-        else:
-            raise AssertionError("server did not answer /ping within 90 s")
+        wait_for_page(process, f"{url}/ping", log)
         yield url
     finally:
         process.terminate()
@@ -158,6 +147,7 @@ def model_server(store: Path, model_uri: str, extra_env: dict[str, str] | None =
             process.wait(timeout=20)
         except subprocess.TimeoutExpired:
             process.kill()
+        log.unlink(missing_ok=True)
 
 
 def tool_env(repo: Path | None = None) -> dict[str, str]:

@@ -101,6 +101,9 @@ def test_offline_plots_template_inlines_the_scripts() -> None:
 # --- the pages in a real browser, on the pipeline's registered model ---
 
 MODEL_NAME = "lstm-textgen-shakespeare-char"
+# Every wait below ends on what the page shows; this is only the deadline, generous because the
+# suite's other workers share the two cores (Playwright's own default, 30 s, is met under that load).
+PAGE_TIMEOUT_MS = 180_000
 
 
 @contextlib.contextmanager
@@ -120,6 +123,7 @@ def demo_page(repo: Path, log: Path) -> Iterator[tuple[object, list[str]]]:
         with sync_playwright() as playwright:
             browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
             page = browser.new_page(viewport={"width": 1200, "height": 1000})
+            page.set_default_timeout(PAGE_TIMEOUT_MS)
             page.route("**/*", lambda route: offline(route, external))
             page.goto(url)
             page.wait_for_selector("#generate")
@@ -179,6 +183,8 @@ def pick_version(page, version: int) -> None:
 def stop_midway(page, prompt: str) -> str:
     """Generate 2000 tokens, press Stop once the text has started: the text stops where it was."""
     page.fill("#prompt textarea", prompt)
+    page.fill("#length input[type=number]", "2000")
+    page.press("#length input[type=number]", "Enter")
     page.fill("#seed input", "-1")
     page.click("#generate")
     page.wait_for_function(
@@ -188,18 +194,29 @@ def stop_midway(page, prompt: str) -> str:
     )
     page.click("#stop")
     page.wait_for_function("() => document.querySelector('#generate-status').innerText === 'stopped'")
-    page.wait_for_timeout(1000)  # what was already on its way arrives
-    stopped = page.input_value("#output textarea")
-    page.wait_for_timeout(1000)
-    assert page.input_value("#output textarea") == stopped, "the text still grows after Stop"
+    stopped = settled_text(page)
     assert page.inner_text("#generate-status") == "stopped"  # not "2,000 tokens in ...": it never finished
     return stopped
+
+
+def settled_text(page, quiet_ms: int = 1500) -> str:
+    """The output once it has not changed for `quiet_ms` (what was already on its way has arrived);
+    fails at the page's deadline if it never stops growing."""
+    page.wait_for_function(
+        """quiet => { const v = document.querySelector('#output textarea').value, now = Date.now();
+        if (window.lastText !== v) { window.lastText = v; window.lastChange = now; }
+        return now - window.lastChange >= quiet; }""",
+        arg=quiet_ms,
+        polling=100,
+    )
+    return page.input_value("#output textarea")
 
 
 def generate_in_two_pages(page, external: list[str], requests: list[tuple[str, int]]) -> list[str]:
     """A second page beside `page`; both press Generate at once (prompt, seed each, 2000 tokens);
     their final texts."""
     second = page.context.browser.new_page(viewport={"width": 1200, "height": 1000})
+    second.set_default_timeout(PAGE_TIMEOUT_MS)
     second.route("**/*", lambda route: offline(route, external))
     second.goto(page.url)
     second.wait_for_selector("#generate")

@@ -3,15 +3,17 @@ cancelled, expired and failing rows leave without touching the others; a full ba
 
 from __future__ import annotations
 
+import copy
 import threading
 import time
 
 import pytest
 import torch
 
-from lstm_textgen.inference.batcher import Batcher, BatchLimits, Cancelled, Overloaded, Row
+from lstm_textgen.errors import UserError
+from lstm_textgen.inference.batcher import Batcher, BatchLimits, Cancelled, Job, Overloaded, Row
 from lstm_textgen.model.recurrent import RecurrentLM
-from lstm_textgen.params import ModelParams, Sampling
+from lstm_textgen.params import ModelParams, ParamsError, Sampling
 
 VOCAB = 29
 
@@ -165,3 +167,116 @@ def test_a_row_whose_client_went_away_leaves_at_the_next_step(model: RecurrentLM
     while not all(row.done.is_set() for row in others):
         batcher.step()
     assert [row.result() for row in others] == solo(model)
+
+
+# --- one row never breaks the others: a row's own failure, a broken model, a dead thread ---
+
+
+def test_a_row_whose_draw_overflows_fails_alone(model: RecurrentLM) -> None:
+    """Sampling refuses such a temperature (test_params); a row that reaches the batcher anyway (the
+    check bypassed) fails alone, with the others drawing exactly their solo tokens."""
+    overflow = Sampling.model_construct(
+        strategy="sample", temperature=1e-45, top_k=None, top_p=None, draws=80, seed=1
+    )
+    bad, good = Row([1, 2], 10, overflow), rows()
+    batcher = Batcher(model)
+    batcher.submit([*good[:2], bad, *good[2:]])
+    while not all(row.done.is_set() for row in [*good, bad]):
+        batcher.step()
+    with pytest.raises(UserError, match="overflowed: try a higher temperature"):
+        bad.result()
+    assert [row.result() for row in good] == solo(model)
+
+
+def test_top_k_beyond_the_vocabulary_is_refused_before_any_row_joins(model: RecurrentLM) -> None:
+    batcher = Batcher(model)
+    too_wide = Row([1], 5, Sampling(top_k=2**70, seed=1))
+    with pytest.raises(ParamsError, match=rf"top_k must be at most the vocabulary size \({VOCAB} tokens\)"):
+        batcher.submit([*rows()[:2], too_wide])
+    assert not batcher.waiting
+
+
+def test_heavy_mode_rows_wait_for_the_step_budget_and_still_equal_their_solo_runs(model: RecurrentLM) -> None:
+    heavy = [([1, 2], 6, Sampling(strategy="mode", draws=900, seed=s)) for s in (1, 2, 3)]
+    settings = [*heavy, *SETTINGS[:3]]
+    batcher = Batcher(model, BatchLimits(draws_per_step=1000))
+    joining = rows(settings)
+    batcher.submit(joining)
+    batcher.step()
+    assert sum(row.sampling.draws_per_step() for row in batcher.rows) <= 1000
+    assert len(batcher.waiting) >= 2  # the other heavy rows wait for the first to finish
+    while not all(row.done.is_set() for row in joining):
+        batcher.step()
+    assert [row.result() for row in joining] == solo(model, settings)
+
+
+class Breaking:
+    """A model's step that fails from the nth call on (`error` an instance to raise), as a broken
+    device would make it."""
+
+    def __init__(self, stepper, error: BaseException, times: int) -> None:
+        self.stepper, self.error, self.times = stepper, error, times
+
+    def __call__(self, tokens):
+        if self.times > 0:
+            self.times -= 1
+            raise self.error
+        return self.stepper(tokens)
+
+    def __getattr__(self, name):
+        return getattr(self.stepper, name)
+
+
+def wait_done(handles: list[Row], seconds: float = 60) -> None:
+    for handle in handles:
+        assert handle.done.wait(seconds), "a row was left without an answer"
+
+
+def test_a_model_that_fails_every_step_turns_the_batcher_unhealthy(model: RecurrentLM) -> None:
+    broken = copy.deepcopy(model)
+    lost = RuntimeError("device lost")
+    broken.stepper = lambda state: Breaking(RecurrentLM.stepper(broken, state), lost, 10**6)
+    batcher = Batcher(broken).start()
+    assert batcher.healthy
+    for attempt in range(Batcher.MAX_FAILED_STEPS):
+        handles = rows()[:2]
+        batcher.submit(handles)
+        wait_done(handles)
+        for handle in handles:
+            with pytest.raises(RuntimeError, match="device lost"):
+                handle.result()
+        assert batcher.healthy is (attempt + 1 < Batcher.MAX_FAILED_STEPS)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_batcher_whose_thread_died_answers_its_rows_and_starts_again(model: RecurrentLM) -> None:
+    batcher = Batcher(model).start()
+    batcher.stepper = Breaking(batcher.stepper, SystemExit("gone"), 1)
+    first = rows()[:2]
+    batcher.submit(first)
+    wait_done(first)  # failed, not left waiting on a thread that is gone
+    batcher.thread.join(timeout=30)
+    assert not batcher.healthy
+    again = rows()[:3]
+    batcher.submit(again)  # a new thread, a fresh state
+    wait_done(again)
+    assert [row.result() for row in again] == solo(model)[:3] and batcher.healthy
+
+
+def test_scoring_jobs_run_between_steps_and_take_places(model: RecurrentLM) -> None:
+    batcher = Batcher(model, BatchLimits(active_rows=2, waiting_rows=2)).start()
+    ran = threading.Event()
+    job = Job(lambda: ran.set() or "scored", rows=2)
+    batcher.submit_job(job)
+    assert job.result() == "scored" and ran.is_set()
+    late = Job(lambda: pytest.fail("ran past its deadline"), rows=1, deadline=time.monotonic() - 1)
+    batcher.submit_job(late)
+    with pytest.raises(Cancelled):
+        late.result()
+    gate = threading.Event()
+    blocking = Job(gate.wait, rows=3)  # holds the thread: three of four places taken meanwhile
+    batcher.submit_job(blocking)
+    with pytest.raises(Overloaded):
+        batcher.submit_job(Job(lambda: None, rows=2))
+    gate.set()
+    blocking.result()

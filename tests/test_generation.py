@@ -29,7 +29,8 @@ def ids(vocab: Vocabulary, text: str) -> list[int]:
 def next_tokens(logits: torch.Tensor, sampling: Sampling, seed: int) -> torch.Tensor:
     """Every row of `logits` drawn with the same settings, each from its own stream."""
     randoms = [random.Random(seed + row) for row in range(logits.shape[0])]
-    return draw(logits, plan_draws([sampling] * logits.shape[0]), randoms)
+    settings = [sampling] * logits.shape[0]
+    return draw(logits, plan_draws(settings), settings, randoms)
 
 
 def test_greedy_is_deterministic(char_model: RecurrentLM, char_vocab: Vocabulary) -> None:
@@ -163,10 +164,38 @@ def test_word_level_generation_reads_as_text() -> None:
     assert "  " not in text
 
 
-def test_bad_sampling_settings() -> None:
-    for bad in ({"temperature": 0.0}, {"top_k": 0}, {"top_p": 1.5}, {"top_p": 0.0}, {"draws": 0}):
-        with pytest.raises(UserError):
-            Sampling.checked(**bad)
+@pytest.mark.parametrize(
+    ("bad", "named"),
+    [
+        ({"temperature": 0.0}, "temperature must be between 0.001 and 100"),
+        ({"temperature": 1e-30}, "temperature must be between 0.001 and 100, got 1e-30"),  # inf in float32
+        ({"temperature": float("inf")}, "temperature must be between"),
+        ({"temperature": float("nan")}, "temperature must be between"),
+        ({"top_k": 0}, "top_k must be >= 1"),
+        ({"top_p": 1.5}, "top_p must be in"),
+        ({"top_p": 0.0}, "top_p must be in"),
+        ({"top_p": float("nan")}, "top_p must be in"),
+        ({"draws": 0}, "draws must be between 1 and 1000"),
+        ({"draws": 10**9}, "draws must be between 1 and 1000, got 1000000000"),
+        ({"seed": 2**64}, r"seed must be between 0 and 9223372036854775807"),
+        ({"seed": -1}, r"seed must be between 0"),
+        ({"strategy": "beam"}, "strategy: Input should be 'greedy', 'sample' or 'mode'"),
+    ],
+)
+def test_bad_sampling_settings_are_refused_naming_the_field_and_its_limit(bad: dict, named: str) -> None:
+    with pytest.raises(UserError, match=named):
+        Sampling.checked(**bad)
+
+
+def test_top_k_is_bounded_by_the_vocabulary_and_text_must_be_unicode(char_vocab: Vocabulary) -> None:
+    Sampling(top_k=len(char_vocab)).check_vocabulary(len(char_vocab))
+    with pytest.raises(
+        UserError, match=r"top_k must be at most the vocabulary size \(\d+ tokens\), got 99,9"
+    ):
+        Sampling(top_k=99_999).check_vocabulary(len(char_vocab))
+    for vocab in (char_vocab, Vocabulary.byte_level(lowercase=False)):
+        with pytest.raises(PromptError, match=r"U\+D83D at character 2, half of a surrogate pair"):
+            encode_prompt("ab\ud83d", vocab)
 
 
 def test_inverse_cdf_draws_follow_the_distribution_and_skip_zero_probabilities() -> None:

@@ -130,6 +130,39 @@ def test_served_model_answers_every_request_format(server: str) -> None:
     assert len(texts) == 2 and all(len(t) == 6 for t in texts)
 
 
+FORMS_ROWS = [{"prompt": "ROMEO:", "seed": 1}, {"prompt": "JULIET:", "seed": 2}]
+
+
+def test_every_input_form_gives_the_same_rows_and_texts(server: str, store: Path) -> None:
+    """Each form MLflow documents for a column signature, in-process and over HTTP: the same texts."""
+    import mlflow.pyfunc
+    import pandas as pd
+
+    params = {"max_new_tokens": 12}
+    columns = {name: [row[name] for row in FORMS_ROWS] for name in ("prompt", "seed")}
+    over_http = [
+        {"dataframe_split": {"columns": ["prompt", "seed"], "data": [list(r.values()) for r in FORMS_ROWS]}},
+        {"dataframe_records": FORMS_ROWS},
+        {"inputs": columns},
+        {"inputs": FORMS_ROWS},
+    ]
+    texts = []
+    for body in over_http:
+        answer = _post(server, {**body, "params": params})
+        assert answer.status_code == 200, (body, answer.text)
+        texts.append([p["text"] for p in answer.json()["predictions"]])
+    model = mlflow.pyfunc.load_model(f"models:/{MODEL_NAME}@champion")
+    for form in (pd.DataFrame(FORMS_ROWS), columns, FORMS_ROWS):
+        texts.append(list(model.predict(form, params=params)["text"]))
+    assert all(t == texts[0] for t in texts) and len(set(texts[0])) == 2, texts
+    # one key holding a list (each row with the params' seed), and a dict of scalars (one row)
+    one_key = list(model.predict({"prompt": columns["prompt"]}, params={**params, "seed": 1})["text"])
+    assert one_key[0] == texts[0][0] and len(one_key) == 2
+    assert list(model.predict(FORMS_ROWS[1], params=params)["text"]) == [texts[0][1]]
+    single = _post(server, {"inputs": {"prompt": "JULIET:", "seed": 2}, "params": params})
+    assert [p["text"] for p in single.json()["predictions"]] == [texts[0][1]]
+
+
 @pytest.mark.parametrize(
     ("record", "message"),
     [
@@ -138,7 +171,18 @@ def test_served_model_answers_every_request_format(server: str) -> None:
         ({"prompt": "h\u00e9llo\u20ac"}, "not in the vocabulary"),
         ({"prompt": "a", "max_new_tokens": -5}, "max_new_tokens must be between 1 and 2000"),
         ({"prompt": "a", "max_new_tokens": 10**6}, "max_new_tokens must be between 1 and 2000"),
-        ({"prompt": "a", "temperature": 0}, "temperature must be > 0"),
+        ({"prompt": "a", "temperature": 0}, "temperature must be between 0.001 and 100"),
+        ({"prompt": "a", "temperature": 1e-30}, "temperature must be between 0.001 and 100, got 1e-30"),
+        ({"prompt": "a", "strategy": "mode", "draws": 10**9}, "draws must be between 1 and 1000"),
+        ({"prompt": "a", "top_k": 2**70}, "top_k must be at most the vocabulary size"),
+        ({"prompt": "a", "seed": 2**64}, "seed must be between 0 and 9223372036854775807"),
+        ({"prompt": "a", "max_new_tokens": float("inf")}, "max_new_tokens must be an integer, got inf"),
+        ({"prompt": "a", "temperature": "hot"}, "temperature must be a finite number, got 'hot'"),
+        ({"prompt": "ROMEO: \ud83d"}, "surrogates not allowed"),
+        (
+            [{"prompt": "a", "strategy": "mode", "draws": 1000, "max_new_tokens": 200}] * 13,
+            "at most 2,560,000 tokens read or drawn",
+        ),
         ({"prompt": "a", "top_p": 1.5}, "top_p must be in (0, 1]"),
         ({"prompt": "a", "top_p": 0.0}, "top_p must be in (0, 1]"),
         ({"max_new_tokens": 5}, "prompt"),

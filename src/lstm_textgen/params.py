@@ -12,7 +12,7 @@ import re
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -226,30 +226,59 @@ class EvaluateParams(_Section):
 
 class Sampling(_Section):
     """How each next token is chosen: the one definition of these settings, their defaults and their
-    checks, shared by the sample stage (`sample.*`), the sample command and the served model."""
+    checks, shared by the sample stage (`sample.*`), the sample command, the served model and the
+    demo. Every bound keeps one row's work and arithmetic finite, so no row can stall or break the
+    rows that step beside it (docs/bad-inputs.md)."""
+
+    # Below MIN_TEMPERATURE a row is greedy in all but name, and logits / temperature can overflow
+    # float32; above MAX_TEMPERATURE every token is equally likely to float32 precision.
+    MIN_TEMPERATURE: ClassVar[float] = 1e-3
+    MAX_TEMPERATURE: ClassVar[float] = 100.0
+    # The mode strategy draws this many tokens per step for a row, on the one batcher thread.
+    MAX_DRAWS: ClassVar[int] = 1000
+    MAX_SEED: ClassVar[int] = 2**63 - 1
 
     strategy: Literal["greedy", "sample", "mode"] = Field(
         default="sample",
         description="greedy: argmax; sample: temperature, top_k, top_p; mode: of `draws` draws",
     )
-    temperature: float = Field(default=0.8, description="divides the logits; below 1: more conservative")
-    top_k: int | None = Field(default=None, description="keep the k most likely tokens")
+    temperature: float = Field(
+        default=0.8, description="divides the logits; below 1: more conservative (0.001 .. 100)"
+    )
+    top_k: int | None = Field(default=None, description="keep the k most likely tokens (<= vocabulary)")
     top_p: float | None = Field(default=None, description="keep the smallest set holding this mass")
-    draws: int = Field(default=80, description="mode strategy: draws per token")
+    draws: int = Field(default=80, description="mode strategy: draws per token (1 .. 1000)")
     seed: int | None = Field(default=None, description="null: a different text each time")
 
     @field_validator("temperature")
     @classmethod
     def _temperature(cls, value: float) -> float:
-        if not value > 0:
-            raise ValueError(f"must be > 0, got {value} (use strategy greedy for argmax)")
+        if not cls.MIN_TEMPERATURE <= value <= cls.MAX_TEMPERATURE:
+            raise ValueError(
+                f"must be between {cls.MIN_TEMPERATURE} and {cls.MAX_TEMPERATURE:g}, got {value} "
+                "(use strategy greedy for argmax)"
+            )
         return value
 
-    @field_validator("top_k", "draws")
+    @field_validator("top_k")
     @classmethod
-    def _at_least_one(cls, value: int | None) -> int | None:
+    def _top_k(cls, value: int | None) -> int | None:
         if value is not None and value < 1:
             raise ValueError(f"must be >= 1, got {value}")
+        return value
+
+    @field_validator("draws")
+    @classmethod
+    def _draws(cls, value: int) -> int:
+        if not 1 <= value <= cls.MAX_DRAWS:
+            raise ValueError(f"must be between 1 and {cls.MAX_DRAWS}, got {value}")
+        return value
+
+    @field_validator("seed")
+    @classmethod
+    def _seed(cls, value: int | None) -> int | None:
+        if value is not None and not 0 <= value <= cls.MAX_SEED:
+            raise ValueError(f"must be between 0 and {cls.MAX_SEED} (2**63 - 1), got {value}")
         return value
 
     @field_validator("top_p")
@@ -267,6 +296,29 @@ class Sampling(_Section):
             return cls(**values)
         except ValidationError as exc:
             raise ParamsError("; ".join(_field_problem(err) for err in exc.errors())) from None
+
+    def check_vocabulary(self, vocab_size: int) -> None:
+        """The bound that depends on the model: top_k keeps at most every token there is."""
+        if self.top_k is not None and self.top_k > vocab_size:
+            raise ParamsError(
+                f"top_k must be at most the vocabulary size ({vocab_size:,} tokens), got {self.top_k:,}"
+            )
+
+    def draws_per_step(self) -> int:
+        """Uniforms this row takes per generated token: its share of a step's drawing work."""
+        return self.draws if self.strategy == "mode" else 1
+
+
+def text_problem(text: str) -> str | None:
+    """Why `text` cannot be encoded (a lone surrogate, e.g. from JSON's "\\ud83d"), or None."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return (
+            f"holds U+{ord(text[exc.start]):04X} at character {exc.start}, half of a surrogate pair "
+            "and not a Unicode character; send valid UTF-8"
+        )
+    return None
 
 
 def _field_problem(err: Any) -> str:
@@ -292,6 +344,9 @@ class SampleParams(Sampling):
     def _prompts_not_empty(self) -> SampleParams:
         if any(not prompt for prompt in self.prompts):
             raise ValueError("prompts: every prompt needs at least one character")
+        for prompt in self.prompts:
+            if problem := text_problem(prompt):
+                raise ValueError(f"prompts: {prompt[:20]!r}... {problem}")
         return self
 
     def sampling(self) -> Sampling:

@@ -17,23 +17,27 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from lstm_textgen.errors import UserError
-from lstm_textgen.inference.drawing import draw, plan_draws, row_random
+from lstm_textgen.inference.drawing import draw_with, invalid_rows, plan_draws, row_random, take_uniforms
 from lstm_textgen.model.recurrent import RecurrentLM, State
 from lstm_textgen.params import Sampling
 
 
 @dataclass(frozen=True)
 class BatchLimits:
-    """How many rows step together, and how many may wait for a place; more are refused."""
+    """How many rows step together, and how many may wait for a place; more are refused. A step
+    also draws at most `draws_per_step` uniforms (a mode row of N draws counts N): rows beyond it
+    wait, so a few heavy rows cannot slow every other row's step without bound."""
 
     active_rows: int = 64
     waiting_rows: int = 256
+    draws_per_step: int = 4096
 
 
 class Overloaded(UserError):
@@ -111,6 +115,44 @@ class Row:
             raise self.error
 
 
+class Job:
+    """Work on whole texts (scoring a request's rows) that runs on the batcher's thread between two
+    steps: `work()` is called there unless the job was cancelled or passed its deadline first."""
+
+    def __init__(
+        self,
+        work: Callable[[], Any],
+        rows: int,
+        deadline: float | None = None,
+        abandoned: threading.Event | None = None,
+    ) -> None:
+        self.work, self.rows = work, rows
+        self.deadline, self.abandoned = deadline, abandoned
+        self.value: Any = None
+        self.error: BaseException | None = None
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        gone = self.abandoned is not None and self.abandoned.is_set()
+        if gone or (self.deadline is not None and time.monotonic() > self.deadline):
+            self.finish(error=Cancelled("the request was cancelled or passed its time limit"))
+            return
+        try:
+            self.finish(value=self.work())
+        except Exception as exc:
+            self.finish(error=exc)
+
+    def finish(self, value: Any = None, error: BaseException | None = None) -> None:
+        self.value, self.error = value, error
+        self.done.set()
+
+    def result(self) -> Any:
+        self.done.wait()
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
 class Batcher:
     """The scheduler of one model: rows join, step together, leave (see the module's docstring)."""
 
@@ -120,8 +162,11 @@ class Batcher:
         self.device = next(model.parameters()).device
         self.rows: list[Row] = []  # active, in the order of the state's batch rows
         self.waiting: list[Row] = []
+        self.jobs: list[Job] = []
         self.lock = threading.Condition()
         self.thread: threading.Thread | None = None
+        self.failed_steps = 0
+        self.started = False
         self._empty()
 
     def _empty(self) -> None:
@@ -136,21 +181,48 @@ class Batcher:
 
     def submit(self, rows: Sequence[Row]) -> None:
         """Queue rows to join at the next step, all or none: refused with `Overloaded` when they do
-        not fit in the active and waiting places."""
+        not fit in the active and waiting places, with `ParamsError` when a row's settings do not fit
+        the model (top_k beyond its vocabulary)."""
+        for row in rows:
+            row.sampling.check_vocabulary(self.model.vocab_size)
         with self.lock:
-            places = self.limits.active_rows + self.limits.waiting_rows
-            taken = len(self.rows) + len(self.waiting)
-            if taken + len(rows) > places:
-                raise Overloaded(
-                    f"the server is busy: {len(self.rows)} rows generating and {len(self.waiting)} "
-                    f"waiting, at most {places} in all; retry in a moment"
-                )
+            self._check_places(len(rows))
             self.waiting.extend(rows)
             self.lock.notify()
+        self._restart_if_dead()
+
+    def submit_job(self, job: Job) -> None:
+        """Queue whole-text work (scoring `job.rows` rows) to run between steps; it takes places as
+        rows do, so a full batcher refuses it with `Overloaded`."""
+        with self.lock:
+            self._check_places(job.rows)
+            self.jobs.append(job)
+            self.lock.notify()
+        self._restart_if_dead()
+
+    def _check_places(self, wanted: int) -> None:
+        places = self.limits.active_rows + self.limits.waiting_rows
+        taken = len(self.rows) + len(self.waiting) + sum(job.rows for job in self.jobs)
+        if taken + wanted > places:
+            raise Overloaded(
+                f"the server is busy: {len(self.rows)} rows generating and {taken - len(self.rows)} "
+                f"waiting, at most {places} in all; retry in a moment"
+            )
+
+    def _restart_if_dead(self) -> None:
+        """A started batcher whose thread died (what it held has been failed) starts a new one."""
+        with self.lock:
+            if self.thread is not None and not self.thread.is_alive():
+                self.failed_steps = 0
+                self._empty()
+                self.thread = None
+        if self.thread is None and self.started:
+            self.start()
 
     def start(self) -> Batcher:
         """Step on a background thread from now on, whenever rows are there (the served model)."""
         with self.lock:
+            self.started = True
             if self.thread is None:
                 self.thread = threading.Thread(target=self._serve, name="batcher", daemon=True)
                 self.thread.start()
@@ -182,24 +254,46 @@ class Batcher:
     # --- the scheduler ---------------------------------------------------------------------------
 
     def _serve(self) -> None:
-        while True:
-            with self.lock:
-                while not self.rows and not self.waiting:
-                    self.lock.wait()
-            try:
-                self.step()
-            except Exception as exc:
-                self._fail_all(exc)
+        try:
+            while True:
+                with self.lock:
+                    while not self.rows and not self.waiting and not self.jobs:
+                        self.lock.wait()
+                self._run_jobs()
+                try:
+                    self.step()
+                    self.failed_steps = 0
+                except Exception as exc:  # the model itself failed (out of memory, a broken device)
+                    self.failed_steps += 1
+                    self._fail_all(exc)
+        except BaseException as exc:  # never leave a row waiting on a thread that is gone
+            self.failed_steps = self.MAX_FAILED_STEPS
+            self._fail_all(exc, waiting_too=True)
+            raise
+
+    # consecutive steps that failed every row: the device or model is broken, not a request
+    MAX_FAILED_STEPS = 3
+
+    @property
+    def healthy(self) -> bool:
+        """Whether the batcher can step: its thread runs (when started) and the model's steps work.
+        The served model's /ping and /health answer 503 when not, so a supervisor restarts it."""
+        alive = self.thread is None or self.thread.is_alive()
+        return alive and self.failed_steps < self.MAX_FAILED_STEPS
 
     def step(self) -> None:
         """Admit waiting rows, draw one token for every active row, drop the finished ones, advance
-        the state of the others."""
+        the state of the others. A row whose draw fails, or draws an id outside the vocabulary, fails
+        alone; the others keep their tokens."""
         self._admit()
         if not self.rows:
             return
-        tokens = draw(self.logits, self.plan, [row.random for row in self.rows])
+        tokens, errors = self._draw()
         keep = []
         for index, (row, token) in enumerate(zip(self.rows, tokens.tolist(), strict=True)):
+            if index in errors:
+                row.finish(errors[index])
+                continue
             if row.expired:
                 row.finish(Cancelled("the request was cancelled or passed its time limit"))
                 continue
@@ -213,10 +307,45 @@ class Batcher:
             tokens = tokens[keep]
         self.logits = self.stepper(tokens) if self.rows else self.logits[:0]
 
+    def _draw(self) -> tuple[torch.Tensor, dict[int, BaseException]]:
+        """Every row's next token, and the rows that could not draw one (with why)."""
+        settings = [row.sampling for row in self.rows]
+        u = take_uniforms(settings, [row.random for row in self.rows])
+        errors: dict[int, BaseException] = {}
+        try:
+            tokens = draw_with(self.logits, self.plan, u)
+        except Exception:  # redraw row by row with the same uniforms: only the culprit fails
+            tokens = torch.zeros(len(self.rows), dtype=torch.long, device=self.device)
+            for index, sampling in enumerate(settings):
+                try:
+                    one = plan_draws([sampling], self.device)
+                    tokens[index] = draw_with(self.logits[index : index + 1], one, [u[index]])[0]
+                except Exception as exc:
+                    errors[index] = exc
+        for index in invalid_rows(self.logits, tokens):
+            errors.setdefault(index, UserError("this row's logits overflowed: try a higher temperature"))
+        return tokens, errors
+
+    def _run_jobs(self) -> None:
+        """Whole-text work (scoring) queued beside the rows: run between steps, on this thread, so it
+        shares the model with generation instead of racing it from a request thread."""
+        with self.lock:
+            jobs, self.jobs = self.jobs, []
+        for job in jobs:
+            job.run()
+
     def _admit(self) -> None:
         with self.lock:
             free = self.limits.active_rows - len(self.rows)
-            joining, self.waiting = self.waiting[:free], self.waiting[free:]
+            budget = self.limits.draws_per_step - sum(row.sampling.draws_per_step() for row in self.rows)
+            count = 0
+            for row in self.waiting[:free]:
+                cost = row.sampling.draws_per_step()
+                if cost > budget and (self.rows or count):  # a row alone always fits
+                    break
+                budget -= cost
+                count += 1
+            joining, self.waiting = self.waiting[:count], self.waiting[count:]
         for row in joining:
             if row.expired:
                 row.finish(Cancelled("the request was cancelled before it started"))
@@ -255,9 +384,13 @@ class Batcher:
             self.rows = [self.rows[i] for i in keep]
         self.plan = plan_draws([row.sampling for row in self.rows], self.device)
 
-    def _fail_all(self, exc: BaseException) -> None:
+    def _fail_all(self, exc: BaseException, waiting_too: bool = False) -> None:
         with self.lock:
             failed, self.rows = self.rows, []
+            if waiting_too:
+                failed, self.waiting, jobs, self.jobs = failed + self.waiting, [], self.jobs, []
+                for job in jobs:
+                    job.finish(error=exc)
         for row in failed:
             row.finish(exc)
         self._empty()

@@ -59,7 +59,6 @@ class DrawPlan:
     greedy: torch.Tensor
     sampled: RowSettings | None
     mode: RowSettings | None
-    mode_draws: tuple[int, ...]
 
 
 def plan_draws(settings: Sequence[Sampling], device: torch.device | str = "cpu") -> DrawPlan:
@@ -72,7 +71,6 @@ def plan_draws(settings: Sequence[Sampling], device: torch.device | str = "cpu")
         greedy=torch.tensor(by["greedy"], dtype=torch.long, device=device),
         sampled=row_settings(settings, by["sample"], device),
         mode=row_settings(settings, by["mode"], device),
-        mode_draws=tuple(settings[i].draws for i in by["mode"]),
     )
 
 
@@ -104,26 +102,49 @@ def invert_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return torch.searchsorted(cdf, point, right=True)
 
 
-def uniforms(randoms: Sequence[random.Random], count: int, device: torch.device) -> torch.Tensor:
-    """[len(randoms), count] uniforms, each row from its own stream."""
-    values = [[r.random() for _ in range(count)] for r in randoms]
+def take_uniforms(settings: Sequence[Sampling], randoms: Sequence[random.Random]) -> list[list[float]]:
+    """Each row's uniforms for this step, from its own stream: none for greedy, one for sample,
+    `draws` for mode. Taken before any arithmetic, so a step that fails can be redrawn row by row
+    with the same numbers (no row's stream moves twice)."""
+    counts = {"greedy": 0, "sample": 1}
+    return [
+        [r.random() for _ in range(counts.get(s.strategy, s.draws))]
+        for s, r in zip(settings, randoms, strict=True)
+    ]
+
+
+def _column(values: list[list[float]], device: torch.device) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float32, device=device)
 
 
-def draw(logits: torch.Tensor, plan: DrawPlan, randoms: Sequence[random.Random]) -> torch.Tensor:
+def draw(
+    logits: torch.Tensor, plan: DrawPlan, settings: Sequence[Sampling], randoms: Sequence[random.Random]
+) -> torch.Tensor:
     """[B, V] logits -> [B] next token ids, each row by its own strategy, settings and stream."""
-    rows = plan.sampled
+    return draw_with(logits, plan, take_uniforms(settings, randoms))
+
+
+def draw_with(logits: torch.Tensor, plan: DrawPlan, u: Sequence[Sequence[float]]) -> torch.Tensor:
+    """`draw` with each row's uniforms already taken (`take_uniforms`)."""
+    rows, device = plan.sampled, logits.device
     if rows is not None and len(rows.index) == logits.shape[0]:  # every row samples: no gather
-        return invert_cdf(filtered_probabilities(logits, rows), uniforms(randoms, 1, logits.device))[:, 0]
-    tokens = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
+        return invert_cdf(filtered_probabilities(logits, rows), _column(list(u), device))[:, 0]
+    tokens = torch.empty(logits.shape[0], dtype=torch.long, device=device)
     if plan.greedy.numel():
         tokens[plan.greedy] = logits[plan.greedy].argmax(dim=-1)
     if rows is not None:
-        u = uniforms([randoms[i] for i in rows.index.tolist()], 1, logits.device)
-        tokens[rows.index] = invert_cdf(filtered_probabilities(logits[rows.index], rows), u)[:, 0]
+        chosen = _column([u[i] for i in rows.index.tolist()], device)
+        tokens[rows.index] = invert_cdf(filtered_probabilities(logits[rows.index], rows), chosen)[:, 0]
     if plan.mode is not None:  # the most frequent of `draws` draws, the lowest id among ties
         probs = filtered_probabilities(logits[plan.mode.index], plan.mode)
-        for i, (row, draws) in enumerate(zip(plan.mode.index.tolist(), plan.mode_draws, strict=True)):
-            picks = invert_cdf(probs[i : i + 1], uniforms([randoms[row]], draws, logits.device))[0]
+        for i, row in enumerate(plan.mode.index.tolist()):
+            picks = invert_cdf(probs[i : i + 1], _column([u[row]], device))[0]
             tokens[row] = torch.bincount(picks, minlength=logits.shape[-1]).argmax()
     return tokens
+
+
+def invalid_rows(logits: torch.Tensor, tokens: torch.Tensor) -> list[int]:
+    """Rows whose logits are not all finite or whose drawn id is outside the vocabulary: what a
+    model's overflow would make, failed alone rather than taking the batch with them."""
+    bad = (tokens < 0) | (tokens >= logits.shape[-1]) | ~torch.isfinite(logits).all(dim=-1)
+    return bad.nonzero()[:, 0].tolist() if bool(bad.any()) else []

@@ -16,7 +16,7 @@ from lstm_textgen.data.tokenisers import Vocabulary
 from lstm_textgen.errors import UserError
 from lstm_textgen.inference.batcher import Batcher, BatchLimits, Row
 from lstm_textgen.model.recurrent import RecurrentLM
-from lstm_textgen.params import Sampling
+from lstm_textgen.params import Sampling, text_problem
 
 UnknownPolicy = Literal["error", "skip", "replace"]
 
@@ -31,6 +31,8 @@ def encode_prompt(
     """Prompt -> ids; tokens outside the vocabulary follow `unknown` (error, skip or replace)."""
     if not isinstance(prompt, str):
         raise PromptError(f"a prompt must be a string, got {type(prompt).__name__}")
+    if problem := text_problem(prompt):
+        raise PromptError(f"prompt {problem}")
     tokens = vocab.tokenize(vocab.normalise(prompt))
     missing = sorted({t for t in tokens if t not in vocab})
     if missing and unknown != "replace":

@@ -40,7 +40,7 @@ import pandas as pd
 
 from lstm_textgen.errors import UserError
 from lstm_textgen.inference.batcher import BatchLimits
-from lstm_textgen.params import SampleParams, Sampling, scalar_type
+from lstm_textgen.params import SampleParams, Sampling, scalar_type, text_problem
 
 MAX_NEW_TOKENS = 2000
 DEFAULT_NEW_TOKENS = 200
@@ -48,6 +48,11 @@ DEFAULT_NEW_TOKENS = 200
 MAX_ROWS = 64
 MAX_PROMPT_CHARACTERS = 10_000
 MAX_TOKENS_PER_REQUEST = 32_000  # rows x max_new_tokens
+# The work a request costs, in tokens read or drawn: for generation each row's prompt tokens plus its
+# new tokens times the uniforms each takes (`draws` for the mode strategy, else 1); for scoring each
+# text's tokens. Over it: 400, naming both figures.
+MAX_WORK_PER_REQUEST = 2_560_000
+MAX_SCORE_TOKENS_PER_REQUEST = 64_000
 TASKS = ("generate", "score")
 # A request's optional columns: its length, then every sampling setting by its name in params.py.
 SAMPLING_COLUMNS = tuple(Sampling.model_fields)
@@ -94,14 +99,17 @@ def _plain(value: Any) -> Any:
 
 
 def _as_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or float(value) != int(value):
+    """An integer, or a float that is one (JSON's 5.0); its range is checked by `Sampling`."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if not isinstance(value, float) or not math.isfinite(value) or not value.is_integer():
         raise _bad_request(f"{name} must be an integer, got {value!r}")
     return int(value)
 
 
 def _as_float(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise _bad_request(f"{name} must be a number, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise _bad_request(f"{name} must be a finite number, got {value!r}")
     return float(value)
 
 
@@ -123,7 +131,30 @@ def checked_prompt(row: dict[str, Any]) -> str:
             f"prompt must be at most {MAX_PROMPT_CHARACTERS:,} characters, got {len(prompt):,} "
             "(its last characters carry most of the context: send those)"
         )
+    if problem := text_problem(prompt):
+        raise _bad_request(f"prompt {problem}")
     return prompt
+
+
+def request_frame(model_input: Any) -> pd.DataFrame:
+    """Every input form MLflow documents for a column signature as one frame of rows: a DataFrame,
+    a dict of lists (one key or several), a dict of scalars (one row), a list of dicts. MLflow hands
+    a dict whose only key holds a list through as a one-row frame of that list: unpacked here."""
+    if isinstance(model_input, pd.DataFrame):
+        frame = model_input
+    elif isinstance(model_input, Mapping):
+        scalars = all(np.ndim(value) == 0 for value in model_input.values())
+        frame = pd.DataFrame([dict(model_input)] if scalars else dict(model_input))
+    elif isinstance(model_input, list) and all(isinstance(item, Mapping) for item in model_input):
+        frame = pd.DataFrame(list(model_input))
+    else:
+        raise _bad_request(
+            f"the request must be rows with a 'prompt' column, got {type(model_input).__name__}"
+        )
+    if len(frame) == 1 and "prompt" in frame.columns and np.ndim(frame["prompt"].iloc[0]) == 1:
+        packed = {name: frame[name].iloc[0] for name in frame.columns}
+        frame = pd.DataFrame({k: list(v) if np.ndim(v) == 1 else v for k, v in packed.items()})
+    return frame
 
 
 def request_task(params: dict[str, Any] | None) -> tuple[str, bool]:
@@ -212,13 +243,14 @@ class TextGenerator(mlflow.pyfunc.PythonModel):
         if self.options.batching:
             self.batcher = Batcher(self.loaded.model, self.options.limits).start()
             if "mlflow.pyfunc.scoring_server.app" in sys.modules:  # loaded by `mlflow models serve`
-                adapt_scoring_server(self.options.limits.active_rows + self.options.limits.waiting_rows)
+                places = self.options.limits.active_rows + self.options.limits.waiting_rows
+                adapt_scoring_server(places, healthy=lambda: self.batcher.healthy)
 
     # pd.DataFrame: MLflow infers no request schema from it (and warns on no hint or on `Any`)
     def predict(
         self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None
     ) -> pd.DataFrame:
-        frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
+        frame = request_frame(model_input)
         if "prompt" not in frame.columns:
             raise _bad_request("the request needs a 'prompt' column")
         if len(frame) > MAX_ROWS:
@@ -245,8 +277,20 @@ class TextGenerator(mlflow.pyfunc.PythonModel):
         sample, vocab = self.loaded.params.sample, self.loaded.vocab
         try:
             ids = [encode_prompt(prompt, vocab, sample.unknown, sample.replacement) for prompt, _, _ in rows]
+            for _, _, sampling in rows:
+                sampling.check_vocabulary(len(vocab))
         except UserError as exc:
             raise _bad_request(str(exc)) from None
+        work = sum(
+            len(i) + length * sampling.draws_per_step()
+            for i, (_, length, sampling) in zip(ids, rows, strict=True)
+        )
+        if work > MAX_WORK_PER_REQUEST:
+            raise _bad_request(
+                f"a request may cost at most {MAX_WORK_PER_REQUEST:,} tokens read or drawn (prompt "
+                f"tokens + max_new_tokens x draws for strategy mode, summed over rows), got {work:,}; "
+                "lower draws, max_new_tokens or the rows"
+            )
         deadline = time.monotonic() + self.options.request_seconds
         handles = [
             Row(prompt_ids, length, sampling, deadline=deadline, abandoned=client_gone())
@@ -269,13 +313,23 @@ class TextGenerator(mlflow.pyfunc.PythonModel):
 
     def score(self, frame: pd.DataFrame, per_token: bool) -> pd.DataFrame:
         """task=score: each row's `prompt` scored (scoring.py), one row of figures per prompt; the
-        short texts of a request in one pass."""
+        short texts of a request in one pass, on the batcher's thread between its steps (admitted,
+        refused when full, dropped past the deadline or when the client went away)."""
+        from lstm_textgen.inference.batcher import Job, Overloaded
         from lstm_textgen.inference.scoring import score_row, score_texts
+        from lstm_textgen.serving.server_adapter import client_gone, overloaded
 
         prompts = [checked_prompt(row) for row in records(frame)]
         loaded, sample = self.loaded, self.loaded.params.sample
-        try:
-            scores = score_texts(
+        tokens = sum(len(loaded.vocab.tokenize(loaded.vocab.normalise(p))) for p in prompts)
+        if tokens > MAX_SCORE_TOKENS_PER_REQUEST:
+            raise _bad_request(
+                f"a request may score at most {MAX_SCORE_TOKENS_PER_REQUEST:,} tokens in all, got "
+                f"{tokens:,}; send fewer or shorter texts"
+            )
+
+        def work() -> list[Any]:
+            return score_texts(
                 loaded.model,
                 loaded.vocab,
                 prompts,
@@ -284,6 +338,18 @@ class TextGenerator(mlflow.pyfunc.PythonModel):
                 replacement=sample.replacement,
                 per_token=per_token,
             )
+
+        try:
+            if self.batcher is None:
+                scores = work()
+            else:
+                deadline = time.monotonic() + self.options.request_seconds
+                job = Job(work, rows=len(prompts), deadline=deadline, abandoned=client_gone())
+                try:
+                    self.batcher.submit_job(job)
+                except Overloaded as exc:
+                    raise overloaded(str(exc)) from None
+                scores = job.result()
         except UserError as exc:
             raise _bad_request(str(exc)) from None
         return pd.DataFrame([score_row(scored) for scored in scores])

@@ -14,8 +14,13 @@ rows at the next step.
   is watched for the disconnect; `client_gone()` gives `predict` (which runs in a copy of the
   request's context) the event that is then set, and its rows leave the batch.
 
-All three happen in a wrapper of the server's exception handler, which `scoring_server.init` applies
-after the model is loaded; outside the scoring server nothing calls it. tests/test_serving.py checks
+- `/ping` and `/health` answer 503 when the model's batcher cannot step (its thread is gone for good,
+  or the model fails every step: a broken device), so that a supervisor restarts the server instead
+  of sending it requests that would wait forever. MLflow's own answer only says the model loaded.
+
+All of it happens in a wrapper of the server's exception handler, which `scoring_server.init` applies
+after the model is loaded, inside the function that builds the app; outside the scoring server
+nothing calls it. tests/test_serving.py checks
 them over HTTP, so an MLflow that renames the handler fails there, not silently.
 """
 
@@ -24,7 +29,9 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import functools
+import sys
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -57,10 +64,28 @@ async def watch_disconnect(request: Any, gone: threading.Event) -> None:
         gone.set()
 
 
-def adapt_scoring_server(places: int) -> None:
+def add_health_routes(app: Any, healthy: Callable[[], bool]) -> None:
+    """`/ping` and `/health` ahead of MLflow's: 200 while `healthy()`, else 503 (Starlette matches
+    routes in order, so the first route of a path answers)."""
+    from fastapi.responses import Response
+    from fastapi.routing import APIRoute
+
+    async def health() -> Response:
+        ok = healthy()
+        return Response(
+            content="\n" if ok else "the model cannot generate: restart the server\n",
+            status_code=200 if ok else 503,
+            media_type="application/json",
+        )
+
+    for path in ("/ping", "/health"):
+        app.router.routes.insert(0, APIRoute(path, health, methods=["GET"]))
+
+
+def adapt_scoring_server(places: int, healthy: Callable[[], bool] = lambda: True) -> None:
     """Widen the request thread pool to `places` threads and a few spare, add `Retry-After` to 503s,
-    watch each request for its client's disconnect (idempotent; a no-op where MLflow's handler is
-    not found)."""
+    watch each request for its client's disconnect, answer health checks with `healthy()`
+    (idempotent; a no-op where MLflow's handler is not found)."""
     from mlflow.pyfunc import scoring_server
 
     handler = getattr(scoring_server, "_async_catch_mlflow_exception", None)
@@ -70,6 +95,9 @@ def adapt_scoring_server(places: int) -> None:
 
     def adapted(endpoint: Any) -> Any:
         caught = handler(endpoint)
+        app = sys._getframe(1).f_locals.get("app")  # init's FastAPI app, being built
+        if app is not None and hasattr(app, "router"):
+            add_health_routes(app, healthy)
 
         @functools.wraps(endpoint)
         async def answer(*args: Any, **kwargs: Any) -> Any:

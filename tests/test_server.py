@@ -6,6 +6,7 @@ loses no point; a backup restores into a new cluster with every run, version and
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -14,6 +15,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -405,3 +407,92 @@ def test_first_writers_at_the_same_moment_on_the_server_lose_no_run(lab: Lab) ->
     runs = client.search_runs([client.get_experiment_by_name("first-writers").experiment_id])
     assert sorted(r.info.run_name for r in runs) == ["writer-0", "writer-1", "writer-2"]
     assert {r.info.status for r in runs} == {"FINISHED"}
+
+
+# --- the database: nobody in without the password, and no secret where others can read it ---
+
+
+def psql_as(port: int, host: str | Path, user: str, os_user: str | None = None, password: str | None = None):
+    """`SELECT 1` through psql as `user`, over TCP (host 127.0.0.1) or the socket folder, never
+    prompting; as another OS user with `os_user`."""
+    from lstm_textgen.tracking.server import postgres_bin
+
+    command = [str(postgres_bin("psql")), "-h", str(host), "-p", str(port), "-U", user, "-d", "postgres"]
+    command += ["-w", "-tAc", "SELECT 1"]
+    if os_user:
+        command = ["runuser", "-u", os_user, "--", *command]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    if password:
+        env["PGPASSWORD"] = password
+    return subprocess.run(command, capture_output=True, text=True, env=env, check=False, cwd="/")
+
+
+def assert_locked(server_dir: Path) -> None:
+    port = json.loads((server_dir / "server.json").read_text())["pg_port"]
+    for user in ("postgres", "mlflow"):  # over TCP without a password: no one, the superuser included
+        refused = psql_as(port, "127.0.0.1", user)
+        assert refused.returncode != 0 and "password" in refused.stderr, refused
+    assert psql_as(port, "127.0.0.1", "postgres", password="postgres").returncode != 0
+    other = psql_as(port, server_dir / "socket", "postgres", os_user="nobody")  # another OS user
+    assert other.returncode != 0 and "ermission denied" in other.stderr, other
+    secrets = json.loads((server_dir / "secrets.json").read_text())
+    allowed = psql_as(port, "127.0.0.1", "mlflow", password=secrets["database_password"])
+    assert allowed.returncode == 0 and allowed.stdout.strip() == "1", allowed.stderr
+    for name in ("secrets.json", "basic_auth.ini"):
+        assert (server_dir / name).stat().st_mode & 0o777 == 0o600, name
+    assert secrets["database_password"] not in (server_dir / "server.json").read_text()
+
+
+def test_nobody_reaches_the_database_without_its_password(lab: Lab) -> None:
+    assert_locked(lab.server_dir)
+
+
+class CommandLines:
+    """Every command line seen on the machine while the block runs (/proc, polled every few ms)."""
+
+    def __init__(self) -> None:
+        self.seen: set[str] = set()
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self.poll, daemon=True)
+
+    def poll(self) -> None:
+        while not self.done.is_set():
+            for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+                with contextlib.suppress(OSError):
+                    self.seen.add(cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace"))
+            time.sleep(0.005)
+
+    def __enter__(self) -> CommandLines:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.done.set()
+        self.thread.join()
+
+
+def test_a_trust_cluster_is_locked_on_start_and_no_secret_reaches_a_command_line(lab: Lab) -> None:
+    """A cluster as an earlier version made it (every local and 127.0.0.1 line `trust`, the socket's
+    folder open to all) is locked by the next `server start`, which says so once."""
+    second = Lab(lab.root / "second", f"http://127.0.0.1:{free_port()}")
+    second.root.mkdir()
+    try:
+        with CommandLines() as lines:
+            second.server("start", "--port", second.uri.rsplit(":", 1)[1])
+            second.server("stop")
+            hba = second.server_dir / "postgres/pg_hba.conf"
+            hba.write_text(
+                "local all all trust\nhost all all 127.0.0.1/32 trust\nhost all all ::1/128 trust\n"
+            )
+            (second.server_dir / "socket").chmod(0o777)
+            restarted = second.server("start")
+            again = second.server("start")
+        assert "(trust)" in restarted.stdout and "(trust)" not in again.stdout
+        assert_locked(second.server_dir)
+        secrets = json.loads((second.server_dir / "secrets.json").read_text())
+        shown = "\n".join(lines.seen)
+        assert "runuser" in shown or "psql" in shown  # the poll saw the server's own commands
+        for secret in (*secrets.values(), PASSWORDS["admin"]):
+            assert secret not in shown
+    finally:
+        second.server("stop", check=False)

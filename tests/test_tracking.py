@@ -169,3 +169,29 @@ def test_an_open_run_renews_its_heartbeat(tmp_path: Path, monkeypatch: pytest.Mo
         with store.heartbeat(run_id, every_s=0.1):
             time.sleep(1.0)
     assert float(client.get_run(run_id).data.tags["owner.heartbeat"]) > time.time() - 60
+
+
+@pytest.mark.parametrize(
+    "garbled",
+    [
+        {"owner.heartbeat": "x"},
+        {"owner.heartbeat": "nan"},
+        {"owner.heartbeat": "-inf"},
+        {"owner.host": "HERE", "owner.pid": "x", "owner.heartbeat": "1"},
+        {"owner.host": "HERE", "owner.pid": "1e400"},
+        {"owner.host": "HERE", "owner.pid": "-5"},
+    ],
+)
+def test_owner_tags_that_do_not_parse_prove_nothing_and_close_no_run(garbled: dict[str, str]) -> None:
+    """Any EDIT account can set a run's tags: a garbled one neither crashes the next training start
+    nor gets the run closed as abandoned."""
+    import socket
+
+    from lstm_textgen.tracking.store import owner_alive
+
+    tags = {k: socket.gethostname() if v == "HERE" else v for k, v in garbled.items()}
+    if tags.get("owner.heartbeat") == "1":  # a valid, stale heartbeat beside a garbled pid: dead
+        assert owner_alive(tags) is False
+    else:
+        assert owner_alive(tags) is True
+    assert owner_alive({"owner.heartbeat": "1"}) is False  # a real stale heartbeat still counts

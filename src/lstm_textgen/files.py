@@ -16,8 +16,9 @@ from lstm_textgen.errors import UserError
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike[str], suffix: str = "") -> Iterator[Path]:
-    """Yield a temporary path next to `path`; on success rename it onto `path`, on error delete it."""
+def atomic_path(path: str | os.PathLike[str], suffix: str = "", secret: bool = False) -> Iterator[Path]:
+    """Yield a temporary path next to `path`; on success rename it onto `path`, on error delete it.
+    `secret`: the file stays 0600 (mkstemp's mode) from before its first byte to its rename."""
     target = Path(path)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -26,9 +27,10 @@ def atomic_path(path: str | os.PathLike[str], suffix: str = "") -> Iterator[Path
         raise _unwritable(target, exc) from None
     os.close(fd)
     tmp = Path(tmp_name)
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o666 & ~umask)  # mkstemp creates 0600; outputs get the usual permissions
+    if not secret:
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o666 & ~umask)  # mkstemp creates 0600; outputs get the usual permissions
     try:
         yield tmp
         _fsync(tmp)  # the bytes reach the disk before the name points at them
@@ -55,8 +57,9 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def write_text(path: str | os.PathLike[str], text: str) -> None:
-    with atomic_path(path) as tmp:
+def write_text(path: str | os.PathLike[str], text: str, secret: bool = False) -> None:
+    """`text` at `path`, atomically; `secret`: readable by the owner only (0600), from the start."""
+    with atomic_path(path, secret=secret) as tmp:
         tmp.write_text(text, encoding="utf-8", newline="")
 
 

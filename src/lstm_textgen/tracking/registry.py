@@ -4,6 +4,7 @@ new version's validation loss beats the current champion's on the same corpus an
 
 from __future__ import annotations
 
+import math
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -157,9 +158,12 @@ def settle_champion(client: Any, name: str, rounds: int = 10) -> int:
         comparable = [
             v
             for v in versions
-            if all(v.tags.get(key) == value for key, value in anchor.items()) and "val_loss" in v.tags
+            if all(v.tags.get(key) == value for key, value in anchor.items())
+            and store.tag_number(v.tags, "val_loss") is not None  # a tag anyone with EDIT may have garbled
         ]
-        best = min(comparable, key=lambda v: (float(v.tags["val_loss"]), int(v.version)), default=current)
+        best = min(
+            comparable, key=lambda v: (store.tag_number(v.tags, "val_loss"), int(v.version)), default=current
+        )
         if int(best.version) == int(current.version):
             return int(current.version)
         set_champion(client, name, int(best.version))
@@ -191,7 +195,8 @@ def _decide(
         current = client.get_model_version_by_alias(name, CHAMPION)
     except MlflowException:
         return True, "first version with a validation loss: it becomes the champion", version
-    old_loss = float(current.tags.get("val_loss", "inf"))
+    old_loss = store.tag_number(current.tags, "val_loss")
+    old_loss = math.inf if old_loss is None else old_loss
     comparable = all(current.tags.get(k) == tags.get(k) for k in ("corpus", "level", "lowercase"))
     if not comparable:
         return (

@@ -141,6 +141,37 @@ def _give_to_postgres(*folders: Path) -> None:
             shutil.chown(folder, "postgres", "postgres")
 
 
+# Who may connect, and how: the socket only for the cluster's owner (its folder is 0700, so no other
+# OS user reaches it), and over TCP only with a password (the superuser has none: no TCP login).
+PG_HBA = """# lstm-textgen: written by `lstm-textgen server start`; rewritten if it ever allows more.
+# The socket's folder is 0700: only the cluster's owner (and root) reach it.
+local   all   all                   trust
+host    all   all   127.0.0.1/32    scram-sha-256
+host    all   all   ::1/128         scram-sha-256
+"""
+
+
+def _socket_folder(layout: Layout) -> None:
+    """The socket's folder, the cluster owner's alone."""
+    _give_to_postgres(layout.socket)
+    layout.socket.chmod(0o700)
+
+
+def secure_access(layout: Layout) -> bool:
+    """pg_hba.conf as PG_HBA; True when it had to be rewritten (a cluster made with `trust` by an
+    earlier version, or edited since). PostgreSQL reads it again on reload."""
+    hba = layout.cluster / "pg_hba.conf"
+    if hba.exists() and hba.read_text() == PG_HBA:
+        return False
+    temporary = hba.with_name("pg_hba.conf.tmp")
+    temporary.write_text(PG_HBA)
+    if os.geteuid() == 0:
+        shutil.chown(temporary, "postgres", "postgres")
+    temporary.chmod(0o600)
+    os.replace(temporary, hba)
+    return True
+
+
 def postgres_running(layout: Layout) -> bool:
     if not (layout.cluster / "PG_VERSION").exists():
         return False
@@ -152,8 +183,10 @@ def start_postgres(layout: Layout, port: int, password: str) -> str:
     """The private cluster started (created on first use, with the role and both databases);
     returns the database URL the tracking server uses."""
     _check_reachable_by_postgres(layout.root)
-    if not (layout.cluster / "PG_VERSION").exists():
-        _give_to_postgres(layout.cluster, layout.socket)
+    fresh = not (layout.cluster / "PG_VERSION").exists()
+    if fresh:
+        _give_to_postgres(layout.cluster)
+        _socket_folder(layout)
         _run(
             pg(
                 "initdb",
@@ -161,15 +194,20 @@ def start_postgres(layout: Layout, port: int, password: str) -> str:
                 layout.cluster,
                 "-U",
                 "postgres",
-                "--auth=trust",
+                "--auth-local=trust",  # replaced by PG_HBA before the first start
+                "--auth-host=scram-sha-256",
                 "-E",
                 "UTF8",
                 "--locale=C.UTF-8",
             ),
             "creating the PostgreSQL cluster (initdb)",
         )
-    if not postgres_running(layout):
-        _give_to_postgres(layout.socket)
+    rewritten = secure_access(layout)
+    if postgres_running(layout):
+        if rewritten:
+            _run(pg("pg_ctl", "-D", layout.cluster, "reload"), "reloading PostgreSQL's pg_hba.conf")
+    else:
+        _socket_folder(layout)
         options = f"-p {port} -k {layout.socket} -c listen_addresses=127.0.0.1"
         _run(
             pg(
@@ -185,19 +223,34 @@ def start_postgres(layout: Layout, port: int, password: str) -> str:
             ),
             f"starting PostgreSQL on 127.0.0.1:{port}",
         )
+    _socket_folder(layout)
+    if rewritten and fresh is False:
+        print(
+            "server: PostgreSQL let anyone on this machine connect without a password (trust); now "
+            "TCP needs a password (scram-sha-256) and only its owner reaches the socket"
+        )
     _create_databases(layout, port, password)
     return f"postgresql://{ROLE}:{password}@127.0.0.1:{port}/{DATABASE}"
 
 
 def psql(layout: Layout, port: int, sql: str, database: str = "postgres") -> str:
-    """One statement as the cluster's superuser, over the cluster's own socket."""
-    command = pg("psql", *on_socket(layout, port), "-d", database, "-tA", "-v", "ON_ERROR_STOP=1", "-c", sql)
-    return _run(command, f"psql: {sql.split()[0]}").strip()
+    """One statement as the cluster's superuser, over the cluster's own socket. The statement goes
+    through psql's standard input, never its arguments, which `ps` shows every user."""
+    command = pg("psql", *on_socket(layout, port), "-d", database, "-tA", "-v", "ON_ERROR_STOP=1", "-f", "-")
+    result = subprocess.run(command, input=sql, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise UserError(
+            f"psql: {sql.split()[0]} failed (exit {result.returncode}): {result.stderr.strip()[-2000:]}"
+        )
+    return result.stdout.strip()
 
 
 def _create_databases(layout: Layout, port: int, password: str) -> None:
+    quoted = password.replace("'", "''")
     if not psql(layout, port, f"SELECT 1 FROM pg_roles WHERE rolname = '{ROLE}'"):
-        psql(layout, port, f"CREATE ROLE {ROLE} LOGIN PASSWORD '{password}'")
+        psql(layout, port, f"CREATE ROLE {ROLE} LOGIN PASSWORD '{quoted}'")
+    else:  # a cluster of an earlier version, made under trust, may hold the role without it
+        psql(layout, port, f"ALTER ROLE {ROLE} PASSWORD '{quoted}'")
     for database in (DATABASE, AUTH_DATABASE):
         if not psql(layout, port, f"SELECT 1 FROM pg_database WHERE datname = '{database}'"):
             psql(layout, port, f"CREATE DATABASE {database} OWNER {ROLE}")
@@ -214,11 +267,31 @@ def stop_postgres(layout: Layout) -> None:
 def read_state(layout: Layout) -> ServerState | None:
     if not layout.state.exists():
         return None
-    return ServerState(**json.loads(layout.state.read_text()))
+    state = ServerState(**json.loads(layout.state.read_text()))
+    if state.database_url:  # the full URL, password included, is in secrets.json
+        state.database_url = read_secrets(layout).get("database_url", state.database_url)
+    return state
 
 
 def write_state(layout: Layout, state: ServerState) -> None:
-    write_text(layout.state, json.dumps(asdict(state), indent=2) + "\n")
+    """server.json, readable by all (ports, process): a user's --database-url keeps its password
+    in secrets.json (0600) instead."""
+    shown = asdict(state)
+    if state.database_url:
+        shown["database_url"] = without_password(state.database_url)
+        secret = read_secrets(layout) | {"database_url": state.database_url}
+        write_text(layout.secrets, json.dumps(secret), secret=True)
+    write_text(layout.state, json.dumps(shown, indent=2) + "\n")
+
+
+def without_password(url: str) -> str:
+    """A database URL as it may be shown: its password, if any, as ***."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    return url.replace(f":{parts.password}@", ":***@", 1)
 
 
 def read_secrets(layout: Layout) -> dict[str, str]:
@@ -226,10 +299,7 @@ def read_secrets(layout: Layout) -> dict[str, str]:
     if layout.secrets.exists():
         return json.loads(layout.secrets.read_text())
     made = {"database_password": secrets.token_urlsafe(24), "flask_secret_key": secrets.token_hex(32)}
-    layout.root.mkdir(parents=True, exist_ok=True)
-    descriptor = os.open(layout.secrets, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(descriptor, "w") as handle:
-        json.dump(made, handle)
+    write_text(layout.secrets, json.dumps(made), secret=True)
     return made
 
 
@@ -277,8 +347,7 @@ def admin_password(state: ServerState) -> str | None:
 def start_mlflow(layout: Layout, state: ServerState, database_url: str, secret_key: str) -> int:
     """The tracking server in its own session (stop signals its whole group); returns its pid once
     /health answers."""
-    write_text(layout.auth_config, auth_config(database_url))
-    layout.auth_config.chmod(0o600)  # it holds the database password
+    write_text(layout.auth_config, auth_config(database_url), secret=True)  # the database password
     env = {
         **os.environ,
         "MLFLOW_AUTH_CONFIG_PATH": str(layout.auth_config),

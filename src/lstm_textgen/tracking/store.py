@@ -9,6 +9,7 @@ the nearest directory above the working directory that holds `.dvc` or `.git`.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import socket
 import subprocess
@@ -313,11 +314,22 @@ def heartbeat(run_id: str, every_s: float = HEARTBEAT_S) -> Iterator[None]:
 def owner_alive(tags: dict[str, str], now: float | None = None) -> bool:
     """Whether the process that owns a run still runs: on this host, by its pid and start time; on
     another, by a heartbeat renewed within HEARTBEAT_TIMEOUT_S. A run without a heartbeat (logged by
-    an older version) is never taken for dead on another host."""
-    if tags.get("owner.host") == socket.gethostname() and "owner.pid" in tags:
-        return process_start(int(tags["owner.pid"])) == tags.get("owner.start")
-    beat = tags.get("owner.heartbeat")
-    return beat is None or (now or time.time()) - float(beat) < HEARTBEAT_TIMEOUT_S
+    an older version) is never taken for dead on another host. Tags are anyone's with EDIT on the
+    run: one that does not parse proves nothing, and a run is never closed on it."""
+    pid = tag_number(tags, "owner.pid")
+    if tags.get("owner.host") == socket.gethostname() and pid is not None and pid.is_integer() and pid > 0:
+        return process_start(int(pid)) == tags.get("owner.start")
+    beat = tag_number(tags, "owner.heartbeat")
+    return beat is None or (now or time.time()) - beat < HEARTBEAT_TIMEOUT_S
+
+
+def tag_number(tags: dict[str, str], name: str) -> float | None:
+    """A tag as a finite number, or None when it is absent or is not one."""
+    try:
+        value = float(tags[name])
+    except (KeyError, TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
 
 
 def may_edit(client: Any, run_id: str) -> bool:

@@ -97,6 +97,41 @@ def test_bad_inputs_have_clear_errors() -> None:
         to_text(b"ID,Text\n1,hi\n", csv, "x")
 
 
+def test_a_corrupt_compressed_payload_is_one_line_error() -> None:
+    """Damage inside the deflate stream (not a cut-off end) raises zlib's own error in gzip and zip."""
+    spec = CorpusSpec(source="x")
+    damaged = bytearray(gzip.compress(bytes(range(256)) * 400))
+    damaged[40:60] = b"\xff" * 20
+    with pytest.raises(CorpusError, match="the gzip data is corrupt"):
+        to_text(bytes(damaged), spec, "x")
+
+
+def test_a_line_without_end_passes_in_pieces_and_is_counted(monkeypatch, tmp_path: Path) -> None:
+    """A few hundred bytes of bzip2 can hold gigabytes without a newline: no piece holds the line."""
+    import bz2
+
+    from lstm_textgen.data import normalise
+    from lstm_textgen.data.corpora import normalise_file
+
+    pieces = list(normalise.line_pieces(iter(["a" * 100] * 50), limit=250))
+    assert "".join(pieces) == "a" * 5000 and max(len(piece) for piece in pieces) <= 350
+    monkeypatch.setattr(normalise, "MAX_LINE_CHARACTERS", 1000)
+    text = "x" * 20_000 + "\nshort line\n" + "y" * 3000
+    (tmp_path / "raw").write_bytes(bz2.compress(text.encode()))
+    sink = normalise_file(
+        tmp_path / "raw", CorpusSpec(source="x"), "x", tmp_path / "out", tmp_path, 2**30, 512
+    )
+    assert (tmp_path / "out").read_text() == text and sink.summary()["long_lines"] == 2
+    assert "long_lines" not in to_text(b"short\n", CorpusSpec(source="x"), "x")  # only when there are some
+
+
+def test_numeric_entities_that_are_no_character_become_the_replacement_character() -> None:
+    from lstm_textgen.data.corpora import unescape_entities
+
+    text = unescape_entities("a #55357; b &#xD83D; c #36;")
+    assert text == "a\ufffd b \ufffd c$" and text.encode("utf-8")
+
+
 def test_word_tokens_join_back_into_every_line_of_every_corpus(texts: dict[str, str]) -> None:
     """Word level keeps each token's leading space, so the text comes back (runs of spaces as one)."""
     for name, text in texts.items():

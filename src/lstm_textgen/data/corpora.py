@@ -167,9 +167,15 @@ def csv_rows(frame: pd.DataFrame, spec: CorpusSpec, label: str) -> list[str]:
 
 
 def unescape_entities(value: str) -> str:
-    """'the  #36;10 million' -> 'the $10 million': AG News lost the '&' of its HTML entities."""
-    value = re.sub(r" ?#(\d{2,5});", lambda m: chr(int(m.group(1))), value)
+    """'the  #36;10 million' -> 'the $10 million': AG News lost the '&' of its HTML entities. A
+    number that is no Unicode character (a lone surrogate such as #55357;) becomes U+FFFD, as
+    html.unescape does for `&#55357;`."""
+    value = re.sub(r" ?#(\d{2,5});", lambda m: _character(int(m.group(1))), value)
     return html.unescape(value)
+
+
+def _character(code: int) -> str:
+    return "\ufffd" if 0xD800 <= code <= 0xDFFF or code > 0x10FFFF else chr(code)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ import hashlib
 import lzma
 import re
 import zipfile
+import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,9 @@ import numpy as np
 from lstm_textgen.errors import UserError
 
 CHUNK_BYTES = 1 << 24
+# A line longer than this is read and written in pieces, and counted as `long_lines` in the
+# corpus's summary (its text is kept whole; Gutenberg markers are never looked for inside it).
+MAX_LINE_CHARACTERS = 1 << 22
 _GUTENBERG_START = re.compile(r"^\*{3}\s*START OF (THIS|THE) PROJECT GUTENBERG EBOOK.*$", re.M | re.I)
 _GUTENBERG_END = re.compile(r"^\*{3}\s*END OF (THIS|THE) PROJECT GUTENBERG EBOOK.*$", re.M | re.I)
 _GUTENBERG_END_LINE = re.compile(r"^End of (the )?Project Gutenberg.*$", re.M | re.I)
@@ -58,8 +62,11 @@ def open_source(path: Path, member: str | None, label: str, max_bytes: int) -> I
     kind = compression(path)
     with contextlib.ExitStack() as stack:
         if kind == "zip":
-            archive = stack.enter_context(zipfile.ZipFile(path))
-            stream: IO[bytes] = stack.enter_context(archive.open(zip_member(archive, member, label)))
+            try:
+                archive = stack.enter_context(zipfile.ZipFile(path))
+                stream: IO[bytes] = stack.enter_context(archive.open(zip_member(archive, member, label)))
+            except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as exc:
+                raise CorpusError(f"{label}: the zip archive is corrupt: {exc}") from None
         elif kind is not None:
             opener = {"gzip": gzip.open, "bzip2": bz2.open, "xz": lzma.open}[kind]
             stream = stack.enter_context(opener(path, "rb"))
@@ -90,7 +97,7 @@ class _Capped:
     def read(self, size: int) -> bytes:
         try:
             data = self.stream.read(size)
-        except (OSError, EOFError, lzma.LZMAError, zipfile.BadZipFile) as exc:
+        except (OSError, EOFError, lzma.LZMAError, zipfile.BadZipFile, zlib.error) as exc:
             raise CorpusError(f"{self.label}: the {self.kind or 'file'} data is corrupt: {exc}") from None
         self.seen += len(data)
         if self.seen > self.max_bytes:
@@ -129,12 +136,17 @@ def decoded_chunks(stream: Any, label: str, chunk_bytes: int = CHUNK_BYTES) -> I
             return
 
 
-def line_pieces(chunks: Iterable[str]) -> Iterator[str]:
-    """The same text, re-cut so that every piece but the last ends with a line break."""
+def line_pieces(chunks: Iterable[str], limit: int | None = None) -> Iterator[str]:
+    """The same text, re-cut so that every piece but the last ends with a line break, except within
+    a line longer than `limit` characters (MAX_LINE_CHARACTERS), which passes on in pieces: memory
+    follows the chunk even in a file without line breaks."""
+    limit = MAX_LINE_CHARACTERS if limit is None else limit
     carry = ""
     for chunk in chunks:
         text = carry + chunk
         cut = text.rfind("\n") + 1
+        if not cut and len(text) > limit:
+            cut = len(text)
         if cut:
             yield text[:cut]
         carry = text[cut:]
@@ -215,6 +227,8 @@ class TextSink:
         self.blank = True
         self.markers = Markers()
         self._partial = ""  # the unfinished last line, scanned once it is complete
+        self.long_lines = 0  # lines over MAX_LINE_CHARACTERS: not held, not scanned
+        self._in_long_line = False
 
     def write(self, text: str) -> None:
         data = text.encode("utf-8")
@@ -224,6 +238,14 @@ class TextSink:
         self.lines += data.count(b"\n")
         if text and self.blank:
             self.blank = text.isspace()
+        if self._in_long_line:  # the rest of a line too long to hold: skip to its end
+            end = text.find("\n") + 1
+            if not end:
+                self.bytes += len(data)
+                return
+            self._in_long_line = False
+            self.bytes += len(text[:end].encode("utf-8"))
+            text, data = text[end:], data[len(text[:end].encode("utf-8")) :]
         partial = self._partial.encode("utf-8")
         lines, lines_offset = self._partial + text, self.bytes - len(partial)
         cut = lines.rfind("\n") + 1
@@ -233,6 +255,9 @@ class TextSink:
             self.markers.scan(lines[:cut], lines_offset)
         self._partial = lines[cut:]
         self.bytes += len(data)
+        if len(self._partial) > MAX_LINE_CHARACTERS:
+            self._partial, self._in_long_line = "", True
+            self.long_lines += 1
 
     def close(self) -> None:
         if self._partial:
@@ -240,7 +265,8 @@ class TextSink:
             self._partial = ""
 
     def summary(self) -> dict[str, Any]:
-        return {"text_sha256": self.digest.hexdigest(), "characters": self.characters, "lines": self.lines}
+        summary = {"text_sha256": self.digest.hexdigest(), "characters": self.characters, "lines": self.lines}
+        return summary | ({"long_lines": self.long_lines} if self.long_lines else {})
 
 
 def characters_in(data: bytes) -> int:

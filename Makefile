@@ -11,7 +11,7 @@ WITH_VENV := PATH="$(CURDIR)/$(BIN):$$PATH"
 export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := 1
 
-.PHONY: install install-dev install-demo system-packages browser tracking-server demo plots repro exp test test-fast lint ui params compare preset presets tune bench bench-ddp bench-serving bench-tracking bench-scale gpu-check gpu-bundle gpu-rehearse screenshots clean
+.PHONY: install install-dev install-demo system-packages browser tracking-server demo plots repro exp test test-fast fuzz lint ui params compare preset presets tune bench bench-ddp bench-serving bench-tracking bench-scale gpu-check gpu-bundle gpu-rehearse screenshots clean
 BENCH_CORPUS ?= tinyshakespeare
 # the embedded corpus: a GPU node is offline
 GPU_CORPUS ?= shakespeare
@@ -21,6 +21,8 @@ PYTHON312 ?= python3.12
 REHEARSE_VENV ?= $(GPU_BUNDLE)/venv-py312
 SIZES ?= 10,100,1000
 UI_PORT ?= 5000
+FUZZ_EXAMPLES ?= 2000
+FUZZ_HONEST_CLIENTS ?= 16
 DEMO_PORT ?= 7860
 CHROMIUM ?= /usr/bin/chromium
 # apt-get as root, else through sudo
@@ -112,6 +114,10 @@ bench: $(STAMP)  ## benchmarks/results/<machine>/: us vs the notebook (BENCH_COR
 
 bench-ddp: $(STAMP)  ## training throughput on 1 and 2 local processes (DDP, gloo on the CPU)
 	$(WITH_VENV) $(BIN)/python -m benchmarks.bench_ddp
+
+fuzz: $(DEV_STAMP)  ## the fuzz tier, longer: FUZZ_EXAMPLES cases, FUZZ_HONEST_CLIENTS beside the server
+	$(WITH_VENV) FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) FUZZ_HONEST_CLIENTS=$(FUZZ_HONEST_CLIENTS) FUZZ_EXPLORE=1 \
+		$(BIN)/python -m pytest -q -s tests/test_fuzz_inputs.py tests/test_fuzz_serving.py
 
 bench-serving: $(STAMP)  ## the champion under 16 concurrent clients (after make repro)
 	$(WITH_VENV) $(BIN)/python -m benchmarks.bench_serving

@@ -163,7 +163,7 @@ def test_no_request_breaks_the_worker_or_the_honest_clients_beside_it(server: st
 
     @settings(
         max_examples=EXAMPLES,
-        derandomize=True,  # the same cases on every run in CI; `make fuzz` explores with a seed
+        derandomize=not os.environ.get("FUZZ_EXPLORE"),  # CI: the same cases every run; make fuzz explores
         deadline=None,
         database=None,
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],

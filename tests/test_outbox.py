@@ -92,3 +92,35 @@ def test_what_a_run_could_not_send_is_kept_and_sent_once_later(monkeypatch, tmp_
         stored = Path(client.download_artifacts(run_id, "loss.png", str(tmp_path / "back")))
         assert stored.read_bytes() == b"png"
         assert outbox.send_pending(client, tmp_path / "pending") == []
+
+
+def test_a_kept_run_the_store_lacks_is_set_aside_once_and_blocks_nothing(monkeypatch, tmp_path: Path) -> None:
+    """Points kept for a run the store does not hold (deleted, or kept for another server) are set
+    aside with the way to discard them; the other kept runs are sent; the next command sees nothing."""
+    import mlflow
+
+    from lstm_textgen.tracking import store
+    from lstm_textgen.tracking.server import sync
+
+    (tmp_path / ".git").mkdir()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    with tracking_store(tmp_path):
+        client = mlflow.MlflowClient()
+        experiment = client.create_experiment("kept", artifact_location=(tmp_path / "mlruns").as_uri())
+        real = client.create_run(experiment).info.run_id
+        pending = store.pending_dir()
+        assert (
+            pending.parent == tmp_path / "mlflow-pending"
+            and "sqlite:///" in (pending / "store.txt").read_text()
+        )
+        assert store.pending_dir("http://other:5000") != pending  # another server, another folder
+        for run_id in ("0" * 32, real):
+            outbox.keep(pending, run_id, [outbox.entry("metrics", values={"val_loss": 0.5}, step=1)])
+        lines = outbox.send_pending(client, pending)
+        assert any("set aside" in line and f"--drop {'0' * 32}" in line for line in lines), lines
+        assert any(f"missed of run {real}" in line for line in lines)
+        assert [m.value for m in client.get_metric_history(real, "val_loss")] == [0.5]
+        assert outbox.send_pending(client, pending) == []  # reported once
+        sync(drop=["0" * 32])
+        assert not list(pending.rglob("*.jsonl"))

@@ -294,12 +294,12 @@ def test_an_outage_longer_than_the_run_is_sent_by_sync(lab: Lab, tmp_path: Path)
         _, err = training.communicate(timeout=300)
         assert training.returncode == 0, err
         assert "kept in" in err and "lstm-textgen server sync" in err
-        assert list((repo / "mlflow-pending").glob("*.jsonl"))
+        assert list((repo / "mlflow-pending").glob("*/*.jsonl"))
     finally:
         lab.server("start")
     synced = run(server_command("sync"), cwd=repo, env=lab.env("trainer", repo))
     assert "sent" in synced.stdout + synced.stderr
-    assert not list((repo / "mlflow-pending").glob("*.jsonl"))
+    assert not list((repo / "mlflow-pending").glob("*/*.jsonl"))
     assert_every_point_logged(lab, repo)
 
 
@@ -496,3 +496,34 @@ def test_a_trust_cluster_is_locked_on_start_and_no_secret_reaches_a_command_line
             assert secret not in shown
     finally:
         second.server("stop", check=False)
+
+
+def test_a_stage_that_starts_while_the_server_is_away_waits_for_it(
+    lab: Lab, trained: tuple[Path, str], tmp_path: Path
+) -> None:
+    """The server and its database restarted while a stage starts: the stage waits, saying so once,
+    and finishes; with nothing coming back it stops in one line naming the server."""
+    repo, _ = trained
+    lab.server("stop")
+    try:
+        short = {**lab.env("trainer", repo), "LSTM_TEXTGEN_TRACKING_WAIT_MINUTES": "0.05"}
+        gave_up = run([sys.executable, "stages/evaluate.py"], cwd=repo, env=short, check=False)
+        assert gave_up.returncode != 0 and "Traceback" not in gave_up.stderr
+        assert f"the tracking server {lab.uri} (MLFLOW_TRACKING_URI) does not answer" in gave_up.stderr
+        log = tmp_path / "evaluate.log"
+        with log.open("w") as output:
+            waiting = subprocess.Popen(
+                [sys.executable, "stages/evaluate.py"],
+                cwd=repo,
+                env=lab.env("trainer", repo),
+                stdout=output,
+                stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + 120
+        while "waiting up to 5 minute(s)" not in log.read_text():
+            assert waiting.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+    finally:
+        lab.server("start")
+    assert waiting.wait(timeout=300) == 0, log.read_text()
+    assert "answers again" in log.read_text() and "Traceback" not in log.read_text()

@@ -4,9 +4,9 @@ Training never waits on the tracking store: each point of the curves, tag, artif
 goes into a queue that one thread sends in order. While a tracking server is away the thread sits in
 MLflow's own retries (about four minutes per call) and catches up when it is back. What is still
 unsent when the run closes (an outage longer than the training) is written to a file beside the store,
-`mlflow-pending/RUN_ID.jsonl` (artifacts copied next to it), and `send_pending` — called by the next
-command that opens the store, or `lstm-textgen server sync` — sends it, skipping the points the server
-already holds. MLflow's asynchronous logging is not enough alone: with few retries it drops points
+`mlflow-pending/STORE/RUN_ID.jsonl` (one folder per tracking URI; artifacts copied next to it), and
+`send_pending` — called by the next command that opens that store, or `lstm-textgen server sync` —
+sends it under a lock, skipping the points the server already holds. MLflow's asynchronous logging is not enough alone: with few retries it drops points
 silently."""
 
 from __future__ import annotations
@@ -164,9 +164,12 @@ def keep(pending_dir: Path, run_id: str, items: list[dict[str, Any]]) -> None:
             copy = copies / Path(item["path"]).name
             shutil.copyfile(item["path"], copy)
             item["path"] = str(copy)
+    from lstm_textgen.tracking.store import file_lock
+
     path = pending_dir / f"{run_id}.jsonl"
-    before = path.read_text() if path.exists() else ""
-    write_text(path, before + "".join(json.dumps(item) + "\n" for item in items))
+    with file_lock(pending_dir / ".lock"):  # `send_pending` of another command may be reading it
+        before = path.read_text() if path.exists() else ""
+        write_text(path, before + "".join(json.dumps(item) + "\n" for item in items))
 
 
 def pending_runs(pending_dir: Path) -> Iterator[tuple[str, list[dict[str, Any]]]]:
@@ -186,17 +189,59 @@ def describe(items: list[dict[str, Any]]) -> str:
     return "; ".join(parts)
 
 
+SET_ASIDE = "set-aside"
+
+
 def send_pending(client: Any, pending_dir: Path) -> list[str]:
-    """Send every kept entry the store does not hold yet, then forget it; returns one line per run."""
-    sent = []
+    """Send every kept entry the store does not hold yet, then forget it; returns one line per run.
+    A run the store does not have (deleted, or kept for another store) is moved to `set-aside/` and
+    reported once; one this account may not write to waits for an account that may; a store that
+    is away leaves everything for the next command. None of them stops the command."""
+    from mlflow.exceptions import MlflowException
+
+    said = []
     for run_id, items in pending_runs(pending_dir):
-        keys = {key for item in items if item["kind"] == "metrics" for key in item["values"]}
-        held = {
-            (key, point.step, point.value) for key in keys for point in client.get_metric_history(run_id, key)
-        }
-        for item in items:
-            send(client, run_id, item, held)
+        try:
+            _send_run(client, run_id, items)
+        except MlflowException as exc:
+            if exc.error_code == "PERMISSION_DENIED":
+                said.append(
+                    f"run {run_id}: this account may not write to it; its points wait for one that may"
+                )
+                continue
+            aside = pending_dir / SET_ASIDE
+            aside.mkdir(exist_ok=True)
+            (pending_dir / f"{run_id}.jsonl").replace(aside / f"{run_id}.jsonl")
+            said.append(
+                f"run {run_id} is not in this store ({exc.error_code}): what it kept ({describe(items)}) is "
+                f"set aside in {aside}; `lstm-textgen server sync --drop {run_id}` discards it"
+            )
+            continue
+        except OSError as exc:  # the server went away meanwhile: the next command sends it
+            said.append(f"run {run_id}: not sent yet ({type(exc).__name__}); kept for the next command")
+            break
         (pending_dir / f"{run_id}.jsonl").unlink()
         shutil.rmtree(pending_dir / run_id, ignore_errors=True)
-        sent.append(f"run {run_id}: {describe(items)}")
-    return sent
+        said.append(f"sent what the store had missed of run {run_id}: {describe(items)}")
+    return said
+
+
+def _send_run(client: Any, run_id: str, items: list[dict[str, Any]]) -> None:
+    keys = {key for item in items if item["kind"] == "metrics" for key in item["values"]}
+    client.get_run(run_id)  # a run the store lacks fails here, before anything is sent
+    held = {
+        (key, point.step, point.value) for key in keys for point in client.get_metric_history(run_id, key)
+    }
+    for item in items:
+        send(client, run_id, item, held)
+
+
+def drop(pending_dir: Path, run_id: str) -> bool:
+    """Forget what `run_id` kept (pending or set aside); False when nothing was kept for it."""
+    found = False
+    for folder in (pending_dir, pending_dir / SET_ASIDE):
+        if (folder / f"{run_id}.jsonl").exists():
+            (folder / f"{run_id}.jsonl").unlink()
+            found = True
+    shutil.rmtree(pending_dir / run_id, ignore_errors=True)
+    return found

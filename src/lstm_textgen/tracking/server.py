@@ -561,12 +561,27 @@ def read_new_password(name: str) -> str:
     return sys.stdin.readline().rstrip("\n")
 
 
-def sync() -> None:
-    """Send what earlier runs kept because the server was away (outbox.py)."""
-    if not any(store.pending_dir().glob("*.jsonl")):
-        print(f"server: nothing waits in {store.pending_dir()}")
+def sync(drop: list[str] | None = None) -> None:
+    """Send what earlier runs kept because the server was away (outbox.py); `drop`: forget what
+    these runs kept instead (a run the store no longer has)."""
+    from lstm_textgen.tracking import outbox
+
+    folder = store.pending_dir()
+    for run_id in drop or []:
+        with store.file_lock(folder / ".lock"):
+            found = outbox.drop(folder, run_id)
+        print(
+            f"server: {'discarded what run ' + run_id + ' kept' if found else 'nothing kept for ' + run_id}"
+        )
+    if drop:
+        return
+    if not any(folder.glob("*.jsonl")):
+        print(f"server: nothing waits in {folder}")
         return
     store.configure()  # sends what waits, and says what
+    left = sorted(path.stem for path in folder.glob("*.jsonl"))
+    if left:
+        raise UserError(f"server: not sent yet: runs {', '.join(left)} (see above); run sync again later")
     print(f"server: every kept point sent to {store.tracking_uri()}")
 
 
@@ -598,7 +613,10 @@ def parser() -> argparse.ArgumentParser:
     user = verbs.add_parser("add-user", help="an account (the admin's credentials in the environment)")
     user.add_argument("name")
     user.add_argument("--read-only", action="store_true", help="may list, compare, serve and score only")
-    verbs.add_parser("sync", help="send the points a run kept while the server was away")
+    syncing = verbs.add_parser("sync", help="send the points a run kept while the server was away")
+    syncing.add_argument(
+        "--drop", action="append", metavar="RUN_ID", help="discard what this run kept instead (repeatable)"
+    )
     return top
 
 
@@ -616,7 +634,7 @@ def main(argv: list[str] | None = None) -> None:
     elif args.action == "add-user":
         add_user(args.name, read_new_password(args.name), args.read_only)
     elif args.action == "sync":
-        sync()
+        sync(args.drop)
     elif args.action == "status":
         raise SystemExit(0 if status(args.dir) else 3)
     else:

@@ -59,17 +59,79 @@ def is_server(uri: str) -> bool:
     return uri.startswith(("http://", "https://"))
 
 
-def pending_dir() -> Path:
-    """Where a run keeps what the store did not take (outbox.py): beside the local store."""
-    return repository_root() / "mlflow-pending"
+def pending_dir(uri: str | None = None) -> Path:
+    """Where a run keeps what the store did not take (outbox.py): beside the local store, one folder
+    per tracking store (named by a hash of its URI, which `store.txt` in it names, without any
+    password), so that points kept for one server are never sent to another."""
+    import hashlib
+    from urllib.parse import urlsplit
+
+    uri = uri or tracking_uri()
+    folder = repository_root() / "mlflow-pending" / hashlib.sha256(uri.encode()).hexdigest()[:16]
+    label = folder / "store.txt"
+    if not label.exists():
+        parts = urlsplit(uri)
+        shown = uri.replace(f"{parts.password}@", "***@", 1) if parts.password else uri
+        folder.mkdir(parents=True, exist_ok=True)
+        label.write_text(shown + "\n")
+    return folder
 
 
 CREDENTIALS = "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD"
 
 
+# How long a command waits for a tracking server that is away (restarting, its database down) before
+# it gives up in one line. An environment setting, not a params.yaml key: how long to wait for the
+# lab's server is the machine's business, and a params key would make DVC re-run stages over it.
+WAIT_VARIABLE = "LSTM_TEXTGEN_TRACKING_WAIT_MINUTES"
+DEFAULT_WAIT_MINUTES = 5.0
+
+
+def wait_minutes() -> float:
+    value = os.environ.get(WAIT_VARIABLE, str(DEFAULT_WAIT_MINUTES))
+    try:
+        minutes = float(value)
+    except ValueError:
+        minutes = -1.0
+    if not 0 <= minutes < math.inf:
+        raise UserError(f"{WAIT_VARIABLE} must be a number of minutes >= 0, got {value!r}")
+    return minutes
+
+
 def check_server(uri: str) -> None:
-    """Fail at once, in one line, when the tracking server does not answer or refuses us: not with
-    a traceback after MLflow's four minutes of retries, or after ten minutes of training."""
+    """Wait, up to `wait_minutes()`, for the tracking server and its database to answer, saying once
+    what it waits for; then fail in one line naming the server and what to do. A refused account
+    fails at once: not with a traceback after MLflow's four minutes of retries, or after ten minutes
+    of training."""
+    minutes = wait_minutes()
+    deadline, pause, said = time.monotonic() + 60 * minutes, 1.0, False
+    while True:
+        problem = server_problem(uri)
+        if problem is None:
+            if said:
+                print(f"mlflow: the tracking server {uri} answers again", file=sys.stderr)
+            return
+        if time.monotonic() + pause > deadline:
+            raise UserError(
+                f"the tracking server {uri} (MLFLOW_TRACKING_URI) {problem} and did not answer for "
+                f"{minutes:g} minute(s) ({WAIT_VARIABLE}): start it (`lstm-textgen server start --dir "
+                "DIR` on its machine), or unset MLFLOW_TRACKING_URI for the local store; then run the "
+                "command again (`dvc repro` re-runs only the stages that did not finish)"
+            )
+        if not said:
+            print(
+                f"mlflow: the tracking server {uri} {problem}; waiting up to {minutes:g} minute(s) for it "
+                f"({WAIT_VARIABLE})",
+                file=sys.stderr,
+            )
+            said = True
+        time.sleep(pause)
+        pause = min(pause * 2, 10.0)
+
+
+def server_problem(uri: str) -> str | None:
+    """Why the server cannot take our calls now (None: it can). An account it refuses is a
+    UserError at once: waiting would not change it."""
     import requests
 
     user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
@@ -79,17 +141,16 @@ def check_server(uri: str) -> None:
             params={"experiment_name": experiment_name()},
             auth=(user, password or "") if user else None,
             timeout=30,
+            verify=os.environ.get("MLFLOW_TRACKING_SERVER_CERT_PATH") or True,
         )
     except requests.RequestException as exc:
-        raise UserError(
-            f"the tracking server {uri} (MLFLOW_TRACKING_URI) does not answer ({type(exc).__name__}): "
-            "start it (`lstm-textgen server start --dir DIR` on its machine), or unset "
-            "MLFLOW_TRACKING_URI for the local store; then run the command again (`dvc repro` re-runs "
-            "only the stages that did not finish)"
-        ) from None
+        return f"does not answer ({type(exc).__name__})"
     if answer.status_code == 401:
         problem = "needs an account: set" if not user else f"refused the user {user!r}: check"
         raise UserError(f"the tracking server {uri} {problem} {CREDENTIALS}")
+    if answer.status_code >= 500:  # restarting, or its database is away
+        return f"answers HTTP {answer.status_code}"
+    return None
 
 
 def experiment_name() -> str:
@@ -133,12 +194,16 @@ def configure() -> Any:
 
 
 def send_pending(mlflow: Any) -> None:
-    """What earlier runs could not log (the server was away) is sent before anything else."""
+    """What earlier runs could not log to this store (it was away) is sent before anything else,
+    by one process at a time; a run the store does not hold is set aside and said once."""
     from lstm_textgen.tracking import outbox
 
-    if any(pending_dir().glob("*.jsonl")):
-        for line in outbox.send_pending(mlflow.MlflowClient(), pending_dir()):
-            print(f"mlflow: sent what the store had missed of {line}", file=sys.stderr)
+    folder = pending_dir()
+    if not any(folder.glob("*.jsonl")):
+        return
+    with file_lock(folder / ".lock"):
+        for line in outbox.send_pending(mlflow.MlflowClient(), folder):
+            print(f"mlflow: {line}", file=sys.stderr)
 
 
 def _ensure_experiment(mlflow: Any) -> None:

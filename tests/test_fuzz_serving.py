@@ -71,7 +71,8 @@ ROW = st.builds(
     ),
     st.dictionaries(st.text(max_size=8), VALUES, max_size=1),
 )
-ROWS = st.one_of(st.lists(ROW, max_size=4), st.lists(ROW, min_size=60, max_size=70))
+SMALL_ROWS = st.lists(ROW, max_size=4)
+ROWS = st.one_of(SMALL_ROWS, SMALL_ROWS, SMALL_ROWS, st.lists(ROW, min_size=60, max_size=70))
 PARAMS = st.dictionaries(
     st.sampled_from([*FIELDS[1:], "task", "per_token", "unknown_param"]),
     st.one_of(VALUES, st.sampled_from(["score", "generate"]), *VALID.values()),

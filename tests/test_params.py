@@ -66,6 +66,11 @@ def test_repository_params_validate() -> None:
             "data.corpus: 'tinyshakspeare' is not in the corpora table (did you mean tinyshakespeare?)",
         ),
         ([1, 2], "expected a mapping of sections"),
+        (
+            {"tune": {"storage": "postgresql+psycopg://lab:s3cret@db/optuna"}},
+            "tune.storage: must not hold a password (params.yaml is committed, and logged with every "
+            "run): set the whole URL in the environment variable LSTM_TEXTGEN_TUNE_STORAGE instead",
+        ),
     ],
 )
 def test_bad_values_name_the_key(raw: object, expected: str) -> None:
@@ -152,3 +157,15 @@ def test_the_sampling_settings_reach_the_server_the_command_and_the_demo_alike()
     with gr.Blocks():
         controls = sampling_controls(gr, request_defaults(SampleParams()))
     assert list(controls) == settings
+
+
+def test_a_study_storage_with_a_password_comes_from_the_environment_and_is_shown_masked(monkeypatch) -> None:
+    from lstm_textgen.apps.tune import storage_url
+    from lstm_textgen.network import without_password
+
+    params = parse_params({"tune": {"storage": "postgresql+psycopg://lab@db/optuna"}})
+    assert storage_url(params) == "postgresql+psycopg://lab@db/optuna"
+    monkeypatch.setenv("LSTM_TEXTGEN_TUNE_STORAGE", "postgresql+psycopg://lab:s3cret@db/optuna")
+    assert storage_url(params) == "postgresql+psycopg://lab:s3cret@db/optuna"  # the environment wins
+    assert without_password(storage_url(params)) == "postgresql+psycopg://lab:***@db/optuna"
+    assert without_password("sqlite:///optuna.db") == "sqlite:///optuna.db"

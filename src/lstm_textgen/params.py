@@ -408,10 +408,23 @@ def _default_space() -> dict[str, SearchDimension]:
 class TuneParams(_Section):
     """`lstm-textgen tune`: an Optuna study of real training runs on the prepared corpus."""
 
+    @field_validator("storage")
+    @classmethod
+    def _no_password(cls, value: str | None) -> str | None:
+        from urllib.parse import urlsplit
+
+        if value and urlsplit(value).password:
+            raise ValueError(
+                "must not hold a password (params.yaml is committed, and logged with every run): set "
+                "the whole URL in the environment variable LSTM_TEXTGEN_TUNE_STORAGE instead"
+            )
+        return value
+
     study: str = Field(default="lstm-textgen", min_length=1, description="the study's name in its storage")
     storage: str | None = Field(
         default=None,
-        description="an Optuna storage URL shared by the workers; null: optuna.db beside mlflow.db",
+        description="an Optuna storage URL shared by the workers, without its password (that comes "
+        "from LSTM_TEXTGEN_TUNE_STORAGE); null: optuna.db beside mlflow.db",
     )
     objective: Literal["val_bits_per_character", "window_val_loss"] = Field(
         default="val_bits_per_character",

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lstm_textgen.errors import Terminated, UserError
+from lstm_textgen.network import without_password
 from lstm_textgen.params import Params, load_params, with_settings
 
 if TYPE_CHECKING:
@@ -66,10 +67,17 @@ class Paths:
         return self.root / "data" / "tune" / study
 
 
+STORAGE_VARIABLE = "LSTM_TEXTGEN_TUNE_STORAGE"
+
+
 def storage_url(params: Params) -> str:
-    """The study's storage: `tune.storage`, else optuna.db beside the local MLflow store."""
+    """The study's storage: LSTM_TEXTGEN_TUNE_STORAGE (a URL with its password, kept out of
+    params.yaml as MLflow keeps its credentials out), else `tune.storage`, else optuna.db beside the
+    local MLflow store. Shown only through `without_password`."""
     from lstm_textgen.tracking import store
 
+    if os.environ.get(STORAGE_VARIABLE):
+        return os.environ[STORAGE_VARIABLE]
     if params.tune.storage:
         return params.tune.storage
     if store.is_server(store.tracking_uri()):
@@ -321,8 +329,8 @@ def run_study(params: Params, argv: list[str]) -> None:
     deadline = time.time() + 60 * params.tune.minutes if params.tune.minutes else None
     extra = ["--parent-run", parent, *(["--deadline", str(deadline)] if deadline else [])]
     print(
-        f"tune: study {params.tune.study!r} in {storage}: {params.tune.workers} worker(s), up to "
-        f"{params.tune.trials or 'unlimited'} trials; MLflow run {parent}",
+        f"tune: study {params.tune.study!r} in {without_password(storage)}: {params.tune.workers} "
+        f"worker(s), up to {params.tune.trials or 'unlimited'} trials; MLflow run {parent}",
         flush=True,
     )
     wait_for(start_workers(params.tune.workers, [*argv, *extra]))
@@ -409,7 +417,7 @@ def show(params: Params, paths: Paths) -> None:
         study = optuna.load_study(study_name=params.tune.study, storage=storage)
     except KeyError:
         raise UserError(
-            f"no study {params.tune.study!r} in {storage} (`lstm-textgen tune` starts one)"
+            f"no study {params.tune.study!r} in {without_password(storage)} (`lstm-textgen tune` starts one)"
         ) from None
     print(leaderboard(study, params))
     made = plots(study, paths.study_dir(params.tune.study))

@@ -6,8 +6,8 @@ MLflow's own retries (about four minutes per call) and catches up when it is bac
 unsent when the run closes (an outage longer than the training) is written to a file beside the store,
 `mlflow-pending/STORE/RUN_ID.jsonl` (one folder per tracking URI; artifacts copied next to it), and
 `send_pending` — called by the next command that opens that store, or `lstm-textgen server sync` —
-sends it under a lock, skipping the points the server already holds. MLflow's asynchronous logging is not enough alone: with few retries it drops points
-silently."""
+sends it under a lock, skipping the points the server already holds. MLflow's asynchronous logging
+is not enough alone: with few retries it drops points silently."""
 
 from __future__ import annotations
 

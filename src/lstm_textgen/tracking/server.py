@@ -27,7 +27,7 @@ from pathlib import Path
 
 from lstm_textgen.errors import UserError
 from lstm_textgen.files import write_text
-from lstm_textgen.network import free_port
+from lstm_textgen.network import free_port, without_password
 from lstm_textgen.tracking import store
 
 DATABASE, AUTH_DATABASE, ROLE = "mlflow", "mlflow_auth", "mlflow"
@@ -282,16 +282,6 @@ def write_state(layout: Layout, state: ServerState) -> None:
         secret = read_secrets(layout) | {"database_url": state.database_url}
         write_text(layout.secrets, json.dumps(secret), secret=True)
     write_text(layout.state, json.dumps(shown, indent=2) + "\n")
-
-
-def without_password(url: str) -> str:
-    """A database URL as it may be shown: its password, if any, as ***."""
-    from urllib.parse import urlsplit
-
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    return url.replace(f":{parts.password}@", ":***@", 1)
 
 
 def read_secrets(layout: Layout) -> dict[str, str]:

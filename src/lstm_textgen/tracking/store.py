@@ -64,16 +64,15 @@ def pending_dir(uri: str | None = None) -> Path:
     per tracking store (named by a hash of its URI, which `store.txt` in it names, without any
     password), so that points kept for one server are never sent to another."""
     import hashlib
-    from urllib.parse import urlsplit
+
+    from lstm_textgen.network import without_password
 
     uri = uri or tracking_uri()
     folder = repository_root() / "mlflow-pending" / hashlib.sha256(uri.encode()).hexdigest()[:16]
     label = folder / "store.txt"
     if not label.exists():
-        parts = urlsplit(uri)
-        shown = uri.replace(f"{parts.password}@", "***@", 1) if parts.password else uri
         folder.mkdir(parents=True, exist_ok=True)
-        label.write_text(shown + "\n")
+        label.write_text(without_password(uri) + "\n")
     return folder
 
 

@@ -91,7 +91,7 @@ def train(workdir: Path, name: str, env: dict[str, str], lab: Path | None, outag
                 break
         server.stop(lab)
         time.sleep(outage_s)
-        server.start(lab, port=int(env["MLFLOW_TRACKING_URI"].rsplit(":", 1)[1]))
+        server.start(lab, server.Transport(port=int(env["MLFLOW_TRACKING_URI"].rsplit(":", 1)[1])))
     _, err = process.communicate()
     if process.returncode != 0:
         raise SystemExit(f"bench-tracking: the {name} run failed:\n{err[-3000:]}")
@@ -196,7 +196,7 @@ def main() -> None:
     lab, port = workdir / "server", free_port()
     try:
         prepare(workdir, args.steps, args.eval_every)
-        state = server.start(lab, port=port)
+        state = server.start(lab, server.Transport(port=port))
         remote = {**os.environ, "MLFLOW_TRACKING_URI": state.uri}
         remote |= {"MLFLOW_TRACKING_USERNAME": server.ADMIN, "MLFLOW_TRACKING_PASSWORD": password}
         local = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{workdir / 'mlflow.db'}"}

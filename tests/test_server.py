@@ -527,3 +527,65 @@ def test_a_stage_that_starts_while_the_server_is_away_waits_for_it(
         lab.server("start")
     assert waiting.wait(timeout=300) == 0, log.read_text()
     assert "answers again" in log.read_text() and "Traceback" not in log.read_text()
+
+
+# --- how the server is reached: loopback or TLS, one start per directory, a port of its own ---
+
+
+def test_start_refuses_plain_http_off_loopback_a_taken_port_and_a_second_start(
+    lab: Lab, tmp_path: Path
+) -> None:
+    import fcntl
+
+    from conftest import file_server
+
+    fresh = Lab(lab.root / "refusals", f"http://127.0.0.1:{free_port()}")
+    fresh.root.mkdir()
+    plain = fresh.server("start", "--host", "0.0.0.0", check=False)
+    assert plain.returncode != 0 and "Traceback" not in plain.stderr
+    assert "--tls-cert CERT.pem --tls-key KEY.pem" in plain.stderr and "--insecure-http" in plain.stderr
+    with file_server(tmp_path) as other:  # something else answers on the port
+        taken = fresh.server("start", "--port", other.rsplit(":", 1)[1], check=False)
+    assert taken.returncode != 0 and "already answers, and not with this directory's server" in taken.stderr
+    assert not (fresh.server_dir / "postgres").exists()  # refused before anything started
+    fresh.server_dir.mkdir(exist_ok=True)
+    with (fresh.server_dir / ".server.lock").open("a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        second = fresh.server("start", check=False)
+    assert second.returncode != 0 and "another `lstm-textgen server` command is starting" in second.stderr
+
+
+def test_training_registering_and_loading_over_https_with_a_self_signed_certificate(
+    lab: Lab, tmp_path: Path
+) -> None:
+    tls = Lab(lab.root / "tls", f"https://127.0.0.1:{free_port()}")
+    tls.root.mkdir()
+    cert, key = tls.root / "server.pem", tls.root / "server.key"
+    subject = ["-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"]
+    openssl = ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", *subject]
+    run([*openssl, "-keyout", str(key), "-out", str(cert)], cwd=tls.root)
+    port = tls.uri.rsplit(":", 1)[1]
+    try:
+        started = tls.server("start", "--port", port, "--tls-cert", str(cert), "--tls-key", str(key))
+        assert f"MLFLOW_TRACKING_URI={tls.uri}" in started.stdout
+        assert requests.get(f"{tls.uri}/health", verify=str(cert), timeout=10).status_code == 200
+        with pytest.raises(requests.exceptions.SSLError):  # a client that does not trust it is refused
+            requests.get(f"{tls.uri}/health", timeout=10)
+        repo = tiny_repo(tmp_path / "repo")
+        env = {**tls.env("admin", repo), "MLFLOW_TRACKING_SERVER_CERT_PATH": str(cert)}
+        run(["dvc", "repro"], cwd=repo, env=env)
+        registered = json.loads((repo / "metrics/register.json").read_text())
+        loaded = run(
+            [
+                sys.executable,
+                "-c",
+                "import mlflow.pyfunc, sys; m = mlflow.pyfunc.load_model(sys.argv[1]); "
+                "print(m.predict({'prompt': 'ROMEO:', 'max_new_tokens': 5, 'seed': 1})['text'][0])",
+                registered["model_uri"],
+            ],
+            cwd=repo,
+            env=env,
+        )
+        assert len(loaded.stdout.rstrip("\n")) >= 1
+    finally:
+        tls.server("stop", check=False)

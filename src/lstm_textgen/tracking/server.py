@@ -22,6 +22,7 @@ import tarfile
 import tempfile
 import time
 from argparse import RawDescriptionHelpFormatter as RawText
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -79,11 +80,21 @@ class ServerState:
     initialised: bool = False  # the admin account exists
     pid: int | None = None
     pid_start: str | None = None
+    tls_cert: str | None = None  # HTTPS with this certificate and key (uvicorn's own TLS)
+    tls_key: str | None = None
 
     @property
     def uri(self) -> str:
         host = "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host
-        return f"http://{host}:{self.port}"
+        return f"{'https' if self.tls_cert else 'http'}://{host}:{self.port}"
+
+    @property
+    def verify(self) -> str | bool:
+        """What our own checks trust: the server's certificate itself (it may be self-signed)."""
+        return self.tls_cert or True
+
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 # --- PostgreSQL -----------------------------------------------------------------------------------
@@ -297,13 +308,54 @@ def server_running(state: ServerState) -> bool:
     return state.pid is not None and store.process_start(state.pid) == state.pid_start
 
 
-def healthy(uri: str) -> bool:
+def healthy(uri: str, verify: str | bool = True) -> bool:
     import requests
 
     try:
-        return requests.get(f"{uri}/health", timeout=5).status_code == 200
+        return requests.get(f"{uri}/health", timeout=5, verify=verify).status_code == 200
     except requests.RequestException:
         return False
+
+
+def port_taken(host: str, port: int) -> bool:
+    """Whether something already accepts connections on the port (another server, another user's)."""
+    import socket
+
+    target = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    with socket.socket(socket.AF_INET6 if ":" in target else socket.AF_INET) as probe:
+        probe.settimeout(2)
+        return probe.connect_ex((target, port)) == 0
+
+
+@contextlib.contextmanager
+def directory_lock(layout: Layout) -> Iterator[None]:
+    """One `server start` (or restore) at a time per directory: a second one is refused at once."""
+    import fcntl
+
+    layout.root.mkdir(parents=True, exist_ok=True)
+    with (layout.root / ".server.lock").open("a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(
+                f"another `lstm-textgen server` command is starting or restoring {layout.root}; wait for it"
+            ) from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def check_transport(host: str, tls: bool, insecure_http: bool) -> None:
+    """Basic-auth passwords cross the network in every request: beyond this machine, only over TLS
+    unless the user says the network is trusted."""
+    if host in LOOPBACK or tls or insecure_http:
+        return
+    raise UserError(
+        f"--host {host} would send every account's password over plain HTTP: give --tls-cert CERT.pem "
+        "--tls-key KEY.pem (clients then set MLFLOW_TRACKING_SERVER_CERT_PATH for a self-signed one), "
+        "or --insecure-http on a network you trust (or behind a TLS proxy)"
+    )
 
 
 def auth_config(database_url: str) -> str:
@@ -354,12 +406,14 @@ def start_mlflow(layout: Layout, state: ServerState, database_url: str, secret_k
     command = [str(Path(sys.executable).parent / "mlflow"), "server"]
     command += ["--serve-artifacts", "--artifacts-destination", state.artifacts]
     command += ["--host", state.host, "--port", str(state.port), "--workers", "1", "--app-name", "basic-auth"]
+    if state.tls_cert and state.tls_key:
+        command += ["--uvicorn-opts", f"--ssl-certfile {state.tls_cert} --ssl-keyfile {state.tls_key}"]
     with layout.log.open("a") as log:
         process = subprocess.Popen(
             command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )
     deadline = time.monotonic() + START_TIMEOUT_S
-    while not healthy(state.uri):
+    while not healthy(state.uri, state.verify):
         if process.poll() is not None or time.monotonic() > deadline:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(process.pid, signal.SIGTERM)
@@ -369,29 +423,60 @@ def start_mlflow(layout: Layout, state: ServerState, database_url: str, secret_k
     return process.pid
 
 
+@dataclass(frozen=True)
+class Transport:
+    """How the tracking server is reached: its address, and TLS."""
+
+    host: str = "127.0.0.1"
+    port: int | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    insecure_http: bool = False
+
+
 def start(
     root: Path,
-    host: str = "127.0.0.1",
-    port: int | None = None,
+    transport: Transport | None = None,
     artifacts: str | None = None,
     database_url: str | None = None,
 ) -> ServerState:
     """Start whatever is not running; a restart keeps the ports and stores of the first start."""
     layout = Layout.of(root.resolve())
-    layout.root.mkdir(parents=True, exist_ok=True)
+    with directory_lock(layout):
+        return _start(layout, transport or Transport(), artifacts, database_url)
+
+
+def _start(
+    layout: Layout, transport: Transport, artifacts: str | None, database_url: str | None
+) -> ServerState:
+    if bool(transport.tls_cert) != bool(transport.tls_key):
+        raise UserError("TLS needs both --tls-cert and --tls-key")
+    for path in (transport.tls_cert, transport.tls_key):
+        if path is not None and not path.is_file():
+            raise UserError(f"{path}: no such file (--tls-cert / --tls-key)")
     state = read_state(layout) or ServerState(
-        host=host,
-        port=port or 5000,
+        host=transport.host,
+        port=transport.port or 5000,
         pg_port=None if database_url else free_port(),
         database_url=database_url,
         artifacts=artifacts or str(layout.artifacts),
     )
-    state.host, state.port = host, port or state.port
+    state.host, state.port = transport.host, transport.port or state.port
+    if transport.tls_cert and transport.tls_key:
+        state.tls_cert, state.tls_key = str(transport.tls_cert.resolve()), str(transport.tls_key.resolve())
+    check_transport(state.host, bool(state.tls_cert), transport.insecure_http)
+    running = server_running(state) and healthy(state.uri, state.verify)
+    if not running and port_taken(state.host, state.port):
+        raise UserError(
+            f"port {state.port} on {state.host} already answers, and not with this directory's server "
+            "(another server, another user's, or one whose process this directory lost): stop it, or "
+            "choose another --port"
+        )
     if state.database_url is None:
         url = start_postgres(layout, state.pg_port or free_port(), read_secrets(layout)["database_password"])
     else:
         url = state.database_url
-    if server_running(state) and healthy(state.uri):
+    if running:
         print(f"server: already running at {state.uri} (pid {state.pid})")
         return state
     if "://" not in state.artifacts:
@@ -440,7 +525,7 @@ def status(root: Path) -> bool:
         return False
     postgres = "running" if postgres_running(layout) else "stopped"
     database = "an external database" if state.database_url else f"PostgreSQL :{state.pg_port} {postgres}"
-    up = server_running(state) and healthy(state.uri)
+    up = server_running(state) and healthy(state.uri, state.verify)
     running = "running" if up else "stopped"
     print(f"server: MLflow at {state.uri} {running} ({database}; artifacts {state.artifacts})")
     if up and os.environ.get("MLFLOW_TRACKING_USERNAME"):
@@ -489,6 +574,7 @@ def restore(root: Path, source: Path, host: str = "127.0.0.1", port: int | None 
     """A new server directory from a backup: a fresh cluster with both databases restored and the
     artifacts unpacked, then started. The admin account and every other account come with it."""
     layout = Layout.of(root.resolve())
+    check_transport(host, tls=False, insecure_http=False)  # TLS is set by a later `server start`
     if layout.state.exists() or layout.cluster.exists():
         raise UserError(f"{layout.root} already holds a server: restore into a new directory")
     layout.root.mkdir(parents=True, exist_ok=True)
@@ -515,7 +601,7 @@ def restore(root: Path, source: Path, host: str = "127.0.0.1", port: int | None 
             shutil.move(Path(tmp) / "artifacts", layout.artifacts)
     layout.artifacts.mkdir(exist_ok=True)
     write_state(layout, state)
-    return start(root, host, port)
+    return start(root, Transport(host, port))
 
 
 # --- accounts and the client side -------------------------------------------------------------------
@@ -594,6 +680,13 @@ def parser() -> argparse.ArgumentParser:
             verb.add_argument("--host", default="127.0.0.1", help="the address to listen on")
             verb.add_argument("--port", type=int, help="the tracking server's port (first start: 5000)")
         if action == "start":
+            verb.add_argument("--tls-cert", type=Path, help="serve HTTPS with this certificate (PEM)")
+            verb.add_argument("--tls-key", type=Path, help="... and this private key (PEM)")
+            verb.add_argument(
+                "--insecure-http",
+                action="store_true",
+                help="allow plain HTTP on a --host other than loopback (a network you trust)",
+            )
             verb.add_argument("--artifacts", help="the artifact store, a folder or URI (DIR/artifacts)")
             verb.add_argument("--database-url", help="an existing PostgreSQL database, not a private one")
         if action == "backup":
@@ -613,7 +706,8 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
     if args.action == "start":
-        state = start(args.dir, args.host, args.port, args.artifacts, args.database_url)
+        transport = Transport(args.host, args.port, args.tls_cert, args.tls_key, args.insecure_http)
+        state = start(args.dir, transport, args.artifacts, args.database_url)
         print(f"server: MLflow tracking server at {state.uri}\n{client_variables(state)}")
     elif args.action == "restore":
         state = restore(args.dir, args.source, args.host, args.port)

@@ -280,3 +280,29 @@ def test_scoring_jobs_run_between_steps_and_take_places(model: RecurrentLM) -> N
         batcher.submit_job(Job(lambda: None, rows=2))
     gate.set()
     blocking.result()
+
+
+EXIT_AFTER_GENERATING = """
+import torch
+from lstm_textgen.inference.batcher import Batcher, Row
+from lstm_textgen.model.recurrent import RecurrentLM
+from lstm_textgen.params import ModelParams, Sampling
+torch.manual_seed(0)
+model = RecurrentLM(29, ModelParams(layers=2, hidden=32, embedding_dim=8)).eval()
+batcher = Batcher(model).start()
+row = Row([1, 2, 3], 20, Sampling(seed=1))
+batcher.submit([row])
+print(len(row.result()))
+"""
+
+
+@pytest.mark.slow
+def test_processes_that_started_a_batcher_thread_exit_cleanly() -> None:
+    """The thread is stopped and joined at exit: a daemon thread that ran torch code and still waits
+    as the interpreter finalises aborted such processes now and then (exit code 134)."""
+    import subprocess
+    import sys
+
+    for _ in range(10):
+        done = subprocess.run([sys.executable, "-c", EXIT_AFTER_GENERATING], capture_output=True, text=True)
+        assert (done.returncode, done.stdout.strip(), done.stderr) == (0, "20", "")

@@ -36,6 +36,7 @@ from conftest import (
 
 pytestmark = pytest.mark.slow
 
+STARTED: dict[str, str] = {}  # what the lab's first `server start` said on stderr
 PASSWORDS = {"admin": "admin-password-lab-1", "trainer": "trainer-password-2", "reader": "reader-password-3"}
 MODEL = "lstm-textgen-shakespeare-char"
 
@@ -86,6 +87,7 @@ def lab() -> Iterator[Lab]:
     saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")}
     try:
         started = lab.server("start", "--port", lab.uri.rsplit(":", 1)[1])
+        STARTED["stderr"] = started.stderr
         assert f"MLFLOW_TRACKING_URI={lab.uri}" in started.stdout
         assert PASSWORDS["admin"] not in started.stdout + started.stderr
         for user, flags in (("trainer", []), ("reader", ["--read-only"])):
@@ -121,6 +123,32 @@ def test_start_is_idempotent_and_status_answers(lab: Lab) -> None:
     assert f"MLflow at {lab.uri} running" in status.stdout and "PostgreSQL" in status.stdout
     assert (lab.server_dir / "secrets.json").stat().st_mode & 0o777 == 0o600
     assert requests.get(f"{lab.uri}/api/2.0/mlflow/experiments/search", timeout=10).status_code == 401
+    # started as root (as in CI), the MLflow server and its workers run as an account of their own
+    pid = json.loads((lab.server_dir / "server.json").read_text())["pid"]
+    owners = process_group_uids(pid)
+    assert len(owners) >= 2  # mlflow and its uvicorn
+    said = "WARNING: the MLflow server runs as root" in STARTED.get("stderr", "")
+    if os.geteuid() == 0 and not said:
+        assert 0 not in owners.values(), owners
+    elif os.geteuid() == 0:  # this machine's Python is out of other accounts' reach: said, and true
+        assert set(owners.values()) == {0}
+        reach = ["runuser", "-u", "lstm-textgen", "--", sys.executable, "-c", "1"]
+        assert subprocess.run(reach, capture_output=True, check=False).returncode != 0
+
+
+def process_group_uids(group: int) -> dict[int, int]:
+    """pid -> real uid of every process in the process group `group`."""
+    owners = {}
+    for folder in Path("/proc").iterdir():
+        if not folder.name.isdigit():
+            continue
+        with contextlib.suppress(OSError, IndexError):
+            if int((folder / "stat").read_text().rsplit(")", 1)[1].split()[2]) == group:
+                status = (folder / "status").read_text().splitlines()
+                owners[int(folder.name)] = int(
+                    next(line for line in status if line.startswith("Uid:")).split()[1]
+                )
+    return owners
 
 
 @pytest.mark.parametrize(

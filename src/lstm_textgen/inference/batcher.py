@@ -14,6 +14,7 @@ rows wait in a queue of `waiting_rows`; beyond that `submit` refuses them (`Over
 
 from __future__ import annotations
 
+import atexit
 import queue
 import threading
 import time
@@ -166,7 +167,7 @@ class Batcher:
         self.lock = threading.Condition()
         self.thread: threading.Thread | None = None
         self.failed_steps = 0
-        self.started = False
+        self.started = self.stopping = False
         self._empty()
 
     def _empty(self) -> None:
@@ -222,10 +223,11 @@ class Batcher:
     def start(self) -> Batcher:
         """Step on a background thread from now on, whenever rows are there (the served model)."""
         with self.lock:
-            self.started = True
+            self.started, self.stopping = True, False
             if self.thread is None:
                 self.thread = threading.Thread(target=self._serve, name="batcher", daemon=True)
                 self.thread.start()
+                atexit.register(self.stop)
         return self
 
     def run(self, rows: Sequence[Row]) -> list[list[int]]:
@@ -253,12 +255,26 @@ class Batcher:
 
     # --- the scheduler ---------------------------------------------------------------------------
 
+    def stop(self, timeout: float = 30.0) -> None:
+        """End the background thread and join it: what still waits or generates fails with
+        `Cancelled`. Registered at exit by `start`: a thread that has run torch code and is still
+        waiting when the interpreter finalises can abort the process (`terminate called without an
+        active exception`, exit code 134)."""
+        with self.lock:
+            self.started, self.stopping = False, True
+            self.lock.notify_all()
+        thread = self.thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+
     def _serve(self) -> None:
         try:
-            while True:
+            while not self.stopping:
                 with self.lock:
-                    while not self.rows and not self.waiting and not self.jobs:
+                    while not self.rows and not self.waiting and not self.jobs and not self.stopping:
                         self.lock.wait()
+                if self.stopping:
+                    break
                 self._run_jobs()
                 try:
                     self.step()
@@ -270,6 +286,7 @@ class Batcher:
             self.failed_steps = self.MAX_FAILED_STEPS
             self._fail_all(exc, waiting_too=True)
             raise
+        self._fail_all(Cancelled("the model was closed"), waiting_too=True)
 
     # consecutive steps that failed every row: the device or model is broken, not a request
     MAX_FAILED_STEPS = 3

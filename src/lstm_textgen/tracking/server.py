@@ -386,12 +386,98 @@ def admin_password(state: ServerState) -> str | None:
     return password
 
 
+SERVICE_ACCOUNT = "lstm-textgen"
+
+
+@dataclass(frozen=True)
+class Account:
+    """Who the MLflow server runs as (started as root, never root itself)."""
+
+    uid: int
+    gid: int
+
+
+def service_account(layout: Layout) -> Account | None:
+    """None when we are not root (the server runs as us); else the directory's owner, or, where
+    that is root, a system account made for it, as Debian's postgresql runs as `postgres`."""
+    if os.geteuid() != 0:
+        return None
+    owner = layout.root.stat()
+    if owner.st_uid != 0:
+        return Account(owner.st_uid, owner.st_gid)
+    import pwd
+
+    try:
+        entry = pwd.getpwnam(SERVICE_ACCOUNT)
+    except KeyError:
+        command = ["useradd", "--system", "--no-create-home", "--home-dir", "/nonexistent"]
+        _run(
+            [*command, "--shell", "/usr/sbin/nologin", SERVICE_ACCOUNT],
+            f"creating the account {SERVICE_ACCOUNT}",
+        )
+        entry = pwd.getpwnam(SERVICE_ACCOUNT)
+    return Account(entry.pw_uid, entry.pw_gid)
+
+
+def can_run_python(account: Account) -> str | None:
+    """Why the account cannot run this venv's Python and import MLflow (None: it can). A Python
+    installed under root's home (pyenv in /root, mode 0700) is out of every other account's reach."""
+    try:
+        probe = subprocess.run(
+            [sys.executable, "-c", "import mlflow"],
+            user=account.uid,
+            group=account.gid,
+            extra_groups=[],
+            capture_output=True,
+            text=True,
+            check=False,
+            cwd="/",
+        )
+    except PermissionError as exc:
+        return str(exc)
+    return None if probe.returncode == 0 else (probe.stderr.strip().splitlines() or ["failed"])[-1]
+
+
+def hand_over(layout: Layout, state: ServerState, account: Account) -> dict[str, str]:
+    """What the account needs of the directory: the auth config to read, the artifacts and a home to
+    write, its own copy of the TLS key (0600). Returns the settings that point at them."""
+    home = layout.root / "home"
+    home.mkdir(exist_ok=True)
+    owned = [home, layout.auth_config]
+    if "://" not in state.artifacts and Path(state.artifacts).stat().st_uid != account.uid:
+        owned += [Path(state.artifacts), *Path(state.artifacts).rglob("*")]
+    moved: dict[str, str] = {}
+    if state.tls_cert and state.tls_key:
+        folder = layout.root / "tls"
+        folder.mkdir(mode=0o700, exist_ok=True)
+        for name, path in (("cert", state.tls_cert), ("key", state.tls_key)):
+            moved[name] = str(folder / f"server.{name}")
+            write_text(moved[name], Path(path).read_text(), secret=True)
+            owned.append(Path(moved[name]))
+        owned.append(folder)
+    for path in owned:
+        os.chown(path, account.uid, account.gid)
+    return {"HOME": str(home), **{f"tls_{name}": path for name, path in moved.items()}}
+
+
 def start_mlflow(layout: Layout, state: ServerState, database_url: str, secret_key: str) -> int:
-    """The tracking server in its own session (stop signals its whole group); returns its pid once
-    /health answers."""
+    """The tracking server in its own session (stop signals its whole group), as `service_account`;
+    returns its pid once /health answers."""
     write_text(layout.auth_config, auth_config(database_url), secret=True)  # the database password
+    account = service_account(layout)
+    if account and (why := can_run_python(account)):
+        print(
+            f"server: WARNING: the MLflow server runs as root: the account uid {account.uid} it would run "
+            f"as cannot run {sys.executable} ({why}); install the venv's Python where other accounts "
+            "can read it (not under /root), or start the server as the user that owns the directory",
+            file=sys.stderr,
+        )
+        account = None
+    handed = hand_over(layout, state, account) if account else {}
+    cert, key = handed.get("tls_cert", state.tls_cert), handed.get("tls_key", state.tls_key)
     env = {
         **os.environ,
+        **({"HOME": handed["HOME"]} if "HOME" in handed else {}),
         "MLFLOW_AUTH_CONFIG_PATH": str(layout.auth_config),
         "MLFLOW_FLASK_SERVER_SECRET_KEY": secret_key,
         # the server's own uvicorn must be found where its mlflow is (a venv not on PATH)
@@ -406,11 +492,18 @@ def start_mlflow(layout: Layout, state: ServerState, database_url: str, secret_k
     command = [str(Path(sys.executable).parent / "mlflow"), "server"]
     command += ["--serve-artifacts", "--artifacts-destination", state.artifacts]
     command += ["--host", state.host, "--port", str(state.port), "--workers", "1", "--app-name", "basic-auth"]
-    if state.tls_cert and state.tls_key:
-        command += ["--uvicorn-opts", f"--ssl-certfile {state.tls_cert} --ssl-keyfile {state.tls_key}"]
+    if cert and key:
+        command += ["--uvicorn-opts", f"--ssl-certfile {cert} --ssl-keyfile {key}"]
+    who = {"user": account.uid, "group": account.gid, "extra_groups": []} if account else {}
     with layout.log.open("a") as log:
         process = subprocess.Popen(
-            command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            command,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            cwd=layout.root,
+            **who,
         )
     deadline = time.monotonic() + START_TIMEOUT_S
     while not healthy(state.uri, state.verify):

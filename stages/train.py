@@ -15,9 +15,10 @@ from lstm_textgen.data.dataset import load_dataset
 from lstm_textgen.errors import run_main
 from lstm_textgen.files import read_json
 from lstm_textgen.params import load_params
+from lstm_textgen.tracking import store
 from lstm_textgen.tracking.training_run import training_run
 from lstm_textgen.train.checkpointer import Checkpointer
-from lstm_textgen.train.distributed import World, launch_local
+from lstm_textgen.train.distributed import DistributedError, World, launch_local
 from lstm_textgen.train.finetune import initial_weights, source_lineage
 from lstm_textgen.train.loop import train
 from lstm_textgen.train.outputs import write_outputs
@@ -40,7 +41,11 @@ def main() -> None:
     params, world = load_params(args.params), World.from_env()
     dataset = load_dataset(args.prepared)  # a missing or bad split fails here, once, before any worker
     if not world.launched and params.train.processes > 1:
-        launch_local(params.train.processes, [__file__, *sys.argv[1:]], params.train.device)
+        try:
+            launch_local(params.train.processes, [__file__, *sys.argv[1:]], params.train.device)
+        except DistributedError as failed:  # a worker died: the others were stopped as if by a user
+            store.fail_launched_runs(str(failed))
+            raise
         return
     checkpointer = Checkpointer(args.out / "model.pt", args.resume_from)
     saved = checkpointer.load_resumable(params, dataset.vocab) if params.train.resume else None

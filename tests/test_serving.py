@@ -101,7 +101,9 @@ def server(repro_repo: tuple[Path, str]) -> Iterator[str]:
 
 
 def _post(url: str, body: dict) -> requests.Response:
-    return requests.post(f"{url}/invocations", json=body, timeout=60)
+    """JSON as JavaScript writes it (NaN and Infinity allowed: a client may send them)."""
+    headers = {"Content-Type": "application/json"}
+    return requests.post(f"{url}/invocations", data=json.dumps(body), headers=headers, timeout=60)
 
 
 def test_served_model_answers_every_request_format(server: str) -> None:

@@ -320,9 +320,17 @@ def process_start(pid: int) -> str | None:
         return None
 
 
+def launcher_tag(pid: int | None = None) -> str:
+    """Names a launcher process on this host (a reused pid is told apart by its start time)."""
+    pid = os.getpid() if pid is None else pid
+    return f"{socket.gethostname()}:{pid}:{process_start(pid)}"
+
+
 def owner_tags() -> dict[str, str]:
     pid = os.getpid()
+    launched = {"owner.launcher": launcher_tag(os.getppid())} if "TORCHELASTIC_RUN_ID" in os.environ else {}
     return {
+        **launched,
         "owner.host": socket.gethostname(),
         "owner.pid": str(pid),
         "owner.start": str(process_start(pid)),
@@ -431,3 +439,20 @@ def close_abandoned_runs() -> list[str]:
         client.set_terminated(run.info.run_id, status="KILLED")
         closed.append(run.info.run_id)
     return closed
+
+
+def fail_launched_runs(reason: str) -> list[str]:
+    """Mark FAILED, with `reason`, the runs that workers of this launcher left KILLED or RUNNING: when
+    one worker dies, torchrun stops the others with SIGTERM, which they cannot tell from a user's
+    stop request. The job failed; its run says so. Returns their ids."""
+    mlflow = configure()
+    client = mlflow.MlflowClient()
+    experiment = client.get_experiment_by_name(experiment_name())
+    query = f"tags.`owner.launcher` = '{launcher_tag()}'"
+    marked = []
+    for run in client.search_runs([experiment.experiment_id], query):
+        if run.info.status in ("KILLED", "RUNNING"):
+            client.set_tag(run.info.run_id, "error", reason[:5000])
+            client.set_terminated(run.info.run_id, status="FAILED")
+            marked.append(run.info.run_id)
+    return marked

@@ -40,7 +40,7 @@ import pandas as pd
 
 from lstm_textgen.errors import UserError
 from lstm_textgen.inference.batcher import BatchLimits
-from lstm_textgen.params import SampleParams, Sampling, scalar_type, text_problem
+from lstm_textgen.params import ParamsError, SampleParams, Sampling, scalar_type, text_problem
 
 MAX_NEW_TOKENS = 2000
 DEFAULT_NEW_TOKENS = 200
@@ -277,8 +277,6 @@ class TextGenerator(mlflow.pyfunc.PythonModel):
         sample, vocab = self.loaded.params.sample, self.loaded.vocab
         try:
             ids = [encode_prompt(prompt, vocab, sample.unknown, sample.replacement) for prompt, _, _ in rows]
-            for _, _, sampling in rows:
-                sampling.check_vocabulary(len(vocab))
         except UserError as exc:
             raise _bad_request(str(exc)) from None
         work = sum(
@@ -296,13 +294,15 @@ class TextGenerator(mlflow.pyfunc.PythonModel):
             Row(prompt_ids, length, sampling, deadline=deadline, abandoned=client_gone())
             for prompt_ids, (_, length, sampling) in zip(ids, rows, strict=True)
         ]
-        if self.batcher is None:  # one loop per request, in the request's thread (for comparison)
-            generated = Batcher(self.loaded.model).run(handles)
-            return [continuation(vocab, i, tokens) for i, tokens in zip(ids, generated, strict=True)]
         try:
+            if self.batcher is None:  # one loop per request, in the request's thread (for comparison)
+                generated = Batcher(self.loaded.model).run(handles)
+                return [continuation(vocab, i, tokens) for i, tokens in zip(ids, generated, strict=True)]
             self.batcher.submit(handles)
         except Overloaded as exc:
             raise overloaded(str(exc)) from None
+        except ParamsError as exc:  # `submit` checks what depends on the model (top_k, its vocabulary)
+            raise _bad_request(str(exc)) from None
         try:
             return [continuation(vocab, i, handle.result()) for i, handle in zip(ids, handles, strict=True)]
         except UserError as exc:

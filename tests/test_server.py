@@ -127,13 +127,9 @@ def test_start_is_idempotent_and_status_answers(lab: Lab) -> None:
     pid = json.loads((lab.server_dir / "server.json").read_text())["pid"]
     owners = process_group_uids(pid)
     assert len(owners) >= 2  # mlflow and its uvicorn
-    said = "WARNING: the MLflow server runs as root" in STARTED.get("stderr", "")
-    if os.geteuid() == 0 and not said:
+    if os.geteuid() == 0:
         assert 0 not in owners.values(), owners
-    elif os.geteuid() == 0:  # this machine's Python is out of other accounts' reach: said, and true
-        assert set(owners.values()) == {0}
-        reach = ["runuser", "-u", "lstm-textgen", "--", sys.executable, "-c", "1"]
-        assert subprocess.run(reach, capture_output=True, check=False).returncode != 0
+        assert "WARNING: the MLflow server runs as root" not in STARTED.get("stderr", "")
 
 
 def process_group_uids(group: int) -> dict[int, int]:

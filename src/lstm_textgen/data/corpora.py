@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import tempfile
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -89,11 +90,12 @@ def normalise_file(
     if spec.format == "plays":
         raise CorpusError(f"{label}: format 'plays' is only for the embedded source '{EMBEDDED_SOURCE}'")
     _check_room(raw, out.parent, label)
+    replaced: Counter[str] = Counter()
     with open_source(raw, spec.member, label, max_bytes) as stream:
         pieces: Iterator[str] = line_pieces(decoded_chunks(stream, label, chunk_bytes))
         if spec.format == "csv":
             write_pieces(pieces, scratch / "decoded.csv")
-            pieces = csv_pieces(scratch / "decoded.csv", spec, label)
+            pieces = csv_pieces(scratch / "decoded.csv", spec, label, replaced)
         sink = write_pieces(pieces, out)
     strip = spec.strip_gutenberg if spec.strip_gutenberg is not None else sink.markers.present
     if strip:
@@ -102,6 +104,7 @@ def normalise_file(
         os.replace(scratch / "stripped.txt", out)
     if sink.blank:
         raise CorpusError(f"{label}: the corpus is empty after normalisation")
+    sink.counted.update(+replaced)
     return sink
 
 
@@ -123,9 +126,10 @@ def to_text(raw: bytes, spec: CorpusSpec, label: str, chunk_bytes: int = CHUNK_B
         return (Path(tmp) / "text").read_text(encoding="utf-8")
 
 
-def csv_pieces(path: Path, spec: CorpusSpec, label: str) -> Iterator[str]:
+def csv_pieces(path: Path, spec: CorpusSpec, label: str, replaced: Counter[str]) -> Iterator[str]:
     """The chosen columns of each row joined by `column_separator`, rows joined by `row_separator`,
-    in file order, read `CSV_ROWS` rows at a time."""
+    in file order, read `CSV_ROWS` rows at a time; entities that name no character are counted
+    in `replaced["replaced_entities"]`."""
     import pandas as pd
 
     try:
@@ -140,7 +144,7 @@ def csv_pieces(path: Path, spec: CorpusSpec, label: str) -> Iterator[str]:
         )
         first = True
         for frame in frames:
-            rows = csv_rows(frame, spec, label)
+            rows = csv_rows(frame, spec, label, replaced)
             if rows:
                 yield ("" if first else spec.row_separator) + spec.row_separator.join(rows)
                 first = False
@@ -149,7 +153,7 @@ def csv_pieces(path: Path, spec: CorpusSpec, label: str) -> Iterator[str]:
     yield "\n"
 
 
-def csv_rows(frame: pd.DataFrame, spec: CorpusSpec, label: str) -> list[str]:
+def csv_rows(frame: pd.DataFrame, spec: CorpusSpec, label: str, replaced: Counter[str]) -> list[str]:
     missing = [c for c in spec.columns if c not in frame.columns]
     if missing:
         raise CorpusError(
@@ -162,7 +166,9 @@ def csv_rows(frame: pd.DataFrame, spec: CorpusSpec, label: str) -> list[str]:
     if spec.backslash_newlines:
         parts = parts.apply(lambda col: col.str.replace(r"\s*\\+\s*", "\n", regex=True))
     if spec.html_entities:
+        before = _replacement_characters(parts)
         parts = parts.apply(lambda col: col.map(unescape_entities))
+        replaced["replaced_entities"] += _replacement_characters(parts) - before
     return [spec.column_separator.join(v.strip() for v in row) for row in parts.itertuples(index=False)]
 
 
@@ -172,6 +178,10 @@ def unescape_entities(value: str) -> str:
     html.unescape does for `&#55357;`."""
     value = re.sub(r" ?#(\d{2,5});", lambda m: _character(int(m.group(1))), value)
     return html.unescape(value)
+
+
+def _replacement_characters(parts: pd.DataFrame) -> int:
+    return int(parts.apply(lambda col: col.str.count("\ufffd")).to_numpy().sum())
 
 
 def _character(code: int) -> str:

@@ -228,6 +228,7 @@ class TextSink:
         self.markers = Markers()
         self._partial = ""  # the unfinished last line, scanned once it is complete
         self.long_lines = 0  # lines over MAX_LINE_CHARACTERS: not held, not scanned
+        self.counted: dict[str, int] = {}  # what the reader replaced on the way, by kind
         self._in_long_line = False
 
     def write(self, text: str) -> None:
@@ -266,7 +267,7 @@ class TextSink:
 
     def summary(self) -> dict[str, Any]:
         summary = {"text_sha256": self.digest.hexdigest(), "characters": self.characters, "lines": self.lines}
-        return summary | ({"long_lines": self.long_lines} if self.long_lines else {})
+        return summary | ({"long_lines": self.long_lines} if self.long_lines else {}) | self.counted
 
 
 def characters_in(data: bytes) -> int:

@@ -16,6 +16,7 @@ import os
 import secrets
 import shutil
 import signal
+import site
 import subprocess
 import sys
 import tarfile
@@ -438,6 +439,28 @@ def can_run_python(account: Account) -> str | None:
     return None if probe.returncode == 0 else (probe.stderr.strip().splitlines() or ["failed"])[-1]
 
 
+def grant_reach(account: Account) -> list[Path]:
+    """Let the account pass through (x only, by ACL) the folders that keep it from this Python, its
+    standard library and its packages, as a pyenv under a 0700 /root does; returns the folders
+    granted (none where `setfacl` is missing or nothing blocks)."""
+    setfacl = shutil.which("setfacl")
+    needed = {Path(os.path.realpath(sys.executable)), Path(sys.base_prefix), Path(sys.prefix)}
+    needed |= {Path(folder) for folder in site.getsitepackages()}
+    blocked = sorted(
+        {
+            folder
+            for path in needed
+            for folder in (path, *path.parents)
+            if folder.is_dir() and not folder.stat().st_mode & 0o001 and folder.stat().st_uid != account.uid
+        }
+    )
+    if not setfacl or not blocked:
+        return []
+    for folder in blocked:
+        _run([setfacl, "-m", f"u:{account.uid}:x", str(folder)], f"letting uid {account.uid} pass {folder}")
+    return blocked
+
+
 def hand_over(layout: Layout, state: ServerState, account: Account) -> dict[str, str]:
     """What the account needs of the directory: the auth config to read, the artifacts and a home to
     write, its own copy of the TLS key (0600). Returns the settings that point at them."""
@@ -465,11 +488,17 @@ def start_mlflow(layout: Layout, state: ServerState, database_url: str, secret_k
     returns its pid once /health answers."""
     write_text(layout.auth_config, auth_config(database_url), secret=True)  # the database password
     account = service_account(layout)
+    if account and can_run_python(account) and (granted := grant_reach(account)):
+        print(
+            f"server: the account uid {account.uid} may now pass through (x, not read) "
+            f"{', '.join(map(str, granted))} to run {sys.executable}; undo with "
+            f"`setfacl -x u:{account.uid} FOLDER`"
+        )
     if account and (why := can_run_python(account)):
         print(
             f"server: WARNING: the MLflow server runs as root: the account uid {account.uid} it would run "
-            f"as cannot run {sys.executable} ({why}); install the venv's Python where other accounts "
-            "can read it (not under /root), or start the server as the user that owns the directory",
+            f"as cannot run {sys.executable} ({why}); install `acl` (setfacl) or the venv's Python where "
+            "other accounts can read it, or start the server as the user that owns the directory",
             file=sys.stderr,
         )
         account = None

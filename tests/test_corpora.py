@@ -137,15 +137,16 @@ def test_replaced_entities_are_counted_in_the_corpus_summary(tmp_path: Path) -> 
     from lstm_textgen.data.corpora import normalise_file
 
     spec = CorpusSpec(source="x", format="csv", columns=["text"], html_entities=True)
-    rows = "text\nfine #36;5\n\"a #55357; b &#xD83D;\"\nkept \ufffd as it was &#1114112;\n"
+    rows = 'text\nfine #36;5\n"a #55357; b &#xD83D;"\nkept \ufffd as it was &#1114112;\n'
     (tmp_path / "raw").write_bytes(rows.encode())
     sink = normalise_file(tmp_path / "raw", spec, "x", tmp_path / "out", tmp_path, 2**30)
     assert sink.summary()["replaced_entities"] == 3
     assert (tmp_path / "out").read_text().count("\ufffd") == 4
     plain = CorpusSpec(source="x", format="csv", columns=["text"])
-    assert "replaced_entities" not in normalise_file(
-        tmp_path / "raw", plain, "x", tmp_path / "out", tmp_path, 2**30
-    ).summary()
+    assert (
+        "replaced_entities"
+        not in normalise_file(tmp_path / "raw", plain, "x", tmp_path / "out", tmp_path, 2**30).summary()
+    )
 
 
 def test_word_tokens_join_back_into_every_line_of_every_corpus(texts: dict[str, str]) -> None:

@@ -119,7 +119,8 @@ bench-ddp: $(STAMP)  ## training throughput on 1 and 2 local processes (DDP, glo
 
 fuzz: $(DEV_STAMP)  ## the fuzz tier, longer: FUZZ_EXAMPLES cases, FUZZ_HONEST_CLIENTS beside the server
 	$(WITH_VENV) FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) FUZZ_HONEST_CLIENTS=$(FUZZ_HONEST_CLIENTS) FUZZ_EXPLORE=1 \
-		$(BIN)/python -m pytest -q -s tests/test_fuzz_inputs.py tests/test_fuzz_serving.py
+		$(BIN)/python -m pytest -q -s tests/test_fuzz_inputs.py tests/test_fuzz_serving.py \
+		tests/test_server.py::test_a_read_account_changes_nothing_whatever_it_sends
 
 bench-serving: $(STAMP)  ## the champion under 16 concurrent clients (after make repro)
 	$(WITH_VENV) $(BIN)/python -m benchmarks.bench_serving

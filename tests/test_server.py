@@ -613,3 +613,144 @@ def test_training_registering_and_loading_over_https_with_a_self_signed_certific
         assert len(loaded.stdout.rstrip("\n")) >= 1
     finally:
         tls.server("stop", check=False)
+
+
+# --- a READ account against the whole tracking API: nothing it may not do succeeds ---
+
+FUZZ_EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "60"))
+# (method, endpoint under /api/2.0/mlflow/, fields): every call that changes what exists or who may
+# do what. Creating an experiment or a registered model of one's own is every account's right in
+# MLflow (the creator manages it); docs/team.md says so.
+WRITES = [
+    ("POST", "experiments/delete", ["experiment_id"]),
+    ("POST", "experiments/restore", ["experiment_id"]),
+    ("POST", "experiments/update", ["experiment_id", "new_name"]),
+    ("POST", "experiments/set-experiment-tag", ["experiment_id", "key", "value"]),
+    ("POST", "runs/create", ["experiment_id", "run_name"]),
+    ("POST", "runs/update", ["run_id", "status"]),
+    ("POST", "runs/delete", ["run_id"]),
+    ("POST", "runs/log-metric", ["run_id", "key", "value", "timestamp", "step"]),
+    ("POST", "runs/log-parameter", ["run_id", "key", "value"]),
+    ("POST", "runs/set-tag", ["run_id", "key", "value"]),
+    ("POST", "runs/delete-tag", ["run_id", "key"]),
+    ("POST", "runs/log-batch", ["run_id", "metrics", "params", "tags"]),
+    ("PATCH", "registered-models/update", ["name", "description"]),
+    ("POST", "registered-models/rename", ["name", "new_name"]),
+    ("DELETE", "registered-models/delete", ["name"]),
+    ("POST", "registered-models/alias", ["name", "alias", "version"]),
+    ("DELETE", "registered-models/alias", ["name", "alias"]),
+    ("POST", "model-versions/create", ["name", "source", "run_id"]),
+    ("PATCH", "model-versions/update", ["name", "version", "description"]),
+    ("DELETE", "model-versions/delete", ["name", "version"]),
+    ("POST", "model-versions/set-tag", ["name", "version", "key", "value"]),
+    ("POST", "users/create", ["username", "password"]),
+    ("PATCH", "users/update-password", ["username", "password"]),
+    ("PATCH", "users/update-admin", ["username", "is_admin"]),
+    ("DELETE", "users/delete", ["username"]),
+    ("POST", "experiments/permissions/create", ["experiment_id", "username", "permission"]),
+    ("PATCH", "experiments/permissions/update", ["experiment_id", "username", "permission"]),
+    ("DELETE", "experiments/permissions/delete", ["experiment_id", "username"]),
+    ("POST", "registered-models/permissions/create", ["name", "username", "permission"]),
+    ("PATCH", "registered-models/permissions/update", ["name", "username", "permission"]),
+]
+PREFIXES = ("/api/2.0/mlflow/", "/ajax-api/2.0/mlflow/")  # the UI's copy of the API is guarded too
+
+
+def lab_snapshot(lab: Lab) -> dict[str, dict[str, str]]:
+    """Everything a write could change, by id, read as the admin."""
+    client = lab.client("admin")
+    experiments = client.search_experiments(view_type=3)
+    ids = [e.experiment_id for e in experiments]
+    runs = client.search_runs(ids, run_view_type=3, max_results=1000)
+    models = client.search_registered_models()
+    versions = client.search_model_versions()
+    return {
+        "experiments": {
+            e.experiment_id: repr((e.name, e.lifecycle_stage, sorted(e.tags.items()))) for e in experiments
+        },
+        "runs": {r.info.run_id: repr((r.info.status, r.info.lifecycle_stage, r.data)) for r in runs},
+        "models": {m.name: repr((m.description, m.aliases)) for m in models},
+        "versions": {f"{v.name}/{v.version}": repr((v.description, v.tags, v.status)) for v in versions},
+    }
+
+
+def kept(before: dict[str, dict[str, str]], after: dict[str, dict[str, str]]) -> dict[str, dict[str, str]]:
+    """`after` restricted to what existed `before` (an account's own new experiment is no change)."""
+    return {kind: {key: after[kind].get(key, "gone") for key in items} for kind, items in before.items()}
+
+
+def test_a_read_account_changes_nothing_whatever_it_sends(lab: Lab, trained: tuple[Path, str]) -> None:
+    """Generated calls to every endpoint that writes, through both copies of the API, with this lab's
+    real ids (runs, experiments, model, version, alias, accounts) and junk: none succeeds, and
+    every run, experiment, model, version and alias is as it was."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    client = lab.client("admin")
+    champion = client.get_model_version_by_alias(MODEL, "champion")
+    real = {
+        "experiment_id": [e.experiment_id for e in client.search_experiments()],
+        "run_id": [champion.run_id],
+        "name": [MODEL],
+        "version": [champion.version],
+        "alias": ["champion"],
+        "username": ["trainer", "admin", "reader"],  # the first: another's account
+        "permission": ["MANAGE", "EDIT"],
+        "source": [champion.source],
+        "status": ["FAILED"],
+        "is_admin": [True],
+    }
+    junk = st.one_of(
+        st.none(),
+        st.booleans(),
+        st.integers(min_value=-(2**70), max_value=2**70),
+        st.floats(allow_nan=False),
+        st.text(max_size=40),
+        st.lists(st.text(max_size=5), max_size=3),
+        st.just([{"key": "k", "value": "v", "timestamp": 0, "step": 0}]),
+    )
+
+    def field(name: str) -> st.SearchStrategy[object]:
+        return st.one_of(st.sampled_from(real[name]), junk) if name in real else junk
+
+    calls = st.tuples(st.sampled_from(WRITES), st.sampled_from(PREFIXES)).flatmap(
+        lambda chosen: st.tuples(st.just(chosen), st.fixed_dictionaries({f: field(f) for f in chosen[0][2]}))
+    )
+    before = lab_snapshot(lab)
+    auth = ("reader", PASSWORDS["reader"])
+
+    def send(method: str, path: str, body: dict[str, object]) -> requests.Response:
+        return requests.request(method, lab.uri + path, json=body, auth=auth, timeout=30)
+
+    @settings(
+        max_examples=FUZZ_EXAMPLES,
+        deadline=None,
+        derandomize=not os.environ.get("FUZZ_EXPLORE"),
+        suppress_health_check=list(HealthCheck),
+        database=None,
+    )
+    @given(calls)
+    def fuzz(case: tuple[tuple[tuple[str, str, list[str]], str], dict[str, object]]) -> None:
+        ((method, endpoint, _), prefix), body = case
+        answer = send(method, prefix + endpoint, body)
+        assert not answer.ok, (method, prefix + endpoint, body, answer.status_code, answer.text[:300])
+
+    fuzz()
+    for method, endpoint, fields in WRITES:  # each once with every id real: refused for lack of right
+        for prefix in PREFIXES:
+            answer = send(method, prefix + endpoint, {f: real[f][0] if f in real else "x" for f in fields})
+            assert answer.status_code in (401, 403), (
+                prefix + endpoint,
+                answer.status_code,
+                answer.text[:300],
+            )
+    upload = requests.put(
+        f"{lab.uri}/api/2.0/mlflow-artifacts/artifacts/{champion.run_id}/intruder.txt",
+        data=b"x",
+        auth=auth,
+        timeout=30,
+    )
+    assert not upload.ok
+    assert kept(before, lab_snapshot(lab)) == before
+    read = f"{lab.uri}/api/2.0/mlflow/registered-models/get"
+    assert requests.get(read, params={"name": MODEL}, auth=auth, timeout=30).ok  # reading still works

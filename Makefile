@@ -68,13 +68,18 @@ system-packages:
 		|| { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q --no-install-recommends $$missing; }
 browser: system-packages
 
+# The layers of docs/code.md (contracts in pyproject.toml): a wrong import fails here, naming it.
+LINT_IMPORTS := PYTHONPATH=src:. $(BIN)/lint-imports --no-cache
+
 # The edit-test loop: every test that starts no pipeline, server or browser (under 2 minutes).
 test-fast: $(DEV_STAMP)
 	$(BIN)/ruff check src stages tests benchmarks
+	$(LINT_IMPORTS)
 	$(WITH_VENV) $(BIN)/python -m pytest -q -n auto --maxprocesses 4 -m "not slow"
 
 test: $(DEV_STAMP) browser
 	$(BIN)/ruff check src stages tests benchmarks
+	$(LINT_IMPORTS)
 	# pytest-xdist: a worker per core (up to four), each module on one of them, longest first (tests/conftest.py).
 	$(WITH_VENV) CHROMIUM=$(CHROMIUM) $(BIN)/python -m pytest -q -n auto --maxprocesses 4 \
 		--dist loadfile --no-loadscope-reorder --durations 12
@@ -157,6 +162,7 @@ screenshots: $(DEV_STAMP) browser  ## docs/images/: the demo's pictures, taken b
 
 lint: $(DEV_STAMP)
 	$(BIN)/ruff check src stages tests benchmarks
+	$(LINT_IMPORTS)
 	$(BIN)/ruff format --check src stages tests benchmarks
 
 clean:

@@ -42,6 +42,7 @@ from lstm_textgen.files import write_text
 from lstm_textgen.inference.batcher import warm_up
 from lstm_textgen.inference.generation import generate
 from lstm_textgen.model.checkpoint import load_checkpoint, load_model
+from lstm_textgen.model.stepper import Stepper
 from lstm_textgen.params import Params, Sampling, load_params, with_settings
 from lstm_textgen.train.distributed import World
 from lstm_textgen.train.loop import TrainResult, train
@@ -196,7 +197,7 @@ def generation_kernels(checkpoint: Path, device: torch.device, tokens: int) -> d
         started = time.perf_counter()
         with torch.inference_mode():
             logits, state = warm_up(loaded.model, prompt, device)
-            stepper, by_sequence, difference = loaded.model.stepper(state), [], 0.0
+            stepper, by_sequence, difference = Stepper(loaded.model, state), [], 0.0
             step_logits = logits
             for _ in range(tokens):
                 token = logits.argmax(-1)

@@ -3,7 +3,6 @@ cancelled, expired and failing rows leave without touching the others; a full ba
 
 from __future__ import annotations
 
-import copy
 import threading
 import time
 
@@ -232,11 +231,13 @@ def wait_done(handles: list[Row], seconds: float = 60) -> None:
         assert handle.done.wait(seconds), "a row was left without an answer"
 
 
-def test_a_model_that_fails_every_step_turns_the_batcher_unhealthy(model: RecurrentLM) -> None:
-    broken = copy.deepcopy(model)
+def test_a_model_that_fails_every_step_turns_the_batcher_unhealthy(model: RecurrentLM, monkeypatch) -> None:
+    from lstm_textgen.inference import batcher as batching
+    from lstm_textgen.model.stepper import Stepper
+
     lost = RuntimeError("device lost")
-    broken.stepper = lambda state: Breaking(RecurrentLM.stepper(broken, state), lost, 10**6)
-    batcher = Batcher(broken).start()
+    monkeypatch.setattr(batching, "Stepper", lambda net, state: Breaking(Stepper(net, state), lost, 10**6))
+    batcher = Batcher(model).start()
     assert batcher.healthy
     for attempt in range(Batcher.MAX_FAILED_STEPS):
         handles = rows()[:2]

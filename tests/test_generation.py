@@ -19,6 +19,7 @@ from lstm_textgen.inference.generation import (
     stream_text,
 )
 from lstm_textgen.model.recurrent import RecurrentLM
+from lstm_textgen.model.stepper import Stepper
 from lstm_textgen.params import ModelParams
 
 
@@ -80,7 +81,7 @@ def test_stateful_generation_equals_refeeding(char_model: RecurrentLM, char_voca
     # stateful: one step at a time from the warmed state, through the same `step` generation uses
     with torch.no_grad():
         logits, state = char_model(torch.tensor([prompt]), last_only=True)
-        step = char_model.stepper(state)
+        step = Stepper(char_model, state)
         for i, token in enumerate(generated):
             refed, _ = char_model(torch.tensor([sequence[: len(prompt) + i]]), last_only=True)
             torch.testing.assert_close(logits, refed, atol=1e-5, rtol=0)
@@ -100,7 +101,7 @@ def test_single_step_matches_the_sequence_kernel(cell: str, encoding: str, layer
     with torch.no_grad():
         full, full_state = net(tokens[:, 1:], net(tokens[:, :1])[1])
         _, warmed = net(tokens[:, :1])
-        step = net.stepper(warmed)
+        step = Stepper(net, warmed)
         for t in range(1, tokens.shape[1]):
             logits = step(tokens[:, t])
             torch.testing.assert_close(logits, full[:, t - 1], atol=1e-5, rtol=0)
@@ -118,7 +119,7 @@ def test_steps_record_no_graph_even_from_a_state_that_requires_grad() -> None:
     net = RecurrentLM(13, ModelParams(layers=2, hidden=10, embedding_dim=5))
     _, state = net(torch.randint(0, 13, (2, 5)))
     assert state[0].requires_grad
-    step = net.stepper(state)
+    step = Stepper(net, state)
     logits = step(torch.tensor([1, 2]))
     assert not logits.requires_grad and logits.grad_fn is None
     assert not any(t.requires_grad for t in step.state)

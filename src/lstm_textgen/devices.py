@@ -77,10 +77,13 @@ def resolve_dtype(preference: str, device: torch.device, cell: str = "lstm") -> 
     return torch.float32
 
 
-def _check_cpu_autocast(dtype: torch.dtype, cell: str, name: str) -> None:
-    from lstm_textgen.model.recurrent import CELLS
+def recurrent_layer(cell: str) -> type[torch.nn.RNNBase]:
+    """torch's layer for a `model.cell` name: lstm -> nn.LSTM, gru -> nn.GRU, rnn -> nn.RNN."""
+    return getattr(torch.nn, cell.upper())
 
-    probe = CELLS[cell](4, 8, num_layers=2, batch_first=True)
+
+def _check_cpu_autocast(dtype: torch.dtype, cell: str, name: str) -> None:
+    probe = recurrent_layer(cell)(4, 8, num_layers=2, batch_first=True)
     try:
         with torch.autocast(device_type="cpu", dtype=dtype):
             outputs, _ = probe(torch.zeros(1, 2, 4, requires_grad=True))
@@ -99,10 +102,8 @@ def recurrent_dtype(device: torch.device, dtype: torch.dtype, cell: str = "lstm"
     included), the CPU's in the autocast dtype."""
     if dtype == torch.float32:
         return torch.float32
-    from lstm_textgen.model.recurrent import CELLS
-
     with torch.random.fork_rng(devices=[]):  # the probe's random weights must not move torch's RNG
-        probe = CELLS[cell](4, 8, batch_first=True).to(device)
+        probe = recurrent_layer(cell)(4, 8, batch_first=True).to(device)
     with torch.no_grad(), autocast(device, dtype):
         outputs, _ = probe(torch.zeros(1, 2, 4, device=device))
     return outputs.dtype

@@ -27,6 +27,7 @@ import torch
 from lstm_textgen.errors import UserError
 from lstm_textgen.inference.drawing import draw_with, invalid_rows, plan_draws, row_random, take_uniforms
 from lstm_textgen.model.recurrent import RecurrentLM, State
+from lstm_textgen.model.stepper import Stepper
 from lstm_textgen.params import Sampling
 
 
@@ -174,7 +175,8 @@ class Batcher:
         """No active rows: an empty state, no logits, no plan."""
         rnn = self.model.rnn
         zeros = torch.zeros(rnn.num_layers, 0, rnn.hidden_size, device=self.device)
-        self.stepper = self.model.stepper((zeros, zeros.clone()) if isinstance(rnn, torch.nn.LSTM) else zeros)
+        state = (zeros, zeros.clone()) if isinstance(rnn, torch.nn.LSTM) else zeros
+        self.stepper = Stepper(self.model, state)
         self.logits = torch.empty(0, self.model.vocab_size, device=self.device)
         self.plan = plan_draws([], self.device)
 

@@ -6,19 +6,14 @@ One model serves training, evaluation and generation: `forward` returns logits f
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lstm_textgen.devices import recurrent_layer
 from lstm_textgen.params import ModelParams
 
-if TYPE_CHECKING:
-    from lstm_textgen.model.stepper import Stepper
-
 State = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
-CELLS: dict[str, type[nn.RNNBase]] = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}
 
 
 class RecurrentLM(nn.Module):
@@ -32,7 +27,7 @@ class RecurrentLM(nn.Module):
         else:
             self.embedding = None
             input_size = vocab_size if params.input == "onehot" else 1
-        self.rnn = CELLS[params.cell](
+        self.rnn = recurrent_layer(params.cell)(
             input_size,
             params.hidden,
             num_layers=params.layers,
@@ -62,12 +57,6 @@ class RecurrentLM(nn.Module):
         if last_only:
             outputs = outputs[:, -1]
         return self.head(self.dropout(outputs)), state
-
-    def stepper(self, state: State) -> Stepper:
-        """A one-token-at-a-time runner for generation, starting from `state` (e.g. warmed on a prompt)."""
-        from lstm_textgen.model.stepper import Stepper
-
-        return Stepper(self, state)
 
 
 def detach_state(state: State) -> State:

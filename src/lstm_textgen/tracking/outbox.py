@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import queue
 import shutil
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from lstm_textgen.files import write_text
+from lstm_textgen.tracking import store
 
 # How long closing a run waits for the queue to drain before keeping the rest on disk.
 CLOSE_WAIT_S = 30.0
@@ -164,10 +166,8 @@ def keep(pending_dir: Path, run_id: str, items: list[dict[str, Any]]) -> None:
             copy = copies / Path(item["path"]).name
             shutil.copyfile(item["path"], copy)
             item["path"] = str(copy)
-    from lstm_textgen.tracking.store import file_lock
-
     path = pending_dir / f"{run_id}.jsonl"
-    with file_lock(pending_dir / ".lock"):  # `send_pending` of another command may be reading it
+    with store.file_lock(pending_dir / ".lock"):  # `send_pending` of another command may be reading it
         before = path.read_text() if path.exists() else ""
         write_text(path, before + "".join(json.dumps(item) + "\n" for item in items))
 
@@ -190,6 +190,18 @@ def describe(items: list[dict[str, Any]]) -> str:
 
 
 SET_ASIDE = "set-aside"
+
+
+def send_waiting(client: Any) -> None:
+    """What earlier runs could not log to this store (it was away) is sent, by one process at a
+    time, before a command writes to the store (training, registering, `server sync`); a run the
+    store does not hold is set aside and said once."""
+    folder = store.pending_dir()
+    if not any(folder.glob("*.jsonl")):
+        return
+    with store.file_lock(folder / ".lock"):
+        for line in send_pending(client, folder):
+            print(f"mlflow: {line}", file=sys.stderr)
 
 
 def send_pending(client: Any, pending_dir: Path) -> list[str]:

@@ -17,6 +17,7 @@ from lstm_textgen.model.checkpoint import load_checkpoint, save_checkpoint, serv
 from lstm_textgen.params import SampleParams
 from lstm_textgen.serving.model import OPTIONAL_COLUMNS, column_kind, request_defaults
 from lstm_textgen.tracking import store
+from lstm_textgen.tracking.outbox import send_waiting
 
 CHAMPION = "champion"
 # The logged model ships the whole package (its code is the model: no pickle) and is built by this file.
@@ -108,6 +109,7 @@ def register(
     served = serving_checkpoint(trained, sample)
     with tempfile.TemporaryDirectory() as tmp, store.active_run(run_id=run_id):
         # the active run configures the store, which MlflowClient() then uses
+        send_waiting(MlflowClient())  # the run's points kept during an outage, before its model
         save_checkpoint(Path(tmp) / "model.pt", served)
         info = mlflow.pyfunc.log_model(
             name="model",

@@ -776,7 +776,7 @@ def sync(drop: list[str] | None = None) -> None:
     if not any(folder.glob("*.jsonl")):
         print(f"server: nothing waits in {folder}")
         return
-    store.configure()  # sends what waits, and says what
+    outbox.send_waiting(store.configure().MlflowClient())
     left = sorted(path.stem for path in folder.glob("*.jsonl"))
     if left:
         raise UserError(f"server: not sent yet: runs {', '.join(left)} (see above); run sync again later")

@@ -188,21 +188,7 @@ def configure() -> Any:
     with file_lock(database.with_name(database.name + ".lock")) if local else contextlib.nullcontext():
         _ensure_experiment(mlflow)
     mlflow.set_experiment(experiment_name())
-    send_pending(mlflow)
     return mlflow
-
-
-def send_pending(mlflow: Any) -> None:
-    """What earlier runs could not log to this store (it was away) is sent before anything else,
-    by one process at a time; a run the store does not hold is set aside and said once."""
-    from lstm_textgen.tracking import outbox
-
-    folder = pending_dir()
-    if not any(folder.glob("*.jsonl")):
-        return
-    with file_lock(folder / ".lock"):
-        for line in outbox.send_pending(mlflow.MlflowClient(), folder):
-            print(f"mlflow: {line}", file=sys.stderr)
 
 
 def _ensure_experiment(mlflow: Any) -> None:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from lstm_textgen.errors import Terminated, UserError, shutting_down
 from lstm_textgen.params import Params, flatten
 from lstm_textgen.tracking import store
-from lstm_textgen.tracking.outbox import Outbox, describe
+from lstm_textgen.tracking.outbox import Outbox, describe, send_waiting
 
 if TYPE_CHECKING:
     import torch
@@ -145,6 +145,7 @@ def open_run(run_id: str | None, name: str | None = None) -> str:
     read is refused here, before any training, with the permission it lacks."""
     mlflow = store.configure()
     client = mlflow.MlflowClient()
+    send_waiting(client)
     try:
         if run_id:
             client.update_run(run_id, status="RUNNING")

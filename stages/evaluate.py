@@ -11,9 +11,9 @@ import mlflow
 
 from lstm_textgen.data.dataset import load_dataset
 from lstm_textgen.devices import resolve_device
-from lstm_textgen.errors import UserError, run_main
+from lstm_textgen.errors import run_main
 from lstm_textgen.files import read_json, write_json
-from lstm_textgen.inference.evaluation import evaluate_splits
+from lstm_textgen.inference.evaluation import check_same_vocabulary, evaluate_dataset
 from lstm_textgen.model.checkpoint import load_model
 from lstm_textgen.params import flatten, load_params
 from lstm_textgen.tracking import store
@@ -29,28 +29,13 @@ def main() -> None:
     args = parser.parse_args()
 
     params = load_params(args.params)
-    device = resolve_device(params.train.device)
-    loaded = load_model(args.model, device)
+    loaded = load_model(args.model, resolve_device(params.train.device))
     dataset = load_dataset(args.prepared)
-    if loaded.vocab != dataset.vocab:
-        raise UserError(
-            f"{args.model} was trained on another vocabulary ({len(loaded.vocab)} tokens) than "
-            f"{args.prepared} holds ({len(dataset.vocab)}): its figures would be meaningless; "
-            "run `dvc repro train` to train on the prepared data"
-        )
+    check_same_vocabulary(loaded.vocab, dataset, args.model, args.prepared)
     # float32 whatever the training dtype: the headline figures must not depend on the hardware
-    results = evaluate_splits(
-        loaded.model, dataset.splits, params.evaluate.seq_len, params.evaluate.batch_size
-    )
-    for name, split_metrics in results.items():  # bits per character compare runs across levels
-        per_token = dataset.characters_per_token(name)
-        if per_token:
-            for kind in ("", "stateless_"):
-                bits = split_metrics[f"{kind}bits_per_token"]
-                split_metrics[f"{kind}bits_per_character"] = bits / per_token
+    results = evaluate_dataset(loaded.model, dataset, params.evaluate.seq_len, params.evaluate.batch_size)
     write_json(args.out, results)
-    run_id = read_json(args.train_metrics)["mlflow_run_id"]
-    with store.active_run(run_id=run_id):
+    with store.active_run(run_id=read_json(args.train_metrics)["mlflow_run_id"]):
         mlflow.log_metrics({f"eval.{k}": v for k, v in flatten(results).items()})
     for name, m in results.items():
         print(

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from conftest import edit_params, run, runs_by_name, store_client, tiny_repo, tool_env, tracking_store
 
 from lstm_textgen.data.corpora import to_text
@@ -112,3 +113,28 @@ def test_a_model_setting_that_differs_from_the_source_is_refused(repo: Path) -> 
     )
     assert result.returncode != 0
     assert "model.hidden: 32 in the source, 48 in params.yaml" in result.stdout + result.stderr
+
+
+def test_a_tuning_trial_starts_from_the_fine_tuning_source(repo: Path, tmp_path: Path) -> None:
+    """A study with `train.init_from` set: each trial is the fine-tune the experiment would be (the
+    same training entry), tagged with the source and starting far below a start from scratch."""
+    import shutil
+
+    copy = tmp_path / "repo"
+    shutil.copytree(repo, copy, symlinks=True)
+    source = tmp_path / "source.pt"
+    shutil.copy(repo / "data/model/model.pt", source)
+    from_scratch = from_scratch_first_val_loss(copy, tmp_path)
+    tune = {"study": "tuned", "trials": 1, "experiment": False, "trial_minutes": None, "trial_steps": 20}
+    edit_params(copy / "params.yaml", train={"init_from": str(source)}, tune=tune)
+    refused = run(["lstm-textgen", "tune"], cwd=copy, env=tool_env(copy), check=False)
+    assert refused.returncode == 2 and "model.hidden, model.layers" in refused.stderr  # the source's shape
+    raw = yaml.safe_load((copy / "params.yaml").read_text())
+    raw["tune"]["space"] = {"train.lr": {"low": 0.005, "high": 0.02, "log": True}}
+    (copy / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    run(["dvc", "repro", "prepare"], cwd=copy, env=tool_env(copy))
+    run(["lstm-textgen", "tune"], cwd=copy, env=tool_env(copy))
+    [trial] = [r for r in runs_by_name(copy / "mlflow.db").values() if "tune.trial" in r.data.tags]
+    assert trial.data.tags["init_from"] == str(source) and trial.data.tags["tune.state"] == "COMPLETE"
+    first = store_client(copy).get_metric_history(trial.info.run_id, "val_loss")
+    assert min(first, key=lambda m: m.step).value < from_scratch - 0.3, (first, from_scratch)

@@ -160,7 +160,7 @@ def test_the_sampling_settings_reach_the_server_the_command_and_the_demo_alike()
 
 
 def test_a_study_storage_with_a_password_comes_from_the_environment_and_is_shown_masked(monkeypatch) -> None:
-    from lstm_textgen.apps.tune import storage_url
+    from lstm_textgen.apps.tune.study import storage_url
     from lstm_textgen.network import without_password
 
     params = parse_params({"tune": {"storage": "postgresql+psycopg://lab@db/optuna"}})

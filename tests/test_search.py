@@ -6,7 +6,7 @@ from pathlib import Path
 
 import optuna
 
-from lstm_textgen.apps.tune import leaderboard
+from lstm_textgen.apps.tune.report import leaderboard
 from lstm_textgen.params import load_params
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

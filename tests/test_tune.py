@@ -60,7 +60,7 @@ def test_two_workers_share_one_study_with_unique_trials(tmp_path: Path) -> None:
     parents = {r.data.tags["mlflow.parentRunId"] for r in runs}
     assert len(parents) == 1
     parent = next(r for r in runs_by_name(repo / "mlflow.db").values() if r.info.run_id in parents)
-    assert parent.data.tags["tune.role"] == "study"
+    assert parent.data.tags["tune.role"] == "study" and parent.info.status == "FINISHED"  # ended with tune
     # (which worker took which trial depends on the load: one may take them all while the other starts)
     shown = run([*TUNE, "show"], cwd=repo)
     assert "dvc exp run -S model.hidden=" in shown.stdout
@@ -181,3 +181,49 @@ def test_sigterm_ends_the_trial_as_killed_and_the_worker_cleanly(tmp_path: Path)
     [killed] = trial_runs(repo)
     assert killed.info.status == "KILLED"
     assert b"Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("params", "named"),
+    [
+        (
+            {},
+            "(data/prepared/vocab.json, data/raw/corpus.json missing): run `dvc repro prepare` first",
+        ),
+        ({"train": {"processes": 2}}, "train.processes: 2: a trial trains inside its worker"),
+        (
+            {"tune": {"space": {"train.init_from": {"choices": ["a.pt"]}}}},
+            "train.init_from cannot be searched",
+        ),
+    ],
+)
+def test_what_no_trial_could_run_is_refused_before_any_worker_starts(
+    tmp_path: Path, params: dict, named: str
+) -> None:
+    """Nothing prepared (after `dvc exp run`s that left data/ empty), or a key a trial cannot honour:
+    one line naming the fix, exit 2, no study and no worker."""
+    repo = tiny_repo(tmp_path / "repo")
+    if params:
+        edit_params(repo / "params.yaml", **params)
+    done = run([*TUNE, "--workers", "2"], cwd=repo, check=False)
+    assert done.returncode == 2 and named in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr and "worker(s)" not in done.stdout
+    assert not (repo / "optuna.db").exists()
+
+
+def test_a_study_whose_every_trial_fails_exits_non_zero_naming_why(tmp_path: Path) -> None:
+    """Every trial fails (here its folder cannot be made: a file stands where it goes): `tune` exits
+    non-zero with the first failure's reason in one line, and the study's MLflow run ends FAILED."""
+    repo = tune_repo(tmp_path / "repo", {"model.hidden": {"choices": [16, 24]}}, study="doomed", trials=2)
+    (repo / "data" / "tune").mkdir(parents=True)
+    (repo / "data" / "tune" / "doomed").write_text("not a folder")
+    done = run([*TUNE], cwd=repo, check=False)
+    assert done.returncode == 2, done.stdout + done.stderr
+    reason = next(line for line in done.stderr.splitlines() if "no trial completed" in line)
+    assert "2 failed; the first, trial 0: cannot write" in reason and "Not a directory" in reason, reason
+    assert "Traceback" not in done.stderr
+    parent = next(
+        r for r in runs_by_name(repo / "mlflow.db").values() if r.data.tags.get("tune.role") == "study"
+    )
+    assert parent.info.status == "FAILED"
+    assert "dvc exp run" not in done.stdout.split("best:")[-1]  # no experiment of a failed study

@@ -24,7 +24,10 @@ VERBS = {
     "compare": ("lstm_textgen.tracking.compare", "the MLflow runs as a table, and val loss against time"),
     "ui": ("lstm_textgen.apps.ui", "MLflow's UI on this repository's store, with the link to its runs table"),
     "presets": ("lstm_textgen.apps.presets", "the notebook presets as `dvc exp run` commands: list or run"),
-    "tune": ("lstm_textgen.apps.tune", "an Optuna study of real training runs: run, or show the leaderboard"),
+    "tune": (
+        "lstm_textgen.apps.tune.command",
+        "an Optuna study of real training runs: run, or show the leaderboard",
+    ),
     "server": ("lstm_textgen.tracking.server", "a lab's tracking server: PostgreSQL, MLflow, accounts"),
     "params": ("lstm_textgen.apps.params_table", "the table of every params.yaml key (docs/params.md)"),
     "code-deps": ("lstm_textgen.apps.code_deps", "check or rewrite the code each dvc.yaml stage depends on"),

@@ -11,7 +11,8 @@ Two numbers per split, both over every token the windows cover:
 from __future__ import annotations
 
 import math
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -19,7 +20,12 @@ import torch.nn.functional as F
 
 from lstm_textgen.data.windows import check_fits
 from lstm_textgen.devices import autocast, to_device, to_device_tokens
+from lstm_textgen.errors import UserError
 from lstm_textgen.model.recurrent import RecurrentLM, State, detach_state
+
+if TYPE_CHECKING:
+    from lstm_textgen.data.dataset import Dataset
+    from lstm_textgen.data.tokenisers import Vocabulary
 
 
 def _summary(loss_sum: float, correct: int, count: int) -> dict[str, float]:
@@ -167,3 +173,33 @@ def evaluate_splits(
         stateless = evaluate_stateless(model, splits[name], seq_len, batch_size, dtype)
         results[name] = {**stateful, **{f"stateless_{k}": v for k, v in stateless.items() if k != "tokens"}}
     return results
+
+
+def bits_per_character(bits_per_token: float, characters_per_token: float | None) -> float | None:
+    """Bits per token over the characters each token stands for: the figure that compares runs across
+    levels (char, word, byte, BPE). None where the prepared data predates the count of characters."""
+    return bits_per_token / characters_per_token if characters_per_token else None
+
+
+def evaluate_dataset(model: RecurrentLM, dataset: Dataset, seq_len: int, batch_size: int) -> dict[str, Any]:
+    """`evaluate_splits` of the prepared dataset, with bits per character (stateful and stateless)
+    wherever the dataset knows its characters per token."""
+    results = evaluate_splits(model, dataset.splits, seq_len, batch_size)
+    for name, figures in results.items():
+        for kind in ("", "stateless_"):
+            bits = bits_per_character(figures[f"{kind}bits_per_token"], dataset.characters_per_token(name))
+            if bits is not None:
+                figures[f"{kind}bits_per_character"] = bits
+    return results
+
+
+def check_same_vocabulary(
+    model_vocab: Vocabulary, dataset: Dataset, model_path: Path, prepared: Path
+) -> None:
+    """A model's figures on data of another vocabulary would be meaningless: refuse, naming the fix."""
+    if model_vocab != dataset.vocab:
+        raise UserError(
+            f"{model_path} was trained on another vocabulary ({len(model_vocab)} tokens) than "
+            f"{prepared} holds ({len(dataset.vocab)}): its figures would be meaningless; "
+            "run `dvc repro train` to train on the prepared data"
+        )

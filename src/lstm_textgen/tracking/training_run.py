@@ -102,8 +102,9 @@ def training_run(
     vocab_size: int,
     device: torch.device,
     world: World,
-    saved: dict[str, Any] | None,
-    lineage: dict[str, str],
+    *,
+    saved: dict[str, Any] | None = None,
+    lineage: dict[str, str] | None = None,
     name: str | None = None,
     extra_tags: dict[str, str] | None = None,
 ) -> Iterator[TrainingRun]:
@@ -119,7 +120,7 @@ def training_run(
     for run_id in store.close_abandoned_runs():
         print(f"train: MLflow run {run_id} was left RUNNING by a process that is gone; marked KILLED")
     logged = logged_params(params, corpus, vocab_size)
-    tags = {**run_tags(corpus, device, world, lineage), **store.owner_tags(), **(extra_tags or {})}
+    tags = {**run_tags(corpus, device, world, lineage or {}), **store.owner_tags(), **(extra_tags or {})}
     run_id = open_run(store.existing_run((saved or {}).get("labels", {}).get("mlflow_run_id")), name)
     outbox = Outbox(run_id, store.pending_dir())
     if saved is None:

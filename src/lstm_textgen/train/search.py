@@ -63,15 +63,19 @@ def suggest(trial: optuna.Trial, space: dict[str, SearchDimension]) -> dict[str,
     return settings
 
 
-def trial_params(params: Params, settings: dict[str, Any]) -> Params:
-    """The params a trial trains with: the searched values, and the trial's budget."""
-    tune = params.tune
-    budget: dict[str, Any] = {"train.resume": False}
+def trial_budget(tune: TuneParams) -> dict[str, Any]:
+    """A trial's training budget as params keys: what each trial and the best trial's experiment get."""
+    budget: dict[str, Any] = {}
     if tune.trial_minutes is not None:
         budget["train.max_minutes"] = tune.trial_minutes
     if tune.trial_steps is not None:
         budget["train.max_steps"] = tune.trial_steps
-    return with_settings(params, {**settings, **budget})
+    return budget
+
+
+def trial_params(params: Params, settings: dict[str, Any]) -> Params:
+    """The params a trial trains with: the searched values, and the trial's budget, from scratch."""
+    return with_settings(params, {**settings, **trial_budget(params.tune), "train.resume": False})
 
 
 def baseline(params: Params) -> dict[str, Any] | None:

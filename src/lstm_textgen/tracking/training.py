@@ -1,0 +1,125 @@
+"""One training, as every caller runs it: the train stage, each tuning trial, anything else. The same
+setup for all: the prepared corpus, the fine-tuning source (`train.init_from`), the workers
+(`train.processes`), the checkpointer and resume, the MLflow run. A caller adds what is its own
+through `Hooks`: the run's name and tags, a look at each periodic evaluation (a trial's pruning), and
+what to do with the result while the run is still open (the stage's outputs, a trial's objective).
+
+Lives in `tracking/` because the MLflow run is part of the setup; the loop itself (`train/loop.py`)
+knows nothing of MLflow."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from lstm_textgen.data.dataset import Dataset, load_dataset
+from lstm_textgen.errors import UserError
+from lstm_textgen.files import read_json
+from lstm_textgen.params import Params
+from lstm_textgen.tracking import store
+from lstm_textgen.tracking.training_run import TrainingRun, training_run
+from lstm_textgen.train.checkpointer import Checkpointer
+from lstm_textgen.train.distributed import DistributedError, World, launch_local
+from lstm_textgen.train.finetune import initial_weights, source_lineage
+from lstm_textgen.train.loop import TrainResult, train
+
+if TYPE_CHECKING:
+    import torch
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainingFiles:
+    """What a training reads and writes (the train stage's paths by default)."""
+
+    prepared: Path = Path("data/prepared")
+    corpus_info: Path = Path("data/raw/corpus.json")
+    init: Path = Path("data/init")  # the fine-tuning source the init stage resolved
+    best: Path = Path("data/model/model.pt")
+    last: Path = Path("data/checkpoints/last.pt")
+
+
+@dataclass(frozen=True)
+class Trained:
+    """A finished training, handed to `Hooks.finished` while its run is still open (main rank only)."""
+
+    result: TrainResult
+    run: TrainingRun
+    device: torch.device
+    dataset: Dataset
+    corpus: dict[str, Any]  # corpus.json: its name, source and digest
+
+
+@dataclass(frozen=True, kw_only=True)
+class Hooks:
+    """What a caller adds to a training."""
+
+    name: str | None = None  # the MLflow run's name; None: the DVC experiment's
+    tags: Mapping[str, str] = field(default_factory=dict)
+    # each periodic evaluation, after it is logged; True stops the training there (a pruned trial)
+    on_evaluation: Callable[[dict[str, float]], bool] | None = None
+    finished: Callable[[Trained], None] | None = None
+    # `train.processes > 1` restarts this script under torchrun with these arguments; None refuses
+    launch: list[str] | None = None
+
+
+def run_training(
+    params: Params, files: TrainingFiles, *, hooks: Hooks | None = None, dataset: Dataset | None = None
+) -> Trained | None:
+    """Train per `params`, logging to one MLflow run; returns what `hooks.finished` got (None on the
+    ranks that do not log, and in the process that only launched the workers)."""
+    hooks = hooks or Hooks()
+    world = World.from_env()
+    dataset = dataset or load_dataset(files.prepared)  # a bad split fails here, before any worker
+    if not world.launched and params.train.processes > 1:
+        launch_workers(params, hooks.launch)
+        return None
+    checkpointer = Checkpointer(files.best, files.last)
+    saved = checkpointer.load_resumable(params, dataset.vocab) if params.train.resume else None
+    start = initial_weights(files.init, params, dataset.vocab)
+    lineage = source_lineage(files.init, len(dataset.vocab)) if start is not None else {}
+    corpus = read_json(files.corpus_info)
+    opened = {"saved": saved, "lineage": lineage, "name": hooks.name, "extra_tags": dict(hooks.tags)}
+    with (
+        world.running(params.train.device) as device,
+        training_run(params, corpus, len(dataset.vocab), device, world, **opened) as run,
+    ):
+
+        def on_evaluation(record: dict[str, float]) -> bool:
+            run.log_evaluation(record)
+            return bool(hooks.on_evaluation and hooks.on_evaluation(record))
+
+        result = train(
+            dataset.splits,
+            dataset.vocab,
+            params,
+            checkpointer.best_path,
+            checkpointer.last_path,
+            on_eval=on_evaluation,
+            world=world,
+            labels=run.labels,
+            initial_weights=start,
+            saved=saved,
+        )
+        if not world.is_main:
+            return None
+        trained = Trained(result, run, device, dataset, corpus)
+        if hooks.finished:
+            hooks.finished(trained)
+        return trained
+
+
+def launch_workers(params: Params, argv: list[str] | None) -> None:
+    """`train.processes` local workers under torchrun, each running `argv` (a script and its
+    arguments); a worker that dies fails the runs of all of them, with its reason."""
+    if argv is None:
+        raise UserError(
+            f"train.processes: {params.train.processes} workers cannot run inside this process "
+            "(a tuning trial trains in its worker); set train.processes=1"
+        )
+    try:
+        launch_local(params.train.processes, argv, params.train.device)
+    except DistributedError as failed:  # a worker died: the others were stopped as if by a user
+        store.fail_launched_runs(str(failed))
+        raise

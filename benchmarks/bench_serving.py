@@ -134,15 +134,15 @@ def first_token_times(loaded: Any, streams: int, tokens: int, batching: bool) ->
     """The demo's `stream_generation` from `streams` threads at once: seconds to the first text.
     Batching off: each stream steps alone, in a batcher of its own."""
     from lstm_textgen.apps.demo import stream_generation
-    from lstm_textgen.inference.batcher import Batcher
+    from lstm_textgen.inference.batcher import RowBatcher
 
-    shared = Batcher(loaded.model).start() if batching else None
+    shared = RowBatcher(loaded.model).start() if batching else None
     times: list[float] = []
     lock = threading.Lock()
     start = threading.Barrier(streams)
 
     def one(seed: int) -> None:
-        batcher = shared or Batcher(loaded.model).start()
+        batcher = shared or RowBatcher(loaded.model).start()
         start.wait()
         began = time.perf_counter()
         frames = stream_generation(loaded, batcher, PROMPT, {"max_new_tokens": tokens, "seed": seed})

@@ -17,6 +17,7 @@ from lstm_textgen.inference.evaluation import check_same_vocabulary, evaluate_da
 from lstm_textgen.model.checkpoint import load_model
 from lstm_textgen.params import flatten, load_params
 from lstm_textgen.tracking import store
+from lstm_textgen.tracking.datasets import log_corpus
 
 
 def main() -> None:
@@ -24,6 +25,7 @@ def main() -> None:
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--model", type=Path, default=Path("data/model/model.pt"))
     parser.add_argument("--prepared", type=Path, default=Path("data/prepared"))
+    parser.add_argument("--corpus-info", type=Path, default=Path("data/raw/corpus.json"))
     parser.add_argument("--train-metrics", type=Path, default=Path("metrics/train.json"))
     parser.add_argument("--out", type=Path, default=Path("metrics/evaluate.json"))
     args = parser.parse_args()
@@ -35,8 +37,10 @@ def main() -> None:
     # float32 whatever the training dtype: the headline figures must not depend on the hardware
     results = evaluate_dataset(loaded.model, dataset, params.evaluate.seq_len, params.evaluate.batch_size)
     write_json(args.out, results)
-    with store.active_run(run_id=read_json(args.train_metrics)["mlflow_run_id"]):
+    with store.active_run(run_id=read_json(args.train_metrics)["mlflow_run_id"]) as run:
         mlflow.log_metrics({f"eval.{k}": v for k, v in flatten(results).items()})
+        corpus = read_json(args.corpus_info)
+        log_corpus(mlflow.MlflowClient(), run.info.run_id, corpus, dataset, context="evaluation")
     for name, m in results.items():
         print(
             f"evaluate: {name}: loss {m['loss']:.4f} nats/token, perplexity {m['perplexity']:.2f}, "

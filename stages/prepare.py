@@ -27,7 +27,7 @@ def main() -> None:
     corpus_info = read_json(args.raw / "corpus.json")
     source = load_resolved(args.init, params, check_model=False)  # train checks the model's shape
     base = Vocabulary.from_dict(source["vocab"]) if source else None
-    stats = prepare_corpus(args.raw / "corpus.txt", params.data, args.out, corpus_info, base=base)
+    stats = prepare_corpus(args.raw / "corpus.txt", params.data, args.out, corpus_info=corpus_info, base=base)
     write_json(args.metrics, stats)
     counts = "/".join(f"{n:,}" for n in stats["tokens"].values())
     added = f" ({stats['added_tokens']} new to the source model)" if "added_tokens" in stats else ""

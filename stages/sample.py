@@ -32,10 +32,10 @@ def main() -> None:
         loaded.model,
         loaded.vocab,
         sp.prompts,
-        sp.length,
-        sp.sampling(),
-        sp.unknown,
-        sp.replacement,
+        length=sp.length,
+        sampling=sp.sampling(),
+        unknown=sp.unknown,
+        replacement=sp.replacement,
     )
     settings = sp.model_dump(exclude={"prompts"})
     records = [{"prompt": p, "settings": settings, "text": t} for p, t in zip(sp.prompts, texts, strict=True)]

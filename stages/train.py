@@ -34,7 +34,7 @@ def write_stage_outputs(trained: Trained, params: Params, args: argparse.Namespa
     result, run = trained.result, trained.run
     metrics = run.finish(result)
     title = f"{trained.corpus.get('name')}: {params.model.cell} {params.model.layers}x{params.model.hidden}"
-    write_outputs(result, metrics, params, title, args.out, args.metrics)
+    write_outputs(result, metrics, params, title=title, out=args.out, metrics_dir=args.metrics)
     run.log_artifacts([args.out / "loss.png", args.out / "params.yaml", args.prepared / "vocab.json"])
     print(f"train: {result.summary()}; MLflow run {run.run_id}")
 

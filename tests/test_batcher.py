@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from lstm_textgen.errors import UserError
-from lstm_textgen.inference.batcher import Batcher, BatchLimits, Cancelled, Job, Overloaded, Row
+from lstm_textgen.inference.batcher import BatchLimits, Cancelled, Job, Overloaded, Row, RowBatcher
 from lstm_textgen.model.recurrent import RecurrentLM
 from lstm_textgen.params import ModelParams, ParamsError, Sampling
 
@@ -40,11 +40,11 @@ def rows(settings=SETTINGS, **options) -> list[Row]:
 
 
 def solo(model: RecurrentLM, settings=SETTINGS) -> list[list[int]]:
-    return [Batcher(model).run([row])[0] for row in rows(settings)]
+    return [RowBatcher(model).run([row])[0] for row in rows(settings)]
 
 
 def test_rows_joining_at_different_steps_equal_their_solo_runs(model: RecurrentLM) -> None:
-    batcher = Batcher(model)
+    batcher = RowBatcher(model)
     joining = rows()
     batcher.submit(joining[:2])
     for _ in range(3):
@@ -60,7 +60,7 @@ def test_rows_joining_at_different_steps_equal_their_solo_runs(model: RecurrentL
 
 
 def test_threaded_requests_meet_in_one_batch_and_equal_their_solo_runs(model: RecurrentLM) -> None:
-    batcher = Batcher(model)
+    batcher = RowBatcher(model)
     sizes: list[int] = []
     step = batcher.step
 
@@ -83,14 +83,14 @@ def test_threaded_requests_meet_in_one_batch_and_equal_their_solo_runs(model: Re
 
 
 def test_streamed_tokens_arrive_as_drawn_and_equal_the_result(model: RecurrentLM) -> None:
-    batcher = Batcher(model).start()
+    batcher = RowBatcher(model).start()
     streamed = Row(*SETTINGS[0], stream=True)
     batcher.submit([streamed, *rows()[1:]])
     assert list(streamed.stream()) == streamed.result() == solo(model)[0]
 
 
 def test_a_cancelled_row_leaves_at_the_next_step_and_the_others_go_on(model: RecurrentLM) -> None:
-    batcher = Batcher(model)
+    batcher = RowBatcher(model)
     running = rows()
     batcher.submit(running)
     for _ in range(5):
@@ -109,7 +109,7 @@ def test_a_cancelled_row_leaves_at_the_next_step_and_the_others_go_on(model: Rec
 
 
 def test_a_row_past_its_deadline_is_dropped(model: RecurrentLM) -> None:
-    batcher = Batcher(model)
+    batcher = RowBatcher(model)
     late = Row([1, 2], 500, Sampling(seed=1), deadline=time.monotonic() + 0.5)
     batcher.submit([late])
     for _ in range(3):
@@ -122,7 +122,7 @@ def test_a_row_past_its_deadline_is_dropped(model: RecurrentLM) -> None:
 
 
 def test_a_row_that_fails_to_warm_fails_alone(model: RecurrentLM) -> None:
-    batcher = Batcher(model)
+    batcher = RowBatcher(model)
     bad = Row([1, VOCAB + 5], 10, Sampling(seed=1))  # an id past the vocabulary
     good = rows()
     batcher.submit([*good[:3], bad, *good[3:]])
@@ -134,7 +134,7 @@ def test_a_row_that_fails_to_warm_fails_alone(model: RecurrentLM) -> None:
 
 
 def test_a_full_batcher_refuses_whole_requests_at_once(model: RecurrentLM) -> None:
-    batcher = Batcher(model, BatchLimits(active_rows=2, waiting_rows=3))
+    batcher = RowBatcher(model, BatchLimits(active_rows=2, waiting_rows=3))
     batcher.submit(rows()[:4])
     with pytest.raises(Overloaded, match="4 waiting, at most 5 in all; retry"):
         batcher.submit(rows()[:2])  # all or none: not even one of the two joins
@@ -144,14 +144,14 @@ def test_a_full_batcher_refuses_whole_requests_at_once(model: RecurrentLM) -> No
 
 
 def test_a_batcher_that_emptied_takes_new_rows(model: RecurrentLM) -> None:
-    batcher = Batcher(model)
+    batcher = RowBatcher(model)
     first, second = rows()[:2], rows()[2:5]
     assert batcher.run(first) == solo(model)[:2]
     assert batcher.run(second) == solo(model)[2:5]
 
 
 def test_a_row_whose_client_went_away_leaves_at_the_next_step(model: RecurrentLM) -> None:
-    batcher = Batcher(model)
+    batcher = RowBatcher(model)
     gone = threading.Event()
     abandoned = Row([1, 2], 500, Sampling(seed=1), abandoned=gone)
     others = rows()
@@ -178,7 +178,7 @@ def test_a_row_whose_draw_overflows_fails_alone(model: RecurrentLM) -> None:
         strategy="sample", temperature=1e-45, top_k=None, top_p=None, draws=80, seed=1
     )
     bad, good = Row([1, 2], 10, overflow), rows()
-    batcher = Batcher(model)
+    batcher = RowBatcher(model)
     batcher.submit([*good[:2], bad, *good[2:]])
     while not all(row.done.is_set() for row in [*good, bad]):
         batcher.step()
@@ -188,7 +188,7 @@ def test_a_row_whose_draw_overflows_fails_alone(model: RecurrentLM) -> None:
 
 
 def test_top_k_beyond_the_vocabulary_is_refused_before_any_row_joins(model: RecurrentLM) -> None:
-    batcher = Batcher(model)
+    batcher = RowBatcher(model)
     too_wide = Row([1], 5, Sampling(top_k=2**70, seed=1))
     with pytest.raises(ParamsError, match=rf"top_k must be at most the vocabulary size \({VOCAB} tokens\)"):
         batcher.submit([*rows()[:2], too_wide])
@@ -198,7 +198,7 @@ def test_top_k_beyond_the_vocabulary_is_refused_before_any_row_joins(model: Recu
 def test_heavy_mode_rows_wait_for_the_step_budget_and_still_equal_their_solo_runs(model: RecurrentLM) -> None:
     heavy = [([1, 2], 6, Sampling(strategy="mode", draws=900, seed=s)) for s in (1, 2, 3)]
     settings = [*heavy, *SETTINGS[:3]]
-    batcher = Batcher(model, BatchLimits(draws_per_step=1000))
+    batcher = RowBatcher(model, BatchLimits(draws_per_step=1000))
     joining = rows(settings)
     batcher.submit(joining)
     batcher.step()
@@ -237,21 +237,21 @@ def test_a_model_that_fails_every_step_turns_the_batcher_unhealthy(model: Recurr
 
     lost = RuntimeError("device lost")
     monkeypatch.setattr(batching, "Stepper", lambda net, state: Breaking(Stepper(net, state), lost, 10**6))
-    batcher = Batcher(model).start()
+    batcher = RowBatcher(model).start()
     assert batcher.healthy
-    for attempt in range(Batcher.MAX_FAILED_STEPS):
+    for attempt in range(RowBatcher.MAX_FAILED_STEPS):
         handles = rows()[:2]
         batcher.submit(handles)
         wait_done(handles)
         for handle in handles:
             with pytest.raises(RuntimeError, match="device lost"):
                 handle.result()
-        assert batcher.healthy is (attempt + 1 < Batcher.MAX_FAILED_STEPS)
+        assert batcher.healthy is (attempt + 1 < RowBatcher.MAX_FAILED_STEPS)
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
 def test_a_batcher_whose_thread_died_answers_its_rows_and_starts_again(model: RecurrentLM) -> None:
-    batcher = Batcher(model).start()
+    batcher = RowBatcher(model).start()
     batcher.stepper = Breaking(batcher.stepper, SystemExit("gone"), 1)
     first = rows()[:2]
     batcher.submit(first)
@@ -265,7 +265,7 @@ def test_a_batcher_whose_thread_died_answers_its_rows_and_starts_again(model: Re
 
 
 def test_scoring_jobs_run_between_steps_and_take_places(model: RecurrentLM) -> None:
-    batcher = Batcher(model, BatchLimits(active_rows=2, waiting_rows=2)).start()
+    batcher = RowBatcher(model, BatchLimits(active_rows=2, waiting_rows=2)).start()
     ran = threading.Event()
     job = Job(lambda: ran.set() or "scored", rows=2)
     batcher.submit_job(job)
@@ -285,12 +285,12 @@ def test_scoring_jobs_run_between_steps_and_take_places(model: RecurrentLM) -> N
 
 EXIT_AFTER_GENERATING = """
 import torch
-from lstm_textgen.inference.batcher import Batcher, Row
+from lstm_textgen.inference.batcher import RowBatcher, Row
 from lstm_textgen.model.recurrent import RecurrentLM
 from lstm_textgen.params import ModelParams, Sampling
 torch.manual_seed(0)
 model = RecurrentLM(29, ModelParams(layers=2, hidden=32, embedding_dim=8)).eval()
-batcher = Batcher(model).start()
+batcher = RowBatcher(model).start()
 row = Row([1, 2, 3], 20, Sampling(seed=1))
 batcher.submit([row])
 print(len(row.result()))

@@ -119,7 +119,13 @@ def test_a_line_without_end_passes_in_pieces_and_is_counted(monkeypatch, tmp_pat
     text = "x" * 20_000 + "\nshort line\n" + "y" * 3000
     (tmp_path / "raw").write_bytes(bz2.compress(text.encode()))
     sink = normalise_file(
-        tmp_path / "raw", CorpusSpec(source="x"), "x", tmp_path / "out", tmp_path, 2**30, 512
+        tmp_path / "raw",
+        CorpusSpec(source="x"),
+        "x",
+        tmp_path / "out",
+        tmp_path,
+        max_bytes=2**30,
+        chunk_bytes=512,
     )
     assert (tmp_path / "out").read_text() == text and sink.summary()["long_lines"] == 2
     assert "long_lines" not in to_text(b"short\n", CorpusSpec(source="x"), "x")  # only when there are some
@@ -139,13 +145,15 @@ def test_replaced_entities_are_counted_in_the_corpus_summary(tmp_path: Path) -> 
     spec = CorpusSpec(source="x", format="csv", columns=["text"], html_entities=True)
     rows = 'text\nfine #36;5\n"a #55357; b &#xD83D;"\nkept \ufffd as it was &#1114112;\n'
     (tmp_path / "raw").write_bytes(rows.encode())
-    sink = normalise_file(tmp_path / "raw", spec, "x", tmp_path / "out", tmp_path, 2**30)
+    sink = normalise_file(tmp_path / "raw", spec, "x", tmp_path / "out", tmp_path, max_bytes=2**30)
     assert sink.summary()["replaced_entities"] == 3
     assert (tmp_path / "out").read_text().count("\ufffd") == 4
     plain = CorpusSpec(source="x", format="csv", columns=["text"])
     assert (
         "replaced_entities"
-        not in normalise_file(tmp_path / "raw", plain, "x", tmp_path / "out", tmp_path, 2**30).summary()
+        not in normalise_file(
+            tmp_path / "raw", plain, "x", tmp_path / "out", tmp_path, max_bytes=2**30
+        ).summary()
     )
 
 

@@ -36,7 +36,7 @@ def test_surprisal_pieces_rebuild_the_text_and_carry_every_bit(level: str) -> No
     )
     torch.manual_seed(0)
     model = RecurrentLM(len(vocab), ModelParams(layers=1, hidden=16, embedding_dim=8)).eval()
-    score = score_text(model, vocab, TEXT, EvaluateParams(), unknown="replace", per_token=True)
+    score = score_text(model, vocab, TEXT, windows=EvaluateParams(), unknown="replace", per_token=True)
     pieces = character_surprisal(vocab, score)
     rebuilt = "".join(piece for piece, _ in pieces)
     assert rebuilt == vocab.decode(score.token_ids)
@@ -171,7 +171,9 @@ def register_large_untrained_version(store: Path, tmp_path: Path) -> int:
     save_checkpoint(tmp_path / "large.pt", checkpoint)
     run_id = json.loads((store / "metrics/train.json").read_text())["mlflow_run_id"]
     tags = {"corpus": "shakespeare", "level": "char", "lowercase": "false", "val_bits_per_character": "6.25"}
-    return register(tmp_path / "large.pt", run_id, MODEL_NAME, "ROMEO:", 99.0, tags).version
+    return register(
+        tmp_path / "large.pt", run_id, MODEL_NAME, example_prompt="ROMEO:", val_loss=99.0, version_tags=tags
+    ).version
 
 
 def pick_version(page, version: int) -> None:

@@ -26,7 +26,7 @@ from lstm_textgen.devices import (
 from lstm_textgen.inference.evaluation import evenly_spaced_starts, periodic_validation_loss
 from lstm_textgen.model.recurrent import RecurrentLM
 from lstm_textgen.params import ModelParams, with_settings
-from lstm_textgen.train.batches import Batcher
+from lstm_textgen.train.batches import WindowBatcher
 from lstm_textgen.train.loop import train
 
 
@@ -66,14 +66,16 @@ def test_batches_from_host_tokens_reach_the_device_through_pinned_memory(
     spy = PinSpy(monkeypatch)
     tokens = torch.arange(1000, dtype=torch.int32) % 7
     generator = torch.Generator().manual_seed(0)
-    batcher = Batcher(tokens, 16, 4, False, generator, device=torch.device("meta"))
+    batcher = WindowBatcher(tokens, 16, 4, stateful=False, generator=generator, device=torch.device("meta"))
     batch, _ = batcher.next()
     assert batch.device.type == "meta" and batch.shape == (4, 17)
     assert spy.pinned == [torch.Size([4, 17])]  # the batch; the starts stay where the tokens are
-    same = Batcher(tokens, 16, 4, False, torch.Generator().manual_seed(0))
+    same = WindowBatcher(tokens, 16, 4, stateful=False, generator=torch.Generator().manual_seed(0))
     assert same.next()[0].device.type == "cpu" and len(spy.pinned) == 1
     # tokens on the device: the starts, drawn on the host, are the one copy, pinned and asynchronous
-    on_device = Batcher(tokens.to("meta"), 16, 4, False, torch.Generator().manual_seed(0))
+    on_device = WindowBatcher(
+        tokens.to("meta"), 16, 4, stateful=False, generator=torch.Generator().manual_seed(0)
+    )
     assert on_device.next()[0].device.type == "meta" and spy.pinned[1:] == [torch.Size([4])]
 
 
@@ -125,7 +127,9 @@ def test_window_starts_stay_inside_splits_past_two_to_the_24() -> None:
 def test_the_periodic_estimate_reads_a_split_of_more_than_two_to_the_24_tokens() -> None:
     tokens = torch.zeros(2**24 + 100, dtype=torch.uint8)
     model = RecurrentLM(3, ModelParams(hidden=8, embedding_dim=4))
-    loss = periodic_validation_loss(model, tokens, 64, 3, 3, False, torch.float32)
+    loss = periodic_validation_loss(
+        model, tokens, 64, num_windows=3, batch_size=3, last_only=False, dtype=torch.float32
+    )
     assert 0 < loss < 5
 
 

@@ -26,7 +26,7 @@ from conftest import (
     train_stage_command,
 )
 
-from lstm_textgen.train.batches import Batcher
+from lstm_textgen.train.batches import WindowBatcher
 from lstm_textgen.train.distributed import root_failure
 from lstm_textgen.train.state import TrainState
 
@@ -43,8 +43,16 @@ RUN |= {"dtype": "float32", "device": "cpu", "threads": 1}
 def test_ranks_take_disjoint_slices_of_the_one_process_batch(stateful: bool) -> None:
     tokens = torch.arange(5000, dtype=torch.int32)
 
-    def batcher(batch: int, rank: int = 0, world: int = 1) -> Batcher:
-        return Batcher(tokens, 16, batch, stateful, torch.Generator().manual_seed(7), rank, world)
+    def batcher(batch: int, rank: int = 0, world: int = 1) -> WindowBatcher:
+        return WindowBatcher(
+            tokens,
+            16,
+            batch,
+            stateful=stateful,
+            generator=torch.Generator().manual_seed(7),
+            rank=rank,
+            world_size=world,
+        )
 
     whole, ranks = batcher(8), [batcher(4, rank, 2) for rank in range(2)]
     for _ in range(5):
@@ -60,7 +68,9 @@ def test_ranks_take_disjoint_slices_of_the_one_process_batch(stateful: bool) -> 
 def test_checkpoint_joins_the_ranks_carried_states_and_each_rank_takes_its_own_back() -> None:
     def state(rank: int) -> TrainState:
         model = torch.nn.LSTM(2, 3)
-        batcher = Batcher(torch.arange(500), 8, 2, True, torch.Generator(), rank, 2)
+        batcher = WindowBatcher(
+            torch.arange(500), 8, 2, stateful=True, generator=torch.Generator(), rank=rank, world_size=2
+        )
         carried = (torch.full((1, 2, 3), float(rank)), torch.full((1, 2, 3), 10.0 + rank))
         optimizer, scaler = torch.optim.SGD(model.parameters()), torch.amp.GradScaler("cpu", enabled=False)
         return TrainState(model, optimizer, scaler, batcher, carried=carried)  # type: ignore[arg-type]

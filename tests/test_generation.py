@@ -160,7 +160,7 @@ def test_word_level_generation_reads_as_text() -> None:
     assert encode_prompt("The dog", words, "replace") == [words.tokens.index("the"), 0]
     with pytest.raises(PromptError, match="' dog'"):
         encode_prompt("the dog", words)
-    (text,) = sample_texts(net, words, ["the cat"], 12, Sampling(strategy="greedy"))
+    (text,) = sample_texts(net, words, ["the cat"], length=12, sampling=Sampling(strategy="greedy"))
     assert text.startswith(" ") or text.startswith(".") or text.startswith("\n")
     assert "  " not in text
 
@@ -217,7 +217,7 @@ def test_streamed_pieces_join_to_the_batch_text(char_model: RecurrentLM, char_vo
     settings = Sampling(strategy="sample", temperature=1.2, seed=5)
     pieces = list(stream_text(char_model, char_vocab, ids(char_vocab, "hello"), 30, settings))
     assert len(pieces) == 30  # one character per step at char level, each as soon as it is drawn
-    assert "".join(pieces) == sample_texts(char_model, char_vocab, ["hello"], 30, settings)[0]
+    assert "".join(pieces) == sample_texts(char_model, char_vocab, ["hello"], length=30, sampling=settings)[0]
 
 
 def test_streamed_bytes_come_out_as_whole_characters() -> None:
@@ -226,7 +226,7 @@ def test_streamed_bytes_come_out_as_whole_characters() -> None:
     byte_model = RecurrentLM(len(vocab), ModelParams(layers=1, hidden=16, embedding_dim=8)).eval()
     settings = Sampling(strategy="sample", temperature=3.0, seed=1)  # hot: many invalid sequences
     pieces = list(stream_text(byte_model, vocab, ids(vocab, "é"), 200, settings))
-    assert "".join(pieces) == sample_texts(byte_model, vocab, ["é"], 200, settings)[0]
+    assert "".join(pieces) == sample_texts(byte_model, vocab, ["é"], length=200, sampling=settings)[0]
     # a character's bytes are held back until its last one, then written whole; a sequence that
     # breaks off becomes one U+FFFD, and so does an unfinished one at the end
     stream = vocab.detokenizer()

@@ -274,7 +274,7 @@ def test_default_training_samples_well_from_a_short_prompt(tmp_path: Path) -> No
     assert params.train.stateful is False and Params().train.stateful is False  # the default
     train(splits, vocab, params, tmp_path / "best.pt", tmp_path / "last.pt")
     model = load_model(tmp_path / "best.pt").model
-    (text_out,) = sample_texts(model, vocab, ["the q"], 60, Sampling(strategy="greedy"))
+    (text_out,) = sample_texts(model, vocab, ["the q"], length=60, sampling=Sampling(strategy="greedy"))
     assert text_out == text[5:65]  # "uick brown fox jumps over the lazy dog. the quick brown fox j"
 
 

@@ -19,9 +19,9 @@ def test_texts_scored_together_equal_each_alone(char_model: RecurrentLM, char_vo
     long = CHAR_TEXT * 2  # several streams: scored alone
     texts = ["he", "hello world", long[:17], long[:9], long, long[3:30], "a tiny text"]
     assert one_stream(len("hello world"), WINDOWS) and not one_stream(len(long), WINDOWS)
-    together = score_texts(char_model, char_vocab, texts, WINDOWS, per_token=True)
+    together = score_texts(char_model, char_vocab, texts, windows=WINDOWS, per_token=True)
     for text, scored in zip(texts, together, strict=True):
-        alone = score_text(char_model, char_vocab, text, WINDOWS, per_token=True)
+        alone = score_text(char_model, char_vocab, text, windows=WINDOWS, per_token=True)
         assert (scored.tokens, scored.predicted, scored.characters) == (
             alone.tokens,
             alone.predicted,
@@ -35,6 +35,6 @@ def test_texts_scored_together_equal_each_alone(char_model: RecurrentLM, char_vo
 
 def test_a_bad_text_among_many_is_named(char_model: RecurrentLM, char_vocab: Vocabulary) -> None:
     with pytest.raises(UserError, match="text has 1 token\\(s\\) not in the vocabulary: 'Z'"):
-        score_texts(char_model, char_vocab, ["hello", "hello Z"], WINDOWS)
+        score_texts(char_model, char_vocab, ["hello", "hello Z"], windows=WINDOWS)
     with pytest.raises(UserError, match="at least two tokens"):
-        score_texts(char_model, char_vocab, ["hello", "h"], WINDOWS)
+        score_texts(char_model, char_vocab, ["hello", "h"], windows=WINDOWS)

@@ -40,18 +40,29 @@ def test_champion_moves_only_on_improvement(store: Path) -> None:
     tags = {"corpus": "shakespeare", "level": "char", "lowercase": "false"}
     checkpoint = store / "data/model/model.pt"
 
-    equal = register(checkpoint, run_id, MODEL_NAME, "ROMEO:", old_loss + 4e-7, tags)  # ties do not move it
+    equal = register(
+        checkpoint, run_id, MODEL_NAME, example_prompt="ROMEO:", val_loss=old_loss + 4e-7, version_tags=tags
+    )  # ties do not move it
     assert not equal.promoted and "does not beat it" in equal.reason
-    worse = register(checkpoint, run_id, MODEL_NAME, "ROMEO:", old_loss + 0.5, tags)
+    worse = register(
+        checkpoint, run_id, MODEL_NAME, example_prompt="ROMEO:", val_loss=old_loss + 0.5, version_tags=tags
+    )
     assert not worse.promoted and "does not beat it" in worse.reason
     assert client.get_model_version_by_alias(MODEL_NAME, "champion").version == champion.version
 
     other_corpus = register(
-        checkpoint, run_id, MODEL_NAME, "ROMEO:", old_loss - 1.0, {**tags, "corpus": "anna"}
+        checkpoint,
+        run_id,
+        MODEL_NAME,
+        example_prompt="ROMEO:",
+        val_loss=old_loss - 1.0,
+        version_tags={**tags, "corpus": "anna"},
     )
     assert not other_corpus.promoted and "another corpus" in other_corpus.reason
 
-    better = register(checkpoint, run_id, MODEL_NAME, "ROMEO:", old_loss - 0.5, tags)
+    better = register(
+        checkpoint, run_id, MODEL_NAME, example_prompt="ROMEO:", val_loss=old_loss - 0.5, version_tags=tags
+    )
     assert better.promoted and better.version == worse.version + 2
     assert int(client.get_model_version_by_alias(MODEL_NAME, "champion").version) == better.version
     version = client.get_model_version(MODEL_NAME, str(better.version))
@@ -74,9 +85,19 @@ def test_registered_model_follows_the_sample_params_and_carries_no_optimizer(sto
     run_id = json.loads((store / "metrics/train.json").read_text())["mlflow_run_id"]
     tags = {"corpus": "shakespeare", "level": "char", "lowercase": "false"}
     checkpoint = store / "data/model/model.pt"
-    as_trained = register(checkpoint, run_id, MODEL_NAME, "ROMEO:", 10.0, tags)  # worse: not champion
+    as_trained = register(
+        checkpoint, run_id, MODEL_NAME, example_prompt="ROMEO:", val_loss=10.0, version_tags=tags
+    )  # worse: not champion
     lenient = SampleParams(unknown="skip", temperature=0.5, top_k=7)
-    changed = register(checkpoint, run_id, MODEL_NAME, "ROMEO:", 10.0, tags, sample=lenient)
+    changed = register(
+        checkpoint,
+        run_id,
+        MODEL_NAME,
+        example_prompt="ROMEO:",
+        val_loss=10.0,
+        version_tags=tags,
+        sample=lenient,
+    )
     frame = pd.DataFrame({"prompt": ["ROMEO\u20ac:"], "max_new_tokens": [5]})
     with pytest.raises(MlflowException, match="not in the vocabulary"):
         mlflow.pyfunc.load_model(as_trained.model_uri).predict(frame)
@@ -278,7 +299,11 @@ def test_scores_agree_with_evaluate_the_command_and_the_server(
     dataset = load_dataset(repo / "data/prepared")
     dtype = torch.float32
     scored = score_text(
-        loaded.model, loaded.vocab, loaded.vocab.decode(dataset.splits["val"]), params.evaluate, dtype
+        loaded.model,
+        loaded.vocab,
+        loaded.vocab.decode(dataset.splits["val"]),
+        windows=params.evaluate,
+        dtype=dtype,
     )
     evaluated = json.loads((repo / "metrics/evaluate.json").read_text())["val"]
     assert scored.nats / scored.predicted == pytest.approx(evaluated["loss"], rel=1e-5)
@@ -287,8 +312,11 @@ def test_scores_agree_with_evaluate_the_command_and_the_server(
     excerpt = loaded.vocab.decode(dataset.splits["train"][:3000])
     letters = list(excerpt)
     random.Random(0).shuffle(letters)
-    shuffled = score_text(loaded.model, loaded.vocab, "".join(letters), params.evaluate, dtype)
-    assert score_text(loaded.model, loaded.vocab, excerpt, params.evaluate, dtype).nats < shuffled.nats
+    shuffled = score_text(loaded.model, loaded.vocab, "".join(letters), windows=params.evaluate, dtype=dtype)
+    assert (
+        score_text(loaded.model, loaded.vocab, excerpt, windows=params.evaluate, dtype=dtype).nats
+        < shuffled.nats
+    )
 
     text = "ROMEO:\nWhat light through yonder window breaks?\n"
     (tmp_path / "romeo.txt").write_text(text)

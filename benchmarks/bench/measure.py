@@ -72,7 +72,7 @@ def measure_training(
     ours, theirs = [], []
     for repeat in range(repeats):
         run_params = params.model_copy(update={"train": tp.model_copy(update={"seed": repeat})})
-        state = new_train_state(splits["train"], vocab_size, run_params, device, dtype)
+        state = new_train_state(splits["train"], vocab_size, run_params, device=device, dtype=dtype)
         state.model.train()
 
         def our_step() -> None:

@@ -51,7 +51,10 @@ def train(prepared: Path, baseline: Path, steps: int, rounds: int = 5) -> dict[s
     datasets = {"big": load_dataset(prepared), "small": load_dataset(baseline)}
     splits = {name: dataset.splits["train"] for name, dataset in datasets.items()}
     vocab_size = len(datasets["big"].vocab)  # one model shape for both
-    states = {name: new_train_state(ids, vocab_size, params, device, dtype) for name, ids in splits.items()}
+    states = {
+        name: new_train_state(ids, vocab_size, params, device=device, dtype=dtype)
+        for name, ids in splits.items()
+    }
     rates: dict[str, list[float]] = {"big": [], "small": []}
     for round_ in range(rounds + 1):  # round 0 warms up the allocator and the kernels
         for name in ("small", "big") if round_ % 2 else ("big", "small"):

@@ -137,7 +137,7 @@ def token_source(ids: np.ndarray, device: torch.device, share_of_free: float = 0
     """Where training batches are gathered from, without a full in-memory copy of a split it can read
     from the memory map: on the CPU the map itself (the OS pages in what the windows touch); on a GPU
     a device copy when it takes at most `share_of_free` of the free memory, else the host map (the
-    Batcher gathers each batch there and copies it over through pinned memory)."""
+    WindowBatcher gathers each batch there and copies it over through pinned memory)."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         if device_bytes(ids) <= share_of_free * free:

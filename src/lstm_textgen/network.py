@@ -4,6 +4,8 @@ URLs as they may be shown."""
 from __future__ import annotations
 
 import socket
+import subprocess
+import time
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -22,3 +24,29 @@ def without_password(url: str) -> str:
     except ValueError:  # not a URL at all (a bad port): nothing to hide in it
         return url
     return url.replace(f":{password}@", ":***@", 1) if password else url
+
+
+def answers(url: str, timeout_s: float = 2.0) -> bool:
+    """Whether something answers HTTP at `url` (any status: a 401 or a 503 is an answer)."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s):
+            return True
+    except urllib.error.HTTPError:
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+def wait_until_answers(url: str, timeout_s: float, process: subprocess.Popen[bytes] | None = None) -> None:
+    """Until `url` answers; a `TimeoutError` naming the URL at the deadline, or as soon as `process`
+    (the server being waited for) has ended."""
+    deadline = time.monotonic() + timeout_s
+    while not answers(url):
+        if process is not None and process.poll() is not None:
+            raise TimeoutError(f"{url} never answered: its server ended with exit code {process.returncode}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{url} did not answer within {timeout_s:.0f} s")
+        time.sleep(0.25)

@@ -114,12 +114,12 @@ class ModelCache:
             return self.loaded[source]
 
     def batcher(self, source: str) -> Any:
-        from lstm_textgen.inference.batcher import Batcher
+        from lstm_textgen.inference.batcher import RowBatcher
 
         loaded = self.get(source)
         with self.lock:
             if source not in self.batchers:
-                self.batchers[source] = Batcher(loaded.model).start()
+                self.batchers[source] = RowBatcher(loaded.model).start()
             return self.batchers[source]
 
 

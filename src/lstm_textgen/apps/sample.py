@@ -76,7 +76,15 @@ def main(argv: list[str] | None = None) -> None:
     length = pick(args.length, defaults.length)
     unknown, replacement = pick(args.unknown, defaults.unknown), pick(args.replacement, defaults.replacement)
     if len(prompts) > 1:
-        texts = sample_texts(loaded.model, loaded.vocab, prompts, length, sampling, unknown, replacement)
+        texts = sample_texts(
+            loaded.model,
+            loaded.vocab,
+            prompts,
+            length=length,
+            sampling=sampling,
+            unknown=unknown,
+            replacement=replacement,
+        )
         for prompt, text in zip(prompts, texts, strict=True):
             print(f"=== {prompt!r} ===\n{prompt}{text}\n")
         return

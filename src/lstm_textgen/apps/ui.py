@@ -8,10 +8,14 @@ link points there and no UI is started."""
 from __future__ import annotations
 
 import argparse
-import os
+import subprocess
 import sys
 
+from lstm_textgen.errors import UserError
+from lstm_textgen.network import wait_until_answers
 from lstm_textgen.tracking import store
+
+UI_START_S = 120.0  # MLflow's UI imports a lot before its port opens
 
 
 def runs_table_link(base_url: str, experiment_id: str) -> str:
@@ -29,8 +33,18 @@ def main(argv: list[str] | None = None) -> None:
     if store.is_server(uri):
         print(f"ui: the runs table: {runs_table_link(uri, experiment_id)}")
         return
-    print(
-        f"ui: the runs table: {runs_table_link(f'http://{args.host}:{args.port}', experiment_id)}", flush=True
-    )
-    command = ["mlflow", "ui", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port)]
-    os.execv(sys.executable, [sys.executable, "-m", "mlflow", *command[1:], "--workers", "1"])
+    base = f"http://{args.host}:{args.port}"
+    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri]
+    command += ["--host", args.host, "--port", str(args.port), "--workers", "1"]
+    ui = subprocess.Popen(command)
+    try:
+        try:
+            wait_until_answers(base, UI_START_S, ui)
+        except TimeoutError as exc:
+            raise UserError(f"ui: MLflow's UI did not start: {exc}") from None
+        print(f"ui: the runs table: {runs_table_link(base, experiment_id)}", flush=True)
+        ui.wait()
+    finally:  # Ctrl-C or SIGTERM here: the UI goes with us
+        if ui.poll() is None:
+            ui.terminate()
+            ui.wait()

@@ -67,7 +67,9 @@ def acquire(
         else:
             digest = verify_local(raw, spec.sha256, max_bytes, key)
         with atomic_path(dest) as tmp:
-            sink = normalise_file(raw, spec, label, tmp, Path(scratch), max_bytes, chunk_bytes)
+            sink = normalise_file(
+                raw, spec, label, tmp, Path(scratch), max_bytes=max_bytes, chunk_bytes=chunk_bytes
+            )
     if spec.sha256 is None:
         print(f"download: no sha256 pinned for {name}; this copy's is {digest} (set {key} to pin it)")
     return _summary(name, spec.source, digest, sink)
@@ -83,6 +85,7 @@ def normalise_file(
     label: str,
     out: Path,
     scratch: Path,
+    *,
     max_bytes: int,
     chunk_bytes: int = CHUNK_BYTES,
 ) -> TextSink:
@@ -122,7 +125,15 @@ def to_text(raw: bytes, spec: CorpusSpec, label: str, chunk_bytes: int = CHUNK_B
     """In-memory convenience over `normalise_file` (tests, small files): bytes -> normalised text."""
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "raw").write_bytes(raw)
-        normalise_file(Path(tmp) / "raw", spec, label, Path(tmp) / "text", Path(tmp), 2**40, chunk_bytes)
+        normalise_file(
+            Path(tmp) / "raw",
+            spec,
+            label,
+            Path(tmp) / "text",
+            Path(tmp),
+            max_bytes=2**40,
+            chunk_bytes=chunk_bytes,
+        )
         return (Path(tmp) / "text").read_text(encoding="utf-8")
 
 

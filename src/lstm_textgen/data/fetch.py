@@ -50,7 +50,9 @@ def fetch(
     scheme = urlparse(source).scheme
     with atomic_path(dest) as tmp:
         if scheme in ("http", "https"):
-            actual = _download_with_retries(source, tmp, timeout_s, retries, max_bytes, backoff_s)
+            actual = _download_with_retries(
+                source, tmp, timeout_s=timeout_s, retries=retries, max_bytes=max_bytes, backoff_s=backoff_s
+            )
         elif scheme in ("file", ""):
             actual = _copy_local(_local_path(source), tmp, max_bytes)
         else:
@@ -117,7 +119,7 @@ def _copy_local(path: Path, tmp: Path, max_bytes: int) -> str:
 
 
 def _download_with_retries(
-    url: str, tmp: Path, timeout_s: float, retries: int, max_bytes: int, backoff_s: float
+    url: str, tmp: Path, *, timeout_s: float, retries: int, max_bytes: int, backoff_s: float
 ) -> str:
     for attempt in range(retries + 1):
         try:

@@ -348,6 +348,7 @@ def prepare_corpus(
     corpus: Path,
     data: DataParams,
     out_dir: Path,
+    *,
     corpus_info: dict[str, Any] | None = None,
     chunk_bytes: int = CHUNK_BYTES,
     base: Vocabulary | None = None,
@@ -398,6 +399,6 @@ def build_dataset(text: str, data: DataParams, corpus_info: dict[str, Any] | Non
     with tempfile.TemporaryDirectory() as tmp:
         corpus = Path(tmp) / "corpus.txt"
         corpus.write_text(text, encoding="utf-8", newline="")
-        stats = prepare_corpus(corpus, data, Path(tmp) / "prepared", corpus_info)
+        stats = prepare_corpus(corpus, data, Path(tmp) / "prepared", corpus_info=corpus_info)
         loaded = load_dataset(Path(tmp) / "prepared", mmap=False)
     return Dataset(loaded.vocab, loaded.splits, {**stats, **loaded.stats})

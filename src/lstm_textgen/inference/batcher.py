@@ -6,7 +6,7 @@ and leaves when it has its tokens, is cancelled, or passes its deadline (its sta
 Rows differ in prompt, length, strategy, temperature, top-k, top-p and seed (`drawing.py`); each
 draws from its own random stream, so its text is the text it gets alone.
 
-One `Batcher` per loaded model. The served model and the demo run it on a background thread, which
+One `RowBatcher` per loaded model. The served model and the demo run it on a background thread, which
 every request thread feeds (MLflow's scoring server calls `predict` from a thread pool); the sample
 command and stage drive its steps in their own thread (`run`, `follow`). Beyond `active_rows`,
 rows wait in a queue of `waiting_rows`; beyond that `submit` refuses them (`Overloaded`), at once.
@@ -65,6 +65,7 @@ class Row:
         prompt_ids: Sequence[int],
         max_new_tokens: int,
         sampling: Sampling,
+        *,
         stream: bool = False,
         deadline: float | None = None,
         abandoned: threading.Event | None = None,
@@ -155,7 +156,7 @@ class Job:
         return self.value
 
 
-class Batcher:
+class RowBatcher:
     """The scheduler of one model: rows join, step together, leave (see the module's docstring)."""
 
     def __init__(self, model: RecurrentLM, limits: BatchLimits | None = None) -> None:
@@ -222,7 +223,7 @@ class Batcher:
         if self.thread is None and self.started:
             self.start()
 
-    def start(self) -> Batcher:
+    def start(self) -> RowBatcher:
         """Step on a background thread from now on, whenever rows are there (the served model)."""
         with self.lock:
             self.started, self.stopping = True, False

@@ -89,7 +89,7 @@ def evaluate_stateful(
     model: RecurrentLM, ids: np.ndarray, seq_len: int, batch_size: int, dtype: torch.dtype = torch.float32
 ) -> dict[str, float]:
     check_fits(len(ids), seq_len, "evaluation")
-    loss_sum, correct, count, _ = stateful_pass(model, ids, seq_len, batch_size, dtype)
+    loss_sum, correct, count, _ = stateful_pass(model, ids, seq_len, batch_size, dtype=dtype)
     return _summary(loss_sum, correct, count)
 
 
@@ -99,6 +99,7 @@ def stateful_pass(
     ids: np.ndarray,
     seq_len: int,
     batch_size: int,
+    *,
     dtype: torch.dtype = torch.float32,
     keep_logprobs: bool = False,
 ) -> tuple[float, int, int, torch.Tensor | None]:
@@ -132,6 +133,7 @@ def periodic_validation_loss(
     model: RecurrentLM,
     tokens: torch.Tensor,
     seq_len: int,
+    *,
     num_windows: int,
     batch_size: int,
     last_only: bool,

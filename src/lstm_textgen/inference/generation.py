@@ -14,7 +14,7 @@ from typing import Literal
 
 from lstm_textgen.data.tokenisers import Vocabulary
 from lstm_textgen.errors import UserError
-from lstm_textgen.inference.batcher import Batcher, BatchLimits, Row
+from lstm_textgen.inference.batcher import BatchLimits, Row, RowBatcher
 from lstm_textgen.model.recurrent import RecurrentLM
 from lstm_textgen.params import Sampling, text_problem
 
@@ -64,7 +64,7 @@ def generate(
     if max_new_tokens < 1:
         return [[] for _ in prompt_ids]
     rows = [Row(ids, max_new_tokens, sampling) for ids in prompt_ids]
-    return Batcher(model, BatchLimits(active_rows=len(rows), waiting_rows=0)).run(rows)
+    return RowBatcher(model, BatchLimits(active_rows=len(rows), waiting_rows=0)).run(rows)
 
 
 def stream_text(
@@ -73,7 +73,7 @@ def stream_text(
     """One prompt's continuation, piece by piece as it is drawn (the command line and the web demo
     print it as it grows); joined, the pieces equal `sample_texts`' text for the same seed."""
     if length >= 1:
-        yield from stream_row(vocab, prompt_ids, Batcher(model).follow(Row(prompt_ids, length, sampling)))
+        yield from stream_row(vocab, prompt_ids, RowBatcher(model).follow(Row(prompt_ids, length, sampling)))
 
 
 def stream_row(vocab: Vocabulary, prompt_ids: Sequence[int], tokens: Iterator[int]) -> Iterator[str]:
@@ -92,6 +92,7 @@ def sample_texts(
     model: RecurrentLM,
     vocab: Vocabulary,
     prompts: Sequence[str],
+    *,
     length: int,
     sampling: Sampling,
     unknown: UnknownPolicy = "error",

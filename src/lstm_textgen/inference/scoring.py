@@ -81,6 +81,7 @@ def encode_text(
 def text_score(
     vocab: Vocabulary,
     ids: list[int],
+    *,
     outside: int,
     nats: float,
     predicted: int,
@@ -100,6 +101,7 @@ def score_text(
     model: RecurrentLM,
     vocab: Vocabulary,
     text: str,
+    *,
     windows: EvaluateParams,
     dtype: torch.dtype = torch.float32,
     unknown: UnknownPolicy = "error",
@@ -109,9 +111,16 @@ def score_text(
     """Score `text`; tokens outside the vocabulary follow `unknown` as a prompt's do."""
     ids, outside = encode_text(text, vocab, unknown, replacement)
     nats, _, predicted, logprobs = stateful_pass(
-        model, np.asarray(ids, dtype=vocab.dtype), windows.seq_len, windows.batch_size, dtype, per_token
+        model,
+        np.asarray(ids, dtype=vocab.dtype),
+        windows.seq_len,
+        windows.batch_size,
+        dtype=dtype,
+        keep_logprobs=per_token,
     )
-    return text_score(vocab, ids, outside, nats, predicted, logprobs)  # None unless per_token
+    return text_score(
+        vocab, ids, outside=outside, nats=nats, predicted=predicted, logprobs=logprobs
+    )  # None unless per_token
 
 
 def one_stream(length: int, windows: EvaluateParams) -> bool:
@@ -124,6 +133,7 @@ def score_texts(
     model: RecurrentLM,
     vocab: Vocabulary,
     texts: list[str],
+    *,
     windows: EvaluateParams,
     dtype: torch.dtype = torch.float32,
     unknown: UnknownPolicy = "error",
@@ -140,10 +150,26 @@ def score_texts(
         figures = side_by_side(model, [encoded[i][0] for i in short], windows.seq_len, dtype)
         for i, (nats, logprobs) in zip(short, figures, strict=True):
             ids, outside = encoded[i]
-            scores[i] = text_score(vocab, ids, outside, nats, len(ids) - 1, logprobs if per_token else None)
+            scores[i] = text_score(
+                vocab,
+                ids,
+                outside=outside,
+                nats=nats,
+                predicted=len(ids) - 1,
+                logprobs=logprobs if per_token else None,
+            )
     for i, text in enumerate(texts):
         if i not in scores:
-            scores[i] = score_text(model, vocab, text, windows, dtype, unknown, replacement, per_token)
+            scores[i] = score_text(
+                model,
+                vocab,
+                text,
+                windows=windows,
+                dtype=dtype,
+                unknown=unknown,
+                replacement=replacement,
+                per_token=per_token,
+            )
     return [scores[i] for i in range(len(texts))]
 
 
@@ -180,11 +206,11 @@ def score_loaded(
         loaded.model,
         loaded.vocab,
         text,
-        loaded.params.evaluate,
-        torch.float32,
-        unknown or sample.unknown,
-        sample.replacement,
-        per_token,
+        windows=loaded.params.evaluate,
+        dtype=torch.float32,
+        unknown=unknown or sample.unknown,
+        replacement=sample.replacement,
+        per_token=per_token,
     )
 
 

@@ -230,18 +230,18 @@ class TextGenerator(mlflow.pyfunc.PythonModel):
     def load_context(self, context: Any) -> None:
         import torch
 
-        from lstm_textgen.inference.batcher import Batcher
+        from lstm_textgen.inference.batcher import RowBatcher
         from lstm_textgen.model.checkpoint import load_model
         from lstm_textgen.serving.server_adapter import adapt_scoring_server
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
         self.loaded = load_model(Path(context.artifacts["checkpoint"]), device)
         self.options = ServingOptions.from_environment()
-        self.batcher: Batcher | None = (
+        self.batcher: RowBatcher | None = (
             None  # off: MLflow's server as it is, each request alone (for comparison)
         )
         if self.options.batching:
-            self.batcher = Batcher(self.loaded.model, self.options.limits).start()
+            self.batcher = RowBatcher(self.loaded.model, self.options.limits).start()
             if "mlflow.pyfunc.scoring_server.app" in sys.modules:  # loaded by `mlflow models serve`
                 places = self.options.limits.active_rows + self.options.limits.waiting_rows
                 adapt_scoring_server(places, healthy=lambda: self.batcher.healthy)
@@ -270,7 +270,7 @@ class TextGenerator(mlflow.pyfunc.PythonModel):
 
     def generate(self, rows: list[tuple[str, int, Sampling]]) -> list[str]:
         """Each row's text, its rows stepping beside every other request's (or alone, batching off)."""
-        from lstm_textgen.inference.batcher import Batcher, Overloaded, Row
+        from lstm_textgen.inference.batcher import Overloaded, Row, RowBatcher
         from lstm_textgen.inference.generation import continuation, encode_prompt
         from lstm_textgen.serving.server_adapter import client_gone, overloaded
 
@@ -296,7 +296,7 @@ class TextGenerator(mlflow.pyfunc.PythonModel):
         ]
         try:
             if self.batcher is None:  # one loop per request, in the request's thread (for comparison)
-                generated = Batcher(self.loaded.model).run(handles)
+                generated = RowBatcher(self.loaded.model).run(handles)
                 return [continuation(vocab, i, tokens) for i, tokens in zip(ids, generated, strict=True)]
             self.batcher.submit(handles)
         except Overloaded as exc:
@@ -333,7 +333,7 @@ class TextGenerator(mlflow.pyfunc.PythonModel):
                 loaded.model,
                 loaded.vocab,
                 prompts,
-                loaded.params.evaluate,
+                windows=loaded.params.evaluate,
                 unknown=sample.unknown,
                 replacement=sample.replacement,
                 per_token=per_token,

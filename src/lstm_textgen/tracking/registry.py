@@ -92,6 +92,7 @@ def register(
     checkpoint: Path,
     run_id: str,
     model_name: str,
+    *,
     example_prompt: str,
     val_loss: float,
     version_tags: dict[str, str],

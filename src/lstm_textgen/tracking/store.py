@@ -215,8 +215,24 @@ def _git(*args: str) -> str | None:
     return result.stdout.strip() or None
 
 
+def source_tags() -> dict[str, str]:
+    """MLflow's own tags for where a run comes from, which its UI shows in the Source column: the
+    script (relative to the repository), the commit and, where the clone has one, its remote."""
+    script = Path(sys.argv[0]).resolve() if sys.argv and sys.argv[0] else None
+    root = repository_root()
+    name = str(script.relative_to(root)) if script and script.is_relative_to(root) else str(script or "")
+    tags = {
+        "mlflow.source.type": "LOCAL",
+        "mlflow.source.name": name or "lstm-textgen",
+        "mlflow.source.git.commit": _git("rev-parse", "HEAD"),
+        "mlflow.source.git.repoURL": _git("remote", "get-url", "origin"),
+    }
+    return {k: str(v) for k, v in tags.items() if v is not None}
+
+
 def run_tags(corpus: dict[str, Any], device: str) -> dict[str, str]:
     tags = {
+        **source_tags(),
         "git_commit": _git("rev-parse", "HEAD"),
         "dvc_experiment": os.environ.get("DVC_EXP_NAME"),
         "dvc_baseline_rev": os.environ.get("DVC_EXP_BASELINE_REV"),

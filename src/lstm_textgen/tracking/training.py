@@ -9,6 +9,7 @@ knows nothing of MLflow."""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,6 +86,8 @@ def run_training(
         world.running(params.train.device) as device,
         training_run(params, corpus, len(dataset.vocab), device, world, **opened) as run,
     ):
+        if run.run_id and saved is None:
+            log_input(run.run_id, corpus, dataset)
 
         def on_evaluation(record: dict[str, float]) -> bool:
             run.log_evaluation(record)
@@ -123,3 +126,15 @@ def launch_workers(params: Params, argv: list[str] | None) -> None:
     except DistributedError as failed:  # a worker died: the others were stopped as if by a user
         store.fail_launched_runs(str(failed))
         raise
+
+
+def log_input(run_id: str, corpus: dict[str, Any], dataset: Dataset) -> None:
+    """The corpus as the run's MLflow dataset; a store that is away costs the run this, not more."""
+    import mlflow
+
+    from lstm_textgen.tracking.datasets import log_corpus
+
+    try:
+        log_corpus(mlflow.MlflowClient(), run_id, corpus, dataset, context="training")
+    except Exception as exc:  # the run's points go through the outbox; this one call does not
+        print(f"mlflow: the corpus was not logged as the run's dataset ({str(exc)[:200]})", file=sys.stderr)

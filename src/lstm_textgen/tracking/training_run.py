@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -128,7 +129,7 @@ def training_run(
     else:
         continue_run(TrainingRun(run_id, outbox), saved, logged, tags)
     outbox.set_tags(tags)
-    with store.retrying_on_our_own(), store.heartbeat(run_id), closing(outbox):
+    with store.retrying_on_our_own(), store.heartbeat(run_id), closing(outbox), system_metrics(run_id):
         try:
             yield TrainingRun(run_id, outbox)
         except BaseException as exc:
@@ -208,3 +209,29 @@ def continue_run(
         if int(record["step"]) not in logged_steps:
             run.log_evaluation(record)
     print(f"train: continuing MLflow run {run.run_id} from step {saved['step']}")
+
+
+SYSTEM_METRICS_STOP_S = 10.0  # what stopping MLflow's monitor may wait for a store that is away
+
+
+@contextmanager
+def system_metrics(run_id: str) -> Iterator[None]:
+    """MLflow's system metrics while the run trains: CPU, memory, disk and network, and the GPU's
+    where one is seen, as the run's `system/*` curves every `MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL`
+    seconds (MLflow's default: 10). They are a view of the machine, not the run's points: a store
+    that is away costs some of them, and never holds the run's end."""
+    try:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(run_id, resume_logging=True)
+        monitor.start()
+    except Exception as exc:  # e.g. psutil missing: the run goes on without them
+        print(f"mlflow: no system metrics for this run ({str(exc)[:200]})", file=sys.stderr)
+        yield
+        return
+    try:
+        yield
+    finally:
+        stopping = threading.Thread(target=monitor.finish, daemon=True)
+        stopping.start()
+        stopping.join(timeout=SYSTEM_METRICS_STOP_S)

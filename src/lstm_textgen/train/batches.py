@@ -9,7 +9,7 @@ from lstm_textgen.devices import to_device
 from lstm_textgen.errors import UserError
 
 
-class Batcher:
+class WindowBatcher:
     """Stateless: `batch_size` windows at random offsets (from its own generator, so the draws do not
     depend on what else uses torch's global RNG). Stateful: `batch_size` parallel streams over
     contiguous stretches of the text, windows read in order, state reset when a stream wraps around.
@@ -27,6 +27,7 @@ class Batcher:
         tokens: torch.Tensor,
         seq_len: int,
         batch_size: int,
+        *,
         stateful: bool,
         generator: torch.Generator,
         rank: int = 0,
@@ -37,7 +38,7 @@ class Batcher:
         self.device = device or tokens.device  # tokens on the host, batches on a GPU: copied per step
         self.stateful, self.generator = stateful, generator
         self.global_batch = batch_size * world_size
-        self.mine = slice(rank * batch_size, (rank + 1) * batch_size)
+        self.rank_rows = slice(rank * batch_size, (rank + 1) * batch_size)
         self.offsets = torch.arange(seq_len + 1, device=tokens.device)
         self.stream_len = len(tokens) // self.global_batch
         self.windows_per_stream = (self.stream_len - 1) // seq_len
@@ -59,7 +60,7 @@ class Batcher:
                 0, len(self.tokens) - self.seq_len, (self.global_batch,), generator=self.generator
             )
             reset = True
-        starts = to_device(starts[self.mine], self.tokens.device)  # drawn on the host: same windows anywhere
+        starts = to_device(starts[self.rank_rows], self.tokens.device)  # drawn on the host: same windows anywhere
         self.position += 1
         batch = self.tokens[starts[:, None] + self.offsets]
         return to_device(batch, self.device).long(), reset

@@ -42,7 +42,7 @@ from lstm_textgen.errors import UserError
 from lstm_textgen.inference.evaluation import periodic_validation_loss
 from lstm_textgen.model.recurrent import RecurrentLM, count_parameters, detach_state
 from lstm_textgen.params import Params, TrainParams
-from lstm_textgen.train.batches import Batcher
+from lstm_textgen.train.batches import WindowBatcher
 from lstm_textgen.train.checkpointer import Checkpointer
 from lstm_textgen.train.distributed import World, peer_lost
 from lstm_textgen.train.schedule import Clock, lr_at
@@ -154,6 +154,7 @@ def new_train_state(
     train_ids: np.ndarray,
     vocab_size: int,
     params: Params,
+    *,
     device: torch.device,
     dtype: torch.dtype,
     world: World | None = None,
@@ -174,15 +175,15 @@ def new_train_state(
     if world.rank > 0:
         torch.manual_seed(tp.seed + world.rank)
     tokens = token_source(train_ids, device)
-    batcher = Batcher(
+    batcher = WindowBatcher(
         tokens,
         params.data.seq_len,
         tp.batch_size,
-        tp.stateful,
-        generator,
-        world.rank,
-        world.world_size,
-        device,
+        stateful=tp.stateful,
+        generator=generator,
+        rank=world.rank,
+        world_size=world.world_size,
+        device=device,
     )
     recurrent = recurrent or recurrent_dtype(device, dtype, params.model.cell)
     scaling = needs_loss_scaling(dtype, recurrent)
@@ -317,10 +318,10 @@ def validate_and_save(
         state.model,
         setup.val_tokens,
         seq_len,
-        setup.val_windows(),
-        setup.global_batch(),
-        tp.last_only,
-        setup.dtype,
+        num_windows=setup.val_windows(),
+        batch_size=setup.global_batch(),
+        last_only=tp.last_only,
+        dtype=setup.dtype,
     )
     record = {
         "step": state.step,
@@ -355,6 +356,7 @@ def advance(
     setup: TrainSetup,
     forward: Callable[..., Any],
     clock: Clock,
+    *,
     agreed: Agreed,
     stop: StopRequest,
     read_every: int,
@@ -408,6 +410,7 @@ def start_run(
     splits: dict[str, np.ndarray],
     vocab: Vocabulary,
     params: Params,
+    *,
     checkpointer: Checkpointer,
     world: World,
     labels: dict[str, str],
@@ -424,7 +427,14 @@ def start_run(
     configure_backend(device, world.threads(tp.threads))
     recurrent = recurrent_dtype(device, dtype, params.model.cell)
     state = new_train_state(
-        splits["train"], len(vocab), params, device, dtype, world, initial_weights, recurrent
+        splits["train"],
+        len(vocab),
+        params,
+        device=device,
+        dtype=dtype,
+        world=world,
+        initial_weights=initial_weights,
+        recurrent=recurrent,
     )
     # only rank 0 evaluates: the other ranks keep no copy of the validation split
     val_tokens = to_device_tokens(splits["val"] if world.is_main else splits["val"][:0], device)
@@ -440,6 +450,7 @@ def train(
     params: Params,
     best_path: Path,
     last_path: Path,
+    *,
     on_eval: EvalCallback | None = None,
     world: World | None = None,
     labels: dict[str, str] | None = None,
@@ -452,7 +463,16 @@ def train(
     `train.resume`, `saved` is the last checkpoint if the caller has loaded it already."""
     tp, world = params.train, world or World()
     checkpointer = Checkpointer(best_path, last_path)
-    state, setup = start_run(splits, vocab, params, checkpointer, world, labels or {}, initial_weights, saved)
+    state, setup = start_run(
+        splits,
+        vocab,
+        params,
+        checkpointer=checkpointer,
+        world=world,
+        labels=labels or {},
+        initial_weights=initial_weights,
+        saved=saved,
+    )
     forward = world.wrap(state.model, setup.device)
     forward = Compiled(forward) if tp.compile else forward
 
@@ -467,7 +487,7 @@ def train(
     state.model.train()
     with stop_requests() as stop:
         try:
-            stopped = run_steps(state, setup, forward, clock, stop, on_eval, bar)
+            stopped = run_steps(state, setup, forward, clock, stop=stop, on_eval=on_eval, bar=bar)
         except RuntimeError as exc:
             # asked to stop (a scheduler, or a killed launcher signalling every worker at once), a
             # peer that has already left fails the collective: that is the stop, not a failure
@@ -483,6 +503,7 @@ def run_steps(
     setup: TrainSetup,
     forward: Callable[..., Any],
     clock: Clock,
+    *,
     stop: StopRequest,
     on_eval: EvalCallback | None,
     bar: tqdm,
@@ -495,7 +516,7 @@ def run_steps(
     read_every = 1 if setup.device.type == "cpu" and not world.launched else 50
     agreed = Agreed()
     while state.step < tp.max_steps:
-        lr, agreed = advance(state, setup, forward, clock, agreed, stop, read_every)
+        lr, agreed = advance(state, setup, forward, clock, agreed=agreed, stop=stop, read_every=read_every)
         if agreed.loss is not None:
             bar.set_postfix(loss=f"{agreed.loss:.3f}", refresh=False)
         bar.update(1)

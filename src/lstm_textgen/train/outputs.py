@@ -44,7 +44,7 @@ def history_csv(history: Sequence[dict[str, float]]) -> str:
 
 
 def write_outputs(
-    result: TrainResult, metrics: dict[str, Any], params: Params, title: str, out: Path, metrics_dir: Path
+    result: TrainResult, metrics: dict[str, Any], params: Params, *, title: str, out: Path, metrics_dir: Path
 ) -> None:
     """The train stage's outputs beside the best checkpoint: metrics/train.json, the history as CSV,
     the loss curves as PNG and the params the model was trained with. Each file is written whole

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from lstm_textgen.model.recurrent import RecurrentLM, State
-from lstm_textgen.train.batches import Batcher
+from lstm_textgen.train.batches import WindowBatcher
 from lstm_textgen.train.distributed import World
 
 Weights = dict[str, torch.Tensor]
@@ -55,7 +55,7 @@ class TrainState:
     model: RecurrentLM
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
-    batcher: Batcher
+    batcher: WindowBatcher
     step: int = 0
     best_val_loss: float = math.inf
     best_step: int = 0
@@ -151,7 +151,7 @@ class TrainState:
             torch.cuda.set_rng_state(cuda_rngs[rank], device)
         self.batcher.position = saved["batcher_position"]
         carried = [  # float32: the run may go on in another precision (train.dtype may change)
-            t[:, self.batcher.mine].to(device, torch.float32)
+            t[:, self.batcher.rank_rows].to(device, torch.float32)
             for t in saved["carried_state"]
             if t.shape[1] == self.batcher.global_batch
         ]

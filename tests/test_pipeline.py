@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -19,8 +20,9 @@ from conftest import (
     runs_by_name,
     store_client,
     tool_env,
-    wait_for_page,
 )
+
+from lstm_textgen.network import answers
 
 pytestmark = pytest.mark.slow
 
@@ -130,18 +132,26 @@ def test_ui_link_lands_on_the_runs_table(store: Path, tmp_path: Path) -> None:
     with log.open("w") as output:
         command = ["lstm-textgen", "ui", "--port", str(port)]
         process = subprocess.Popen(command, cwd=store, env=tool_env(store), stdout=output, stderr=output)
+    corpus = json.loads((store / "data/raw/corpus.json").read_text())
     try:
-        wait_for_page(process, f"http://127.0.0.1:{port}", log)
+        deadline = time.monotonic() + 120
+        while "ui: the runs table: " not in log.read_text():
+            assert process.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
         link = log.read_text().split("ui: the runs table: ")[1].split()[0]
+        assert answers(f"http://127.0.0.1:{port}")  # the link is printed once the UI answers, not before
         with sync_playwright() as playwright:
             browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
-            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            page = browser.new_page(viewport={"width": 1600, "height": 900})
             page.goto(link)
             page.wait_for_selector(f"text={run_name}", timeout=60_000)
             page.wait_for_timeout(1500)  # a redirect to the GenAI pages would have happened by now
-            url = page.url
+            url, table = page.url, page.inner_text("body")
             browser.close()
     finally:
         process.terminate()
         process.wait(timeout=20)
     assert "/runs" in url and "workflowType=machine_learning" in url, url
+    # MLflow's own columns: the corpus as the run's dataset (name and digest), the script as its source
+    assert f"{corpus['name']} ({corpus['text_sha256'][:32]})" in table, table[:2000]
+    assert "train.py" in table.split("Source", 1)[1], table[:2000]

@@ -171,6 +171,28 @@ def test_an_open_run_renews_its_heartbeat(tmp_path: Path, monkeypatch: pytest.Mo
     assert float(client.get_run(run_id).data.tags["owner.heartbeat"]) > time.time() - 60
 
 
+def test_a_training_run_logs_the_machine_as_system_metrics(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """MLflow's system metrics (CPU, memory) while a run is open, as `system/*` curves; stopping them
+    waits for nothing."""
+    from mlflow.tracking import MlflowClient
+
+    from lstm_textgen.tracking import store
+    from lstm_textgen.tracking.training_run import system_metrics
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.5")
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    with tracking_store(tmp_path):
+        mlflow = store.configure()
+        run_id = client.create_run(mlflow.get_experiment_by_name("lstm-textgen").experiment_id).info.run_id
+        with system_metrics(run_id):
+            time.sleep(2.0)
+    logged = client.get_run(run_id).data.metrics
+    assert "system/cpu_utilization_percentage" in logged and "system/system_memory_usage_megabytes" in logged
+
+
 @pytest.mark.parametrize(
     "garbled",
     [

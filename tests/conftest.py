@@ -20,7 +20,7 @@ import requests
 import torch
 import yaml
 
-from lstm_textgen.data.tokenisers import Vocabulary
+from lstm_textgen.data.tokenisers import CharVocabulary, Vocabulary, WordVocabulary
 from lstm_textgen.model.recurrent import RecurrentLM
 from lstm_textgen.network import free_port
 from lstm_textgen.params import ModelParams, Params, parse_params
@@ -208,7 +208,7 @@ CHAR_TEXT = "hello world, this is a tiny text.\n"
 
 @pytest.fixture(scope="module")
 def char_vocab() -> Vocabulary:
-    return Vocabulary.build(CHAR_TEXT, "char", lowercase=False)
+    return build_vocabulary(CHAR_TEXT, "char", lowercase=False)
 
 
 @pytest.fixture(scope="module", params=["lstm", "gru"])
@@ -427,3 +427,41 @@ def store(repro_repo: tuple[Path, str], monkeypatch: pytest.MonkeyPatch) -> Iter
     monkeypatch.chdir(repo)
     with tracking_store(repo):
         yield repo
+
+
+# --- small datasets built in memory (the pipeline prepares its own by streaming: preparation.py) ---
+
+
+def build_vocabulary(
+    tokens, level: str, lowercase: bool, min_freq: int = 1, max_size: int | None = None
+) -> Vocabulary:
+    """A vocabulary of a text's tokens: char level every character, word level the frequent words."""
+    import collections
+
+    counts = collections.Counter(tokens)
+    if level == "char":
+        return CharVocabulary(tuple(sorted(counts)), lowercase)
+    return WordVocabulary.from_counts(counts, lowercase, min_freq, max_size)
+
+
+def split_ids(ids, val_fraction: float, test_fraction: float) -> dict:
+    """Contiguous views train | val | test, sized as the prepare stage sizes them."""
+    from lstm_textgen.data.windows import split_sizes
+
+    sizes = split_sizes(len(ids), val_fraction, test_fraction)
+    a, b = sizes.train, sizes.train + sizes.val
+    return {"train": ids[:a], "val": ids[a:b], "test": ids[b:]}
+
+
+def write_dataset(dataset, out_dir: Path) -> None:
+    """A prepared directory (splits, vocab.json, splits.json) as the prepare stage leaves it."""
+    from lstm_textgen.data.dataset import SPLITS_FILE, VOCAB_FILE
+    from lstm_textgen.data.windows import save_split
+    from lstm_textgen.files import write_json
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, ids in dataset.splits.items():
+        save_split(out_dir / f"{name}.npy", ids)
+    write_json(out_dir / VOCAB_FILE, dataset.vocab.to_dict())
+    if "splits" in dataset.stats:
+        write_json(out_dir / SPLITS_FILE, dataset.stats["splits"])

@@ -8,12 +8,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO_ROOT, run, tiny_params, tool_env
+from conftest import REPO_ROOT, build_vocabulary, run, split_ids, tiny_params, tool_env, write_dataset
 
-from lstm_textgen.data.dataset import load_dataset, save_dataset
+from lstm_textgen.data.dataset import load_dataset
 from lstm_textgen.data.preparation import build_dataset
-from lstm_textgen.data.tokenisers import Vocabulary
-from lstm_textgen.data.windows import split
 from lstm_textgen.errors import UserError
 from lstm_textgen.files import write_text
 from lstm_textgen.params import DataParams
@@ -28,7 +26,7 @@ def test_a_corpus_of_one_distinct_character_is_refused() -> None:
 
 
 def test_a_tampered_vocabulary_is_refused_when_the_data_is_loaded(tmp_path: Path) -> None:
-    save_dataset(build_dataset(TEXT, DataParams()), tmp_path)
+    write_dataset(build_dataset(TEXT, DataParams()), tmp_path)
     vocab = json.loads((tmp_path / "vocab.json").read_text())
     vocab["tokens"] = vocab["tokens"][:5]
     (tmp_path / "vocab.json").write_text(json.dumps(vocab))
@@ -40,10 +38,10 @@ def test_a_tampered_vocabulary_is_refused_when_the_data_is_loaded(tmp_path: Path
 
 
 def test_evaluate_refuses_a_checkpoint_of_another_vocabulary(tmp_path: Path) -> None:
-    vocab = Vocabulary.build(TEXT, "char", lowercase=False)
+    vocab = build_vocabulary(TEXT, "char", lowercase=False)
     params = tiny_params(train={"max_steps": 2, "eval_every": 2, "eval_batches": 1})
-    train(split(vocab.encode(TEXT), 0.1, 0.1), vocab, params, tmp_path / "m.pt", tmp_path / "l.pt")
-    save_dataset(
+    train(split_ids(vocab.encode(TEXT), 0.1, 0.1), vocab, params, tmp_path / "m.pt", tmp_path / "l.pt")
+    write_dataset(
         build_dataset(TEXT.upper() + "!?", DataParams(val_fraction=0.1, test_fraction=0.1)), tmp_path / "p"
     )
     command = [sys.executable, "stages/evaluate.py", "--model", str(tmp_path / "m.pt")]

@@ -16,7 +16,16 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import CHROMIUM, free_port, offline, require_browser, run, tool_env, wait_for_page
+from conftest import (
+    CHROMIUM,
+    build_vocabulary,
+    free_port,
+    offline,
+    require_browser,
+    run,
+    tool_env,
+    wait_for_page,
+)
 
 from lstm_textgen.apps.demo import ModelEntry, coloured_html, model_entries, version_label
 from lstm_textgen.apps.plots import dvc_plots_command, offline_template
@@ -32,7 +41,7 @@ TEXT = "Tomorrow, and tomorrow, and tomorrow — naïve café.\n"
 @pytest.mark.parametrize("level", ["char", "byte", "word"])
 def test_surprisal_pieces_rebuild_the_text_and_carry_every_bit(level: str) -> None:
     vocab = (
-        Vocabulary.byte_level(lowercase=False) if level == "byte" else Vocabulary.build(TEXT, level, False)
+        Vocabulary.byte_level(lowercase=False) if level == "byte" else build_vocabulary(TEXT, level, False)
     )
     torch.manual_seed(0)
     model = RecurrentLM(len(vocab), ModelParams(layers=1, hidden=16, embedding_dim=8)).eval()

@@ -10,10 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_params
+from conftest import build_vocabulary, split_ids, tiny_params
 
-from lstm_textgen.data.tokenisers import Vocabulary
-from lstm_textgen.data.windows import split
 from lstm_textgen.devices import (
     cpu_has_native_bf16,
     device_bytes,
@@ -138,8 +136,8 @@ def test_a_bf16_stateful_run_resumes_exactly_and_in_float32(tmp_path: Path) -> N
     """The carried state is restored as float32: bf16 values survive the round trip (the resumed bf16
     run equals the uninterrupted one), and a resume with train.dtype float32 (allowed) runs."""
     text = "the quick brown fox jumps over the lazy dog. " * 200
-    vocab = Vocabulary.build(text, "char", lowercase=False)
-    splits = split(vocab.encode(text), 0.1, 0.1)
+    vocab = build_vocabulary(text, "char", lowercase=False)
+    splits = split_ids(vocab.encode(text), 0.1, 0.1)
     params = tiny_params(train={"stateful": True, "dtype": "bfloat16"})
     whole = train(splits, vocab, params, tmp_path / "w.pt", tmp_path / "w-last.pt")
     best, last = tmp_path / "best.pt", tmp_path / "last.pt"

@@ -6,6 +6,7 @@ import random
 
 import pytest
 import torch
+from conftest import build_vocabulary
 
 from lstm_textgen.data.tokenisers import Vocabulary, word_tokens
 from lstm_textgen.errors import UserError
@@ -154,7 +155,7 @@ def test_unknown_prompt_characters(char_vocab: Vocabulary) -> None:
 
 
 def test_word_level_generation_reads_as_text() -> None:
-    words = Vocabulary.build(word_tokens("the cat sat on the mat .\n" * 5), "word", lowercase=True)
+    words = build_vocabulary(word_tokens("the cat sat on the mat .\n" * 5), "word", lowercase=True)
     torch.manual_seed(0)
     net = RecurrentLM(len(words), ModelParams(layers=1, hidden=16, embedding_dim=8)).eval()
     assert encode_prompt("The dog", words, "replace") == [words.tokens.index("the"), 0]

@@ -9,10 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_params
+from conftest import build_vocabulary, split_ids, tiny_params
 
 from lstm_textgen.data.tokenisers import Vocabulary
-from lstm_textgen.data.windows import split
 from lstm_textgen.devices import DeviceError, resolve_dtype
 from lstm_textgen.errors import UserError
 from lstm_textgen.model.checkpoint import load_checkpoint, load_model
@@ -27,8 +26,8 @@ TEXT = "the quick brown fox jumps over the lazy dog. " * 200
 
 @pytest.fixture(scope="module")
 def data() -> tuple[dict[str, np.ndarray], Vocabulary]:
-    vocab = Vocabulary.build(TEXT, "char", lowercase=False)
-    return split(vocab.encode(TEXT), 0.1, 0.1), vocab
+    vocab = build_vocabulary(TEXT, "char", lowercase=False)
+    return split_ids(vocab.encode(TEXT), 0.1, 0.1), vocab
 
 
 @pytest.mark.parametrize(
@@ -106,8 +105,8 @@ def test_the_last_objective_predicts_the_token_after_the_window(tmp_path: Path) 
     """On a cycle a, b, ..., h every next token differs from the current one, so a model trained on
     targets off by one (the window's own last token) would answer the window's last letter."""
     text = "abcdefgh" * 600
-    vocab = Vocabulary.build(text, "char", lowercase=False)
-    splits = split(vocab.encode(text), 0.1, 0.1)
+    vocab = build_vocabulary(text, "char", lowercase=False)
+    splits = split_ids(vocab.encode(text), 0.1, 0.1)
     params = tiny_params(train={"objective": "last", "max_steps": 150, "eval_every": 150, "lr": 0.02})
     train(splits, vocab, params, tmp_path / "best.pt", tmp_path / "last.pt")
     model = load_model(tmp_path / "best.pt").model
@@ -173,7 +172,7 @@ def test_resume_refuses_a_checkpoint_of_other_settings_naming_them(data, tmp_pat
     ):
         train(splits, vocab, other, tmp_path / "b.pt", last)
     assert last.read_bytes() == before
-    fewer_chars = Vocabulary.build(TEXT.replace("z", ""), "char", lowercase=False)
+    fewer_chars = build_vocabulary(TEXT.replace("z", ""), "char", lowercase=False)
     with pytest.raises(ResumeError, match="the vocabulary of data/prepared"):
         train(splits, fewer_chars, tiny_params(train={"resume": True}), tmp_path / "b.pt", last)
 
@@ -268,8 +267,8 @@ def test_default_training_samples_well_from_a_short_prompt(tmp_path: Path) -> No
     from lstm_textgen.inference.generation import Sampling, sample_texts
 
     text = "the quick brown fox jumps over the lazy dog. " * 300
-    vocab = Vocabulary.build(text, "char", lowercase=False)
-    splits = split(vocab.encode(text), 0.1, 0.1)
+    vocab = build_vocabulary(text, "char", lowercase=False)
+    splits = split_ids(vocab.encode(text), 0.1, 0.1)
     params = tiny_params(train={"max_steps": 150, "eval_every": 150, "lr": 0.02})
     assert params.train.stateful is False and Params().train.stateful is False  # the default
     train(splits, vocab, params, tmp_path / "best.pt", tmp_path / "last.pt")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 
 import pytest
+from conftest import build_vocabulary
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -24,14 +25,14 @@ def whitespace_as_word_level_keeps_it(text: str) -> str:
 @settings(max_examples=300, deadline=None)
 @given(TEXT)
 def test_char_level_round_trips_any_text(text: str) -> None:
-    vocab = Vocabulary.build(text, "char", lowercase=False)
+    vocab = build_vocabulary(text, "char", lowercase=False)
     assert vocab.decode(vocab.encode(text)) == text
 
 
 @settings(max_examples=300, deadline=None)
 @given(TEXT)
 def test_word_level_round_trips_any_text_up_to_whitespace_runs(text: str) -> None:
-    vocab = Vocabulary.build(word_tokens(text), "word", lowercase=False)
+    vocab = build_vocabulary(word_tokens(text), "word", lowercase=False)
     assert vocab.decode(vocab.encode(text)) == whitespace_as_word_level_keeps_it(text)
 
 
@@ -68,7 +69,7 @@ def test_byte_level_reads_any_text_and_gives_it_back(text: str) -> None:
 def test_a_saved_vocabulary_loads_as_itself(text: str, level: str, lowercase: bool) -> None:
     tokens = text if level == "char" else word_tokens(text)
     vocab = (
-        Vocabulary.byte_level(lowercase) if level == "byte" else Vocabulary.build(tokens, level, lowercase)
+        Vocabulary.byte_level(lowercase) if level == "byte" else build_vocabulary(tokens, level, lowercase)
     )  # type: ignore[arg-type]
     assert Vocabulary.from_dict(vocab.to_dict()) == vocab
 
@@ -76,7 +77,7 @@ def test_a_saved_vocabulary_loads_as_itself(text: str, level: str, lowercase: bo
 @settings(max_examples=200, deadline=None)
 @given(TEXT, st.randoms())
 def test_a_char_vocabulary_stored_out_of_order_keeps_its_ids(text: str, random) -> None:
-    stored = list(Vocabulary.build(text, "char", lowercase=False).tokens)
+    stored = list(build_vocabulary(text, "char", lowercase=False).tokens)
     random.shuffle(stored)
     shuffled = Vocabulary.from_dict({"level": "char", "lowercase": False, "unk": None, "tokens": stored})
     ids = shuffled.encode(text)

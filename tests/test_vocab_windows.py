@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import build_vocabulary, write_dataset
 
-from lstm_textgen.data.dataset import load_dataset, save_dataset
+from lstm_textgen.data.dataset import load_dataset
 from lstm_textgen.data.preparation import build_dataset
 from lstm_textgen.data.tokenisers import (
     UNK,
@@ -15,7 +16,6 @@ from lstm_textgen.data.tokenisers import (
     join_words,
     word_tokens,
 )
-from lstm_textgen.data.windows import split, window_views
 from lstm_textgen.errors import UserError
 from lstm_textgen.params import DataParams
 
@@ -23,7 +23,7 @@ TEXT = "To be, or not to be: that is the question.\nWhether 'tis nobler in the m
 
 
 def test_char_vocabulary_round_trip() -> None:
-    vocab = Vocabulary.build(TEXT, "char", lowercase=False)
+    vocab = build_vocabulary(TEXT, "char", lowercase=False)
     ids = vocab.encode(TEXT)
     assert ids.dtype == np.uint8
     assert vocab.decode(ids) == TEXT
@@ -33,7 +33,7 @@ def test_char_vocabulary_round_trip() -> None:
 
 
 def test_unknown_character_is_named() -> None:
-    vocab = Vocabulary.build("abc", "char", lowercase=False)
+    vocab = build_vocabulary("abc", "char", lowercase=False)
     with pytest.raises(VocabularyError, match=r"2 character\(s\) not in the vocabulary of 3: 'x', 'z'"):
         vocab.encode("abzx")
 
@@ -48,11 +48,11 @@ def test_word_tokens_carry_their_space_and_join_back_into_the_text() -> None:
 
 def test_word_vocabulary_min_freq_max_size_and_unk() -> None:
     tokens = word_tokens("a a a b b c")
-    vocab = Vocabulary.build(tokens, "word", lowercase=False, min_freq=2)
+    vocab = build_vocabulary(tokens, "word", lowercase=False, min_freq=2)
     assert vocab.tokens == (UNK, " a", " b")
     assert list(vocab.encode("x a c b")) == [0, 1, 0, 2]
     assert vocab.decode([1, 0, 2]) == " a <unk> b"
-    assert Vocabulary.build(tokens, "word", False, max_size=2).tokens == (UNK, " a")
+    assert build_vocabulary(tokens, "word", False, max_size=2).tokens == (UNK, " a")
 
 
 def test_a_vocabulary_saved_before_tokens_carried_spaces_still_reads_and_writes_text() -> None:
@@ -71,26 +71,14 @@ def test_id_dtype_widens_with_vocabulary_size() -> None:
     assert WordVocabulary(tuple(str(i) for i in range(70_000))).dtype == np.uint32
 
 
-def test_splits_are_contiguous_and_disjoint() -> None:
-    ids = np.arange(1000)
-    parts = split(ids, 0.1, 0.05)
-    assert [len(parts[k]) for k in ("train", "val", "test")] == [850, 100, 50]
-    assert np.array_equal(np.concatenate([parts["train"], parts["val"], parts["test"]]), ids)
-    assert parts["train"][-1] < parts["val"][0] and parts["val"][-1] < parts["test"][0]
+def test_split_sizes_are_contiguous_and_the_seq_len_must_fit() -> None:
+    from lstm_textgen.data.windows import check_fits, split_sizes
 
-
-def test_windows_are_shifted_views() -> None:
-    tokens = np.arange(20, dtype=np.uint8)
-    inputs, targets = window_views(tokens, seq_len=5)
-    assert inputs.shape == targets.shape == (15, 5)
-    assert inputs.dtype == np.uint8
-    assert np.array_equal(inputs[:, 1:], targets[:, :-1])
-    assert np.array_equal(inputs[3], np.arange(3, 8)) and np.array_equal(targets[3], np.arange(4, 9))
-    assert np.shares_memory(inputs, tokens) and np.shares_memory(targets, tokens)
-    strided, _ = window_views(tokens, seq_len=5, stride=5)
-    assert strided.shape == (3, 5)
-    with pytest.raises(UserError, match=r"data\.seq_len: 20 is too long"):
-        window_views(tokens, seq_len=20)
+    sizes = split_sizes(1000, 0.1, 0.05)
+    assert (sizes.train, sizes.val, sizes.test) == (850, 100, 50)
+    check_fits(6, 5, "val")
+    with pytest.raises(UserError, match=r"data\.seq_len: 20 is too long for the val split"):
+        check_fits(20, 20, "val")
 
 
 @pytest.mark.parametrize("level", ["char", "word"])
@@ -98,7 +86,7 @@ def test_dataset_save_load(tmp_path, level: str) -> None:
     text = TEXT * 50
     data = DataParams(level=level, lowercase=True, val_fraction=0.1, test_fraction=0.1)
     dataset = build_dataset(text, data, {"name": "t", "source": "s", "text_sha256": "h"})
-    save_dataset(dataset, tmp_path)
+    write_dataset(dataset, tmp_path)
     loaded = load_dataset(tmp_path)
     assert loaded.vocab == dataset.vocab
     for name in ("train", "val", "test"):

@@ -15,9 +15,9 @@ from typing import Any
 import numpy as np
 
 from lstm_textgen.data.tokenisers import Vocabulary
-from lstm_textgen.data.windows import SPLITS, load_split, save_split
+from lstm_textgen.data.windows import SPLITS, load_split
 from lstm_textgen.errors import UserError
-from lstm_textgen.files import read_json, write_json
+from lstm_textgen.files import read_json
 
 VOCAB_FILE = "vocab.json"
 SPLITS_FILE = "splits.json"
@@ -35,15 +35,6 @@ class Dataset:
         if not sizes or not sizes["tokens"]:
             return 1.0 if self.vocab.level == "char" else None
         return sizes["characters"] / sizes["tokens"]
-
-
-def save_dataset(dataset: Dataset, out_dir: Path) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for name, ids in dataset.splits.items():
-        save_split(out_dir / f"{name}.npy", ids)
-    write_json(out_dir / VOCAB_FILE, dataset.vocab.to_dict())
-    if "splits" in dataset.stats:
-        write_json(out_dir / SPLITS_FILE, dataset.stats["splits"])
 
 
 def load_dataset(prepared_dir: Path, mmap: bool = True) -> Dataset:

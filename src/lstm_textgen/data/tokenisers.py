@@ -13,7 +13,6 @@ U+FFFD, so generated text is always valid UTF-8.
 from __future__ import annotations
 
 import codecs
-import collections
 import dataclasses
 import json
 import re
@@ -141,21 +140,6 @@ class Vocabulary:
         return None
 
     # --- construction (each returns the level's class)
-    @classmethod
-    def build(
-        cls,
-        tokens: Iterable[str],
-        level: Level,
-        lowercase: bool,
-        min_freq: int = 1,
-        max_size: int | None = None,
-    ) -> Vocabulary:
-        """From a text's tokens: char level every character, word level the frequent words."""
-        counts = collections.Counter(tokens)
-        if level == "char":
-            return CharVocabulary(tuple(sorted(counts)), lowercase)
-        return WordVocabulary.from_counts(counts, lowercase, min_freq, max_size)
-
     @classmethod
     def words(
         cls, counts: dict[str, int], lowercase: bool, min_freq: int = 1, max_size: int | None = None

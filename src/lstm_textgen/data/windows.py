@@ -1,8 +1,9 @@
-"""Token arrays on disk and the windows over them.
+"""Token arrays on disk: the splits' sizes, files, and whether a window fits in one.
 
 Splits are contiguous ranges (train, then validation, then test at the tail, as char-rnn and nanoGPT
-do). Each split is a .npy file of the narrowest unsigned dtype, memory-mappable. A window of `seq_len`
-inputs and its targets shifted by one are views over that array, never copies.
+do). Each split is a .npy file of the narrowest unsigned dtype, memory-mappable. Training draws its
+windows by indexing the split on the device (`train/batches.py`); evaluation reads it in streams
+(`inference/evaluation.py`).
 """
 
 from __future__ import annotations
@@ -31,13 +32,6 @@ def split_sizes(total: int, val_fraction: float, test_fraction: float) -> SplitS
     return SplitSizes(total - val - test, val, test)
 
 
-def split(ids: np.ndarray, val_fraction: float, test_fraction: float) -> dict[str, np.ndarray]:
-    """Contiguous, non-overlapping views: train | val | test."""
-    sizes = split_sizes(len(ids), val_fraction, test_fraction)
-    a, b = sizes.train, sizes.train + sizes.val
-    return {"train": ids[:a], "val": ids[a:b], "test": ids[b:]}
-
-
 def save_split(path: Path, ids: np.ndarray) -> None:
     with atomic_path(path, suffix=".npy") as tmp, tmp.open("wb") as out:
         np.save(out, ids, allow_pickle=False)
@@ -45,16 +39,6 @@ def save_split(path: Path, ids: np.ndarray) -> None:
 
 def load_split(path: Path, mmap: bool = True) -> np.ndarray:
     return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
-
-
-def window_views(tokens: np.ndarray, seq_len: int, stride: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    """(inputs, targets), each [num_windows, seq_len]: targets[i, t] == inputs[i, t + 1] == tokens[...].
-
-    Both are strided views of `tokens`; nothing is copied.
-    """
-    check_fits(len(tokens), seq_len, "tokens")
-    both = np.lib.stride_tricks.sliding_window_view(tokens, seq_len + 1)[::stride]
-    return both[:, :-1], both[:, 1:]
 
 
 def check_fits(num_tokens: int, seq_len: int, split_name: str) -> None:

@@ -36,7 +36,7 @@ DATABASE, AUTH_DATABASE, ROLE = "mlflow", "mlflow_auth", "mlflow"
 ADMIN = "admin"
 PASSWORD_VARIABLE = "MLFLOW_AUTH_ADMIN_PASSWORD"
 MIN_PASSWORD = 12  # what MLflow's basic-auth requires of the admin password
-START_TIMEOUT_S = 180.0  # the first start creates the schema (about 20 s on 2 cores)
+START_TIMEOUT_S = 180.0  # the first start creates the schema: a slow machine takes its time
 # What an account may do where nothing was granted: read. MLflow takes the default as a floor under
 # every grant, so trainers get EDIT explicitly (`add-user`); the admin can do everything.
 DEFAULT_PERMISSION = "READ"

@@ -60,7 +60,8 @@ class WindowBatcher:
                 0, len(self.tokens) - self.seq_len, (self.global_batch,), generator=self.generator
             )
             reset = True
-        starts = to_device(starts[self.rank_rows], self.tokens.device)  # drawn on the host: same windows anywhere
+        # drawn on the host: the same windows on any device
+        starts = to_device(starts[self.rank_rows], self.tokens.device)
         self.position += 1
         batch = self.tokens[starts[:, None] + self.offsets]
         return to_device(batch, self.device).long(), reset

@@ -242,8 +242,9 @@ def assert_failed_cleanly(
     (mlflow_run,) = list(runs_by_name(prepared_repo / "runs" / name / "mlflow.db").values())
     error = mlflow_run.data.tags.get("error", "")
     assert mlflow_run.info.status == status, error
-    # gloo words a dead peer either way, depending on when the socket noticed
-    assert re.search("Connection (reset|closed) by peer|lost contact|SIGTERM", error), error
+    # gloo words a dead peer either way, depending on when the socket noticed; when the launcher learns
+    # first (under load), it fails the run itself with the dead rank's reason
+    assert re.search("Connection (reset|closed) by peer|lost contact|SIGTERM|killed by signal 9", error), error
 
 
 @pytest.mark.slow

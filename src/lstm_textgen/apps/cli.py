@@ -28,7 +28,10 @@ VERBS = {
         "lstm_textgen.apps.tune.command",
         "an Optuna study of real training runs: run, or show the leaderboard",
     ),
-    "server": ("lstm_textgen.tracking.server", "a lab's tracking server: PostgreSQL, MLflow, accounts"),
+    "server": (
+        "lstm_textgen.tracking.server.command",
+        "a lab's tracking server: PostgreSQL, MLflow, accounts",
+    ),
     "params": ("lstm_textgen.apps.params_table", "the table of every params.yaml key (docs/params.md)"),
     "code-deps": ("lstm_textgen.apps.code_deps", "check or rewrite the code each dvc.yaml stage depends on"),
 }

@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from lstm_textgen.errors import UserError
 from lstm_textgen.files import write_text
 from lstm_textgen.tracking import store
 
@@ -248,7 +249,7 @@ def _send_run(client: Any, run_id: str, items: list[dict[str, Any]]) -> None:
         send(client, run_id, item, held)
 
 
-def drop(pending_dir: Path, run_id: str) -> bool:
+def drop_run(pending_dir: Path, run_id: str) -> bool:
     """Forget what `run_id` kept (pending or set aside); False when nothing was kept for it."""
     found = False
     for folder in (pending_dir, pending_dir / SET_ASIDE):
@@ -257,3 +258,25 @@ def drop(pending_dir: Path, run_id: str) -> bool:
             found = True
     shutil.rmtree(pending_dir / run_id, ignore_errors=True)
     return found
+
+
+def sync(drop: list[str] | None = None) -> None:
+    """`lstm-textgen server sync`: send what earlier runs kept because the server was away; `drop`:
+    forget what these runs kept instead (a run the store no longer has)."""
+    folder = store.pending_dir()
+    for run_id in drop or []:
+        with store.file_lock(folder / ".lock"):
+            found = drop_run(folder, run_id)
+        print(
+            f"server: {'discarded what run ' + run_id + ' kept' if found else 'nothing kept for ' + run_id}"
+        )
+    if drop:
+        return
+    if not any(folder.glob("*.jsonl")):
+        print(f"server: nothing waits in {folder}")
+        return
+    send_waiting(store.configure().MlflowClient())
+    left = sorted(path.stem for path in folder.glob("*.jsonl"))
+    if left:
+        raise UserError(f"server: not sent yet: runs {', '.join(left)} (see above); run sync again later")
+    print(f"server: every kept point sent to {store.tracking_uri()}")

@@ -244,7 +244,8 @@ def assert_failed_cleanly(
     assert mlflow_run.info.status == status, error
     # gloo words a dead peer either way, depending on when the socket noticed; when the launcher learns
     # first (under load), it fails the run itself with the dead rank's reason
-    assert re.search("Connection (reset|closed) by peer|lost contact|SIGTERM|killed by signal 9", error), error
+    said = "Connection (reset|closed) by peer|lost contact|SIGTERM|killed by signal 9"
+    assert re.search(said, error), error
 
 
 @pytest.mark.slow

@@ -5,6 +5,7 @@ reach `predict` together, and a client that disconnects is seen by its running `
 from __future__ import annotations
 
 import json
+import os
 import socket
 import threading
 import time
@@ -19,7 +20,9 @@ from conftest import free_port
 
 from lstm_textgen.serving.server_adapter import adapt_scoring_server
 
-CONCURRENT = 12  # twice MLflow's default pool on 2 cores
+# twice the event loop's default pool on this machine (asyncio: min(32, cores + 4)), whatever its cores:
+# more requests than MLflow's own threads could ever hold at once
+CONCURRENT = 2 * min(32, (os.cpu_count() or 1) + 4)
 
 
 # The stand-in model, logged from code as the real one is: waits, in `predict`, for CONCURRENT

@@ -45,7 +45,8 @@ from lstm_textgen.model.checkpoint import load_checkpoint, load_model
 from lstm_textgen.model.stepper import Stepper
 from lstm_textgen.params import Params, Sampling, load_params, with_settings
 from lstm_textgen.train.distributed import World
-from lstm_textgen.train.loop import TrainResult, train
+from lstm_textgen.train.loop import train
+from lstm_textgen.train.setup import TrainResult
 
 # the generation kernels' logits may differ by float rounding only (fp32, TF32 off)
 LOGIT_TOLERANCE = 1e-3

@@ -18,8 +18,9 @@ from lstm_textgen.model.checkpoint import load_checkpoint, load_model
 from lstm_textgen.model.recurrent import RecurrentLM
 from lstm_textgen.params import ModelParams, Params, with_settings
 from lstm_textgen.train.checkpointer import ResumeError
-from lstm_textgen.train.loop import TrainingError, train
+from lstm_textgen.train.loop import train
 from lstm_textgen.train.schedule import lr_at, progress_by_clock
+from lstm_textgen.train.setup import TrainingError
 
 TEXT = "the quick brown fox jumps over the lazy dog. " * 200
 
@@ -323,7 +324,7 @@ def test_float16_trains_with_a_gradient_scaler_and_resumes_exactly(data, tmp_pat
 
 
 def test_a_compile_that_fails_falls_back_to_the_plain_model(monkeypatch: pytest.MonkeyPatch) -> None:
-    from lstm_textgen.train.loop import Compiled
+    from lstm_textgen.train.setup import Compiled
 
     def broken(*args: object, **kwargs: object) -> None:
         raise RuntimeError("no C compiler")

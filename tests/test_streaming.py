@@ -186,7 +186,8 @@ import numpy as np, torch
 from lstm_textgen.params import DataParams, parse_params
 from lstm_textgen.data.preparation import prepare_corpus
 from lstm_textgen.data.dataset import load_dataset
-from lstm_textgen.train.loop import new_train_state, train_step
+from lstm_textgen.train.setup import new_train_state
+from lstm_textgen.train.step import train_step
 
 def data_kb():
     return int(next(l.split()[1] for l in open("/proc/self/status") if l.startswith("VmData")))

@@ -24,7 +24,9 @@ from lstm_textgen.inference.evaluation import evaluate_stateful
 from lstm_textgen.inference.generation import generate
 from lstm_textgen.model.checkpoint import load_model
 from lstm_textgen.params import Params, Sampling, parse_params, with_settings
-from lstm_textgen.train.loop import new_train_state, train, train_step
+from lstm_textgen.train.loop import train
+from lstm_textgen.train.setup import new_train_state
+from lstm_textgen.train.step import train_step
 
 
 def median_spread(values: list[float]) -> dict[str, float]:

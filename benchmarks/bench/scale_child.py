@@ -42,7 +42,8 @@ def train(prepared: Path, baseline: Path, steps: int, rounds: int = 5) -> dict[s
     from lstm_textgen.data.dataset import load_dataset
     from lstm_textgen.devices import configure_backend, resolve_device, resolve_dtype
     from lstm_textgen.params import load_params
-    from lstm_textgen.train.loop import new_train_state, train_step
+    from lstm_textgen.train.setup import new_train_state
+    from lstm_textgen.train.step import train_step
 
     params = load_params(REPO / "params.yaml")
     device = resolve_device(params.train.device)

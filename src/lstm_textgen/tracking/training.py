@@ -24,7 +24,8 @@ from lstm_textgen.tracking.training_run import TrainingRun, training_run
 from lstm_textgen.train.checkpointer import Checkpointer
 from lstm_textgen.train.distributed import DistributedError, World, launch_local
 from lstm_textgen.train.finetune import initial_weights, source_lineage
-from lstm_textgen.train.loop import TrainResult, train
+from lstm_textgen.train.loop import train
+from lstm_textgen.train.setup import TrainResult
 
 if TYPE_CHECKING:
     import torch

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     import torch
 
     from lstm_textgen.train.distributed import World
-    from lstm_textgen.train.loop import TrainResult
+    from lstm_textgen.train.setup import TrainResult
 
 
 @dataclass(frozen=True)

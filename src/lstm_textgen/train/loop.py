@@ -1,6 +1,7 @@
 """The training loop, assembled from small parts: a `TrainState` (state.py) whose `state_dict` a
-`Checkpointer` (checkpointer.py) writes and resumes from, one `train_step` (shared with the benchmark),
-one `evaluate_and_checkpoint`, a `Clock` for the minutes budget (schedule.py) and a stop decision.
+`Checkpointer` (checkpointer.py) writes and resumes from, one `train_step` (step.py, shared with the
+benchmark), one `evaluate_and_checkpoint` (periodic.py), a `Clock` for the minutes budget
+(schedule.py) and a stop decision.
 
 Knows nothing of DVC or MLflow: progress goes out through the `on_eval` callback, which may also ask
 the loop to stop.
@@ -14,341 +15,41 @@ learning rate and stops at the same step. Rank 0 alone evaluates and writes chec
 
 from __future__ import annotations
 
-import math
-import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from lstm_textgen.data.tokenisers import Vocabulary
 from lstm_textgen.data.windows import check_fits
 from lstm_textgen.devices import (
-    autocast,
     configure_backend,
     dtype_name,
-    needs_loss_scaling,
     recurrent_dtype,
     resolve_dtype,
     to_device_tokens,
-    token_source,
 )
-from lstm_textgen.errors import UserError
-from lstm_textgen.inference.evaluation import periodic_validation_loss
-from lstm_textgen.model.recurrent import RecurrentLM, count_parameters, detach_state
+from lstm_textgen.model.recurrent import count_parameters
 from lstm_textgen.params import Params, TrainParams
-from lstm_textgen.train.batches import WindowBatcher
 from lstm_textgen.train.checkpointer import Checkpointer
 from lstm_textgen.train.distributed import World, peer_lost
+from lstm_textgen.train.periodic import evaluate_and_checkpoint, save_interrupted
 from lstm_textgen.train.schedule import Clock, lr_at
-from lstm_textgen.train.state import LossWindow, TrainState
+from lstm_textgen.train.setup import (
+    Compiled,
+    EvalCallback,
+    Stopped,
+    TrainingError,
+    TrainResult,
+    TrainSetup,
+    new_train_state,
+)
+from lstm_textgen.train.state import TrainState
+from lstm_textgen.train.step import Agreed, agree, check_divergence, train_step
 from lstm_textgen.train.stopping import StopRequest, stop_requests
-
-Stopped = Literal["max_steps", "max_minutes", "early_stopping", "requested"]
-# Called after each evaluation with its record; returning True asks the loop to stop there.
-EvalCallback = Callable[[dict[str, Any]], bool | None]
-
-
-class TrainingError(UserError):
-    """Training diverged or cannot start; the message says what to change."""
-
-
-class DivergedError(TrainingError):
-    """The (rank-averaged) loss blew up: every rank raises it at the same step."""
-
-    every_rank = True
-
-
-@dataclass(frozen=True)
-class TrainSetup:
-    """What stays fixed during a run: the params, where it runs, the validation data, the files."""
-
-    params: Params
-    vocab: Vocabulary
-    device: torch.device
-    dtype: torch.dtype
-    val_tokens: torch.Tensor
-    checkpointer: Checkpointer
-    world: World = field(default_factory=World)
-    labels: dict[str, str] = field(default_factory=dict)  # e.g. the MLflow run id, kept in checkpoints
-    recurrent: torch.dtype = torch.float32  # what the recurrent layers run in (`recurrent_dtype`)
-
-    def global_batch(self) -> int:
-        """Windows of one step, every process's together."""
-        return self.params.train.batch_size * self.world.world_size
-
-    def val_windows(self) -> int:
-        """Evenly spaced validation windows; never more than it takes to cover the split once."""
-        seq_len, tp = self.params.data.seq_len, self.params.train
-        return min(tp.eval_batches * self.global_batch(), math.ceil((len(self.val_tokens) - 1) / seq_len))
-
-    def run_info(self) -> dict[str, Any]:
-        """The checkpoint's description of the run, beside the `TrainState`."""
-        return {
-            "params": self.params.model_dump(),
-            "vocab": self.vocab.to_dict(),
-            "device": self.device.type,
-            "dtype": dtype_name(self.dtype),
-            "labels": self.labels,
-        }
-
-    def tokens_per_step(self) -> int:
-        return self.global_batch() * self.params.data.seq_len
-
-
-@dataclass
-class TrainResult:
-    """What a run reached. The `window_val_loss_*` figures are the periodic estimate (evenly spaced
-    `data.seq_len` windows, each from a zero state), not the evaluate stage's whole-split figures."""
-
-    window_val_loss_best: float
-    best_step: int
-    window_val_loss_last: float
-    train_loss_last: float
-    steps: int
-    tokens_per_sec: float
-    train_seconds: float
-    device: str
-    dtype: str
-    recurrent_dtype: str  # what the LSTM/GRU/RNN ran in (CUDA's autocast: float16 under bf16)
-    processes: int
-    parameters: int
-    stopped: Stopped
-    history: list[dict[str, float]] = field(default_factory=list)
-
-    def metrics(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if k != "history"}
-
-    def precision(self) -> str:
-        """The autocast dtype, and the recurrent layers' where they ran in another."""
-        other = self.recurrent_dtype != self.dtype and self.dtype != "float32"
-        return f"{self.dtype}, recurrent layers {self.recurrent_dtype}" if other else self.dtype
-
-    def summary(self) -> str:
-        processes = f" x {self.processes} processes" if self.processes > 1 else ""
-        return (
-            f"best periodic val loss {self.window_val_loss_best:.4f} at step {self.best_step}, "
-            f"{self.tokens_per_sec:,.0f} tokens/s on {self.device}{processes} ({self.precision()}), "
-            f"{self.train_seconds:.0f} s"
-        )
-
-
-def make_optimizer(model: torch.nn.Module, train: TrainParams) -> torch.optim.AdamW:
-    """AdamW as `train.*` configures it, with the fused kernel where PyTorch has one (CPU, CUDA)."""
-    device_type = next(model.parameters()).device.type
-    return torch.optim.AdamW(
-        model.parameters(),
-        lr=train.lr,
-        weight_decay=train.weight_decay,
-        betas=(train.beta1, train.beta2),
-        fused=device_type in ("cpu", "cuda"),
-    )
-
-
-def new_train_state(
-    train_ids: np.ndarray,
-    vocab_size: int,
-    params: Params,
-    *,
-    device: torch.device,
-    dtype: torch.dtype,
-    world: World | None = None,
-    initial_weights: dict[str, torch.Tensor] | None = None,
-    recurrent: torch.dtype | None = None,
-) -> TrainState:
-    """A fresh state: seeds set first, so the same params give the same weights and batches. Every
-    rank builds the same weights and draws from the same window generator (its slice of each global
-    batch); dropout masks differ by rank (seed + rank), rank 0's being a single process's.
-    `initial_weights` (fine-tuning) replace the random ones. `recurrent`: the dtype the recurrent
-    layers run in (measured here when not given), which decides loss scaling."""
-    tp, world = params.train, world or World()
-    torch.manual_seed(tp.seed)
-    generator = torch.Generator().manual_seed(tp.seed)
-    model = RecurrentLM(vocab_size, params.model).to(device)
-    if initial_weights is not None:
-        model.load_state_dict(initial_weights)
-    if world.rank > 0:
-        torch.manual_seed(tp.seed + world.rank)
-    tokens = token_source(train_ids, device)
-    batcher = WindowBatcher(
-        tokens,
-        params.data.seq_len,
-        tp.batch_size,
-        stateful=tp.stateful,
-        generator=generator,
-        rank=world.rank,
-        world_size=world.world_size,
-        device=device,
-    )
-    recurrent = recurrent or recurrent_dtype(device, dtype, params.model.cell)
-    scaling = needs_loss_scaling(dtype, recurrent)
-    return TrainState(
-        model=model,
-        optimizer=make_optimizer(model, tp),
-        scaler=torch.amp.GradScaler(device.type, enabled=scaling),
-        batcher=batcher,
-    )
-
-
-class Compiled:
-    """`torch.compile`d forward, or the plain module with a warning if compiling fails at the first
-    call (no C compiler, an unsupported platform): `train.compile` is an experiment, never a reason to
-    fail. After a first call that worked, errors propagate as usual."""
-
-    def __init__(self, module: torch.nn.Module) -> None:
-        self.module, self.compiled, self.checked = module, torch.compile(module), False
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if self.checked:
-            return self.compiled(*args, **kwargs)
-        try:
-            result = self.compiled(*args, **kwargs)
-        except Exception as exc:  # torch raises many kinds here; nothing has changed state yet
-            warnings.warn(f"train.compile: torch.compile failed ({exc}); training without it", stacklevel=2)
-            self.compiled = self.module
-            result = self.module(*args, **kwargs)
-        self.checked = True
-        return result
-
-
-def train_step(
-    state: TrainState,
-    forward: Callable[..., Any],
-    lr: float,
-    tp: TrainParams,
-    dtype: torch.dtype,
-) -> torch.Tensor:
-    """One update on the next batch; returns the (detached) loss of this rank's windows. `forward` is
-    the model, or its compiled or DistributedDataParallel wrapper (DDP averages the gradients over
-    the ranks in `backward`, so clipping and the step see the global batch's gradient)."""
-    for group in state.optimizer.param_groups:
-        group["lr"] = lr
-    chunk, reset = state.batcher.next()
-    inputs = chunk[:, :-1]
-    targets = chunk[:, -1] if tp.last_only else chunk[:, 1:]
-    carried = None if (reset or state.carried is None) else detach_state(state.carried)
-    with autocast(chunk.device, dtype):
-        logits, new_state = forward(inputs, carried if tp.stateful else None, last_only=tp.last_only)
-    loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
-    state.optimizer.zero_grad(set_to_none=True)
-    state.scaler.scale(loss).backward()
-    if tp.grad_clip > 0:
-        state.scaler.unscale_(state.optimizer)
-        torch.nn.utils.clip_grad_norm_(state.model.parameters(), tp.grad_clip)
-    state.scaler.step(state.optimizer)
-    state.scaler.update()
-    state.carried = new_state if tp.stateful else None
-    state.step += 1
-    return loss.detach()
-
-
-@dataclass(frozen=True)
-class Agreed:
-    """What every rank must see alike after a step: rank 0's clock and the loss averaged over ranks
-    (None when the loss was not read at this step)."""
-
-    progress: float = 0.0
-    out_of_time: bool = False
-    loss: float | None = None
-    stop: bool = False  # a rank was asked to stop (SIGTERM, Ctrl-C)
-
-
-def agree(world: World, clock: Clock, loss: torch.Tensor | None, stop: bool) -> Agreed:
-    """One small all-reduce when distributed (the loss and stop requests summed, rank 0's clock
-    added to zeros)."""
-    if not world.launched:
-        return Agreed(clock.progress(), clock.out_of_time(), None if loss is None else loss.item(), stop)
-    assert loss is not None, "a distributed step always shares its loss"
-    mine = [clock.progress(), float(clock.out_of_time())] if world.is_main else [0.0, 0.0]
-    packed = torch.cat([loss.float().reshape(1), torch.tensor([*mine, float(stop)], device=loss.device)])
-    total, progress, out_of_time, stops = world.sum(packed).tolist()
-    return Agreed(progress, out_of_time > 0, total / world.world_size, stops > 0)
-
-
-def check_divergence(loss: float, state: TrainState, lr: float, tp: TrainParams, vocab_size: int) -> None:
-    """NaN, or far above the loss of a uniform guess: stop with the step and what to change."""
-    if not math.isfinite(loss) or loss > 4 * math.log(vocab_size) + 10:
-        raise DivergedError(
-            f"training diverged: loss {loss:.4g} at step {state.step} (lr {lr:.3g}); "
-            f"lower train.lr (now {tp.lr:g}) or keep train.grad_clip > 0"
-        )
-
-
-def evaluate_and_checkpoint(
-    state: TrainState, setup: TrainSetup, clock: Clock, lr: float
-) -> dict[str, float]:
-    """The periodic evaluation: validation loss, a history record, the best and last checkpoints
-    (which start a new loss window). Distributed: rank 0 evaluates (the figures equal a single
-    process's) and saves every rank's RNG and carried state; the record is then shared, so every
-    rank keeps the same history."""
-    if setup.device.type == "cuda":
-        torch.cuda.synchronize()
-    clock.pause()
-    state.train_seconds, state.warmup_s = clock.trained_s(), clock.warmup_s
-    world, window = setup.world, state.window
-    train_loss = window.mean(world)
-    tokens_per_sec = window.tokens / max(state.train_seconds - window.started_s, 1e-9)
-    state.window = LossWindow(started_s=state.train_seconds)
-    ranks = world.gather(state.rank_part())
-    record = None
-    if world.is_main:
-        record = validate_and_save(state, setup, {"train_loss": train_loss, "lr": lr}, tokens_per_sec, ranks)
-    record = world.from_main(record)
-    if not world.is_main:
-        state.history.append(record)
-        state.record_evaluation(record["val_loss"])
-    return record
-
-
-def validate_and_save(
-    state: TrainState,
-    setup: TrainSetup,
-    training: dict[str, float],
-    tokens_per_sec: float,
-    ranks: list[dict[str, Any]],
-) -> dict[str, float]:
-    """Rank 0's part of an evaluation."""
-    tp, seq_len = setup.params.train, setup.params.data.seq_len
-    val = periodic_validation_loss(
-        state.model,
-        setup.val_tokens,
-        seq_len,
-        num_windows=setup.val_windows(),
-        batch_size=setup.global_batch(),
-        last_only=tp.last_only,
-        dtype=setup.dtype,
-    )
-    record = {
-        "step": state.step,
-        "train_loss": training["train_loss"],
-        "val_loss": val,
-        "val_perplexity": math.exp(min(val, 50.0)),
-        "val_bits_per_token": val / math.log(2),
-        "lr": training["lr"],
-        "tokens_per_sec": tokens_per_sec,
-        "train_seconds": state.train_seconds,
-    }
-    state.history.append(record)
-    best = state.record_evaluation(val)
-    setup.checkpointer.save(state.state_dict(ranks), setup.run_info(), best)
-    return record
-
-
-def save_interrupted(state: TrainState, setup: TrainSetup, clock: Clock) -> None:
-    """A stop was requested between evaluations: the last checkpoint at this very step, loss window
-    included, so a resumed run goes on exactly as if nothing had happened."""
-    clock.pause()
-    state.train_seconds, state.warmup_s = clock.trained_s(), clock.warmup_s
-    ranks = setup.world.gather(state.rank_part())
-    if setup.world.is_main:
-        setup.checkpointer.save(state.state_dict(ranks), setup.run_info(), best=False)
-        last = setup.checkpointer.last_path
-        print(f"train: stopped at step {state.step}; resume with train.resume=true ({last})")
 
 
 def advance(

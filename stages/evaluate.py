@@ -16,7 +16,7 @@ from lstm_textgen.files import read_json, write_json
 from lstm_textgen.inference.evaluation import check_same_vocabulary, evaluate_dataset
 from lstm_textgen.model.checkpoint import load_model
 from lstm_textgen.params import flatten, load_params
-from lstm_textgen.tracking import store
+from lstm_textgen.tracking import liveness
 from lstm_textgen.tracking.datasets import log_corpus
 
 
@@ -37,7 +37,7 @@ def main() -> None:
     # float32 whatever the training dtype: the headline figures must not depend on the hardware
     results = evaluate_dataset(loaded.model, dataset, params.evaluate.seq_len, params.evaluate.batch_size)
     write_json(args.out, results)
-    with store.active_run(run_id=read_json(args.train_metrics)["mlflow_run_id"]) as run:
+    with liveness.active_run(run_id=read_json(args.train_metrics)["mlflow_run_id"]) as run:
         mlflow.log_metrics({f"eval.{k}": v for k, v in flatten(results).items()})
         corpus = read_json(args.corpus_info)
         log_corpus(mlflow.MlflowClient(), run.info.run_id, corpus, dataset, context="evaluation")

@@ -14,7 +14,7 @@ from lstm_textgen.files import read_json, write_json, write_text
 from lstm_textgen.inference.generation import sample_texts
 from lstm_textgen.model.checkpoint import load_model
 from lstm_textgen.params import load_params
-from lstm_textgen.tracking import store
+from lstm_textgen.tracking import liveness
 
 
 def main() -> None:
@@ -43,7 +43,7 @@ def main() -> None:
     readable = "\n\n".join(f"=== prompt: {r['prompt']!r} ===\n{r['prompt']}{r['text']}" for r in records)
     write_text(args.out / "samples.txt", readable + "\n")
     run_id = read_json(args.train_metrics)["mlflow_run_id"]
-    with store.active_run(run_id=run_id):
+    with liveness.active_run(run_id=run_id):
         mlflow.log_artifacts(str(args.out), artifact_path="samples")
     print(readable[:1500])
 

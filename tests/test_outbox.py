@@ -100,7 +100,7 @@ def test_a_kept_run_the_store_lacks_is_set_aside_once_and_blocks_nothing(monkeyp
     import mlflow
 
     from lstm_textgen.tracking import store
-    from lstm_textgen.tracking.server import sync
+    from lstm_textgen.tracking.outbox import sync
 
     (tmp_path / ".git").mkdir()
     monkeypatch.chdir(tmp_path)

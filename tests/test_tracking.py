@@ -15,11 +15,11 @@ from conftest import REPO_ROOT, free_port, run_at_once, runs_by_name, tool_env, 
 # Each writer waits for the same moment, then opens the store and logs one finished run.
 WRITER = """
 import sys, time
-from lstm_textgen.tracking import store
+from lstm_textgen.tracking import liveness, store
 import mlflow
 start, name = float(sys.argv[1]), sys.argv[2]
 time.sleep(max(0.0, start - time.time()))
-with store.active_run(run_name=name):
+with liveness.active_run(run_name=name):
     mlflow.log_metric("x", 1.0)
 """
 
@@ -62,7 +62,7 @@ def test_with_a_tracking_server_artifacts_go_to_the_server(tmp_path: Path) -> No
         (clone / "model.txt").write_text("weights\n")
         logger = (
             "from lstm_textgen.tracking import store\nimport mlflow\n"
-            "with store.active_run(run_name='remote'):\n    mlflow.log_artifact('model.txt')\n"
+            "with liveness.active_run(run_name='remote'):\n    mlflow.log_artifact('model.txt')\n"
         )
         env = {
             **tool_env(),
@@ -115,7 +115,7 @@ def test_a_run_whose_machine_stopped_beating_is_closed_and_a_live_one_is_not(
     still checked by pid (a dead one is closed at once)."""
     from mlflow.tracking import MlflowClient
 
-    from lstm_textgen.tracking import store
+    from lstm_textgen.tracking import liveness, store
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -132,7 +132,7 @@ def test_a_run_whose_machine_stopped_beating_is_closed_and_a_live_one_is_not(
             "owner.heartbeat": f"{now - 60:.0f}",
         },
         "old-version-elsewhere": {"owner.host": "gpu-node-7", "owner.pid": "1"},
-        "dead-here": {**store.owner_tags(), "owner.pid": "999999999", "owner.start": "0"},
+        "dead-here": {**liveness.owner_tags(), "owner.pid": "999999999", "owner.start": "0"},
     }
     with tracking_store(tmp_path):
         experiment = store.configure().get_experiment_by_name("lstm-textgen").experiment_id
@@ -140,7 +140,7 @@ def test_a_run_whose_machine_stopped_beating_is_closed_and_a_live_one_is_not(
             name: client.create_run(experiment, tags=tags, run_name=name).info.run_id
             for name, tags in owners.items()
         }
-        closed = store.close_abandoned_runs()
+        closed = liveness.close_abandoned_runs()
     assert sorted(closed) == sorted([ids["stale-elsewhere"], ids["dead-here"]])
     status = {name: client.get_run(run_id).info.status for name, run_id in ids.items()}
     assert status == {
@@ -158,7 +158,7 @@ def test_a_run_whose_machine_stopped_beating_is_closed_and_a_live_one_is_not(
 def test_an_open_run_renews_its_heartbeat(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from mlflow.tracking import MlflowClient
 
-    from lstm_textgen.tracking import store
+    from lstm_textgen.tracking import liveness, store
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -166,7 +166,7 @@ def test_an_open_run_renews_its_heartbeat(tmp_path: Path, monkeypatch: pytest.Mo
         mlflow = store.configure()
         run_id = client.create_run(mlflow.get_experiment_by_name("lstm-textgen").experiment_id).info.run_id
         client.set_tag(run_id, "owner.heartbeat", "0")
-        with store.heartbeat(run_id, every_s=0.1):
+        with liveness.heartbeat(run_id, every_s=0.1):
             time.sleep(1.0)
     assert float(client.get_run(run_id).data.tags["owner.heartbeat"]) > time.time() - 60
 
@@ -209,7 +209,7 @@ def test_owner_tags_that_do_not_parse_prove_nothing_and_close_no_run(garbled: di
     nor gets the run closed as abandoned."""
     import socket
 
-    from lstm_textgen.tracking.store import owner_alive
+    from lstm_textgen.tracking.liveness import owner_alive
 
     tags = {k: socket.gethostname() if v == "HERE" else v for k, v in garbled.items()}
     if tags.get("owner.heartbeat") == "1":  # a valid, stale heartbeat beside a garbled pid: dead

@@ -16,7 +16,7 @@ import pandas as pd
 from lstm_textgen.model.checkpoint import load_checkpoint, save_checkpoint, serving_checkpoint
 from lstm_textgen.params import SampleParams
 from lstm_textgen.serving.model import OPTIONAL_COLUMNS, column_kind, request_defaults
-from lstm_textgen.tracking import store
+from lstm_textgen.tracking import liveness, store
 from lstm_textgen.tracking.outbox import send_waiting
 
 CHAMPION = "champion"
@@ -108,7 +108,7 @@ def register(
     trained = load_checkpoint(checkpoint)
     sample = sample or SampleParams.model_validate(trained["params"]["sample"])
     served = serving_checkpoint(trained, sample)
-    with tempfile.TemporaryDirectory() as tmp, store.active_run(run_id=run_id):
+    with tempfile.TemporaryDirectory() as tmp, liveness.active_run(run_id=run_id):
         # the active run configures the store, which MlflowClient() then uses
         send_waiting(MlflowClient())  # the run's points kept during an outage, before its model
         save_checkpoint(Path(tmp) / "model.pt", served)
@@ -162,10 +162,12 @@ def settle_champion(client: Any, name: str, rounds: int = 10) -> int:
             v
             for v in versions
             if all(v.tags.get(key) == value for key, value in anchor.items())
-            and store.tag_number(v.tags, "val_loss") is not None  # a tag anyone with EDIT may have garbled
+            and liveness.tag_number(v.tags, "val_loss") is not None  # a tag anyone with EDIT may have garbled
         ]
         best = min(
-            comparable, key=lambda v: (store.tag_number(v.tags, "val_loss"), int(v.version)), default=current
+            comparable,
+            key=lambda v: (liveness.tag_number(v.tags, "val_loss"), int(v.version)),
+            default=current,
         )
         if int(best.version) == int(current.version):
             return int(current.version)
@@ -198,7 +200,7 @@ def _decide(
         current = client.get_model_version_by_alias(name, CHAMPION)
     except MlflowException:
         return True, "first version with a validation loss: it becomes the champion", version
-    old_loss = store.tag_number(current.tags, "val_loss")
+    old_loss = liveness.tag_number(current.tags, "val_loss")
     old_loss = math.inf if old_loss is None else old_loss
     comparable = all(current.tags.get(k) == tags.get(k) for k in ("corpus", "level", "lowercase"))
     if not comparable:

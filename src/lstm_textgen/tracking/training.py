@@ -19,7 +19,7 @@ from lstm_textgen.data.dataset import Dataset, load_dataset
 from lstm_textgen.errors import UserError
 from lstm_textgen.files import read_json
 from lstm_textgen.params import Params
-from lstm_textgen.tracking import store
+from lstm_textgen.tracking import liveness
 from lstm_textgen.tracking.training_run import TrainingRun, training_run
 from lstm_textgen.train.checkpointer import Checkpointer
 from lstm_textgen.train.distributed import DistributedError, World, launch_local
@@ -125,7 +125,7 @@ def launch_workers(params: Params, argv: list[str] | None) -> None:
     try:
         launch_local(params.train.processes, argv, params.train.device)
     except DistributedError as failed:  # a worker died: the others were stopped as if by a user
-        store.fail_launched_runs(str(failed))
+        liveness.fail_launched_runs(str(failed))
         raise
 
 

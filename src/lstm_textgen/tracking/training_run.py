@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from lstm_textgen.errors import Terminated, UserError, shutting_down
 from lstm_textgen.params import Params, flatten
-from lstm_textgen.tracking import store
+from lstm_textgen.tracking import liveness, run_metadata, store
 from lstm_textgen.tracking.outbox import Outbox, describe, send_waiting
 
 if TYPE_CHECKING:
@@ -75,11 +75,11 @@ def run_tags(
     corpus: dict[str, Any], device: torch.device, world: World, lineage: dict[str, str]
 ) -> dict[str, str]:
     return {
-        **store.run_tags(corpus, device.type),
+        **run_metadata.run_tags(corpus, device.type),
         "world_size": str(world.world_size),
         "backend": world.backend(device) if world.launched else "none",
         "mlflow.note.content": "\n\n".join(
-            [store.run_description(), *([lineage_note(lineage)] if lineage else [])]
+            [run_metadata.run_description(), *([lineage_note(lineage)] if lineage else [])]
         ),
         **lineage,
     }
@@ -118,10 +118,10 @@ def training_run(
         return
     if world.launched and params.train.processes not in (1, world.world_size):
         print(f"train: started by torchrun with {world.world_size} processes; train.processes is not used")
-    for run_id in store.close_abandoned_runs():
+    for run_id in liveness.close_abandoned_runs():
         print(f"train: MLflow run {run_id} was left RUNNING by a process that is gone; marked KILLED")
     logged = logged_params(params, corpus, vocab_size)
-    tags = {**run_tags(corpus, device, world, lineage or {}), **store.owner_tags(), **(extra_tags or {})}
+    tags = {**run_tags(corpus, device, world, lineage or {}), **liveness.owner_tags(), **(extra_tags or {})}
     run_id = open_run(store.existing_run((saved or {}).get("labels", {}).get("mlflow_run_id")), name)
     outbox = Outbox(run_id, store.pending_dir())
     if saved is None:
@@ -129,7 +129,7 @@ def training_run(
     else:
         continue_run(TrainingRun(run_id, outbox), saved, logged, tags)
     outbox.set_tags(tags)
-    with store.retrying_on_our_own(), store.heartbeat(run_id), closing(outbox), system_metrics(run_id):
+    with store.retrying_on_our_own(), liveness.heartbeat(run_id), closing(outbox), system_metrics(run_id):
         try:
             yield TrainingRun(run_id, outbox)
         except BaseException as exc:
@@ -137,7 +137,7 @@ def training_run(
             status = "KILLED" if isinstance(exc, (KeyboardInterrupt, Terminated)) else "FAILED"
             outbox.set_tags({"error": f"{type(exc).__name__}: {exc}"[:5000]})
             outbox.end(status)
-            print(store.failure_note(run_id, status), file=sys.stderr)
+            print(liveness.failure_note(run_id, status), file=sys.stderr)
             raise
         outbox.end("FINISHED")
 
@@ -153,7 +153,9 @@ def open_run(run_id: str | None, name: str | None = None) -> str:
             client.update_run(run_id, status="RUNNING")
             return run_id
         experiment = client.get_experiment_by_name(store.experiment_name())
-        return client.create_run(experiment.experiment_id, run_name=name or store.run_name()).info.run_id
+        return client.create_run(
+            experiment.experiment_id, run_name=name or run_metadata.run_name()
+        ).info.run_id
     except mlflow.exceptions.MlflowException as exc:
         if exc.error_code != "PERMISSION_DENIED":
             raise

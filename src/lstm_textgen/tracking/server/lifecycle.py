@@ -11,7 +11,7 @@ from pathlib import Path
 
 from lstm_textgen.errors import UserError
 from lstm_textgen.network import free_port
-from lstm_textgen.tracking import store
+from lstm_textgen.tracking import liveness
 from lstm_textgen.tracking.server.layout import (
     ADMIN,
     Layout,
@@ -90,7 +90,7 @@ def _start(
     if "://" not in state.artifacts:
         Path(state.artifacts).mkdir(parents=True, exist_ok=True)
     state.pid = start_mlflow(layout, state, url, read_secrets(layout)["flask_secret_key"])
-    state.pid_start, state.initialised = store.process_start(state.pid), True
+    state.pid_start, state.initialised = liveness.process_start(state.pid), True
     write_state(layout, state)
     return state
 
@@ -125,7 +125,7 @@ def client_variables(state: ServerState) -> str:
 
 def status(root: Path) -> bool:
     """Print what runs; with credentials in the environment, also close the runs whose process died
-    on any machine (`store.close_abandoned_runs`). True when the server answers."""
+    on any machine (`liveness.close_abandoned_runs`). True when the server answers."""
     layout = Layout.of(root.resolve())
     state = read_state(layout)
     if state is None:
@@ -138,6 +138,6 @@ def status(root: Path) -> bool:
     print(f"server: MLflow at {state.uri} {running} ({database}; artifacts {state.artifacts})")
     if up and os.environ.get("MLFLOW_TRACKING_USERNAME"):
         os.environ.setdefault("MLFLOW_TRACKING_URI", state.uri)
-        for run_id in store.close_abandoned_runs():
+        for run_id in liveness.close_abandoned_runs():
             print(f"server: run {run_id} was left RUNNING by a process that is gone; marked KILLED")
     return up

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from lstm_textgen.errors import UserError
 from lstm_textgen.files import write_text
-from lstm_textgen.tracking import store
+from lstm_textgen.tracking import liveness
 from lstm_textgen.tracking.server.layout import (
     ADMIN,
     AUTH_DATABASE,
@@ -35,7 +35,7 @@ from lstm_textgen.tracking.server.service_account import (
 
 
 def server_running(state: ServerState) -> bool:
-    return state.pid is not None and store.process_start(state.pid) == state.pid_start
+    return state.pid is not None and liveness.process_start(state.pid) == state.pid_start
 
 
 def healthy(uri: str, verify: str | bool = True) -> bool:

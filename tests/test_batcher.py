@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from lstm_textgen.errors import UserError
-from lstm_textgen.inference.batcher import BatchLimits, Cancelled, Job, Overloaded, Row, RowBatcher
+from lstm_textgen.inference.batcher import RowBatcher
+from lstm_textgen.inference.rows import BatchLimits, Cancelled, Job, Overloaded, Row
 from lstm_textgen.model.recurrent import RecurrentLM
 from lstm_textgen.params import ModelParams, ParamsError, Sampling
 
@@ -285,7 +286,8 @@ def test_scoring_jobs_run_between_steps_and_take_places(model: RecurrentLM) -> N
 
 EXIT_AFTER_GENERATING = """
 import torch
-from lstm_textgen.inference.batcher import RowBatcher, Row
+from lstm_textgen.inference.batcher import RowBatcher
+from lstm_textgen.inference.rows import Row
 from lstm_textgen.model.recurrent import RecurrentLM
 from lstm_textgen.params import ModelParams, Sampling
 torch.manual_seed(0)

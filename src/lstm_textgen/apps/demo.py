@@ -149,8 +149,8 @@ def stream_generation(
     page frees it at the next step."""
     from mlflow.exceptions import MlflowException
 
-    from lstm_textgen.inference.batcher import Row
     from lstm_textgen.inference.generation import encode_prompt, stream_row
+    from lstm_textgen.inference.rows import Row
     from lstm_textgen.serving.model import request_settings
 
     sample = loaded.params.sample

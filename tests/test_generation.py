@@ -8,7 +8,8 @@ import pytest
 import torch
 from conftest import build_vocabulary
 
-from lstm_textgen.data.tokenisers import Vocabulary, word_tokens
+from lstm_textgen.data.tokenisers import Vocabulary
+from lstm_textgen.data.tokens import word_tokens
 from lstm_textgen.errors import UserError
 from lstm_textgen.inference.drawing import draw, invert_cdf, plan_draws
 from lstm_textgen.inference.generation import (

@@ -10,7 +10,8 @@ from conftest import build_vocabulary
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lstm_textgen.data.tokenisers import Vocabulary, VocabularyError, code_points, word_tokens
+from lstm_textgen.data.tokenisers import Vocabulary
+from lstm_textgen.data.tokens import VocabularyError, code_points, word_tokens
 
 TEXT = st.text(alphabet=st.characters(codec="utf-8", exclude_categories=("Cs",)), min_size=1, max_size=200)
 

@@ -8,14 +8,8 @@ from conftest import build_vocabulary, write_dataset
 
 from lstm_textgen.data.dataset import load_dataset
 from lstm_textgen.data.preparation import build_dataset
-from lstm_textgen.data.tokenisers import (
-    UNK,
-    Vocabulary,
-    VocabularyError,
-    WordVocabulary,
-    join_words,
-    word_tokens,
-)
+from lstm_textgen.data.tokenisers import Vocabulary, WordVocabulary
+from lstm_textgen.data.tokens import UNK, VocabularyError, join_words, word_tokens
 from lstm_textgen.errors import UserError
 from lstm_textgen.params import DataParams
 

@@ -29,7 +29,8 @@ import numpy as np
 
 from lstm_textgen.data.dataset import SPLITS_FILE, VOCAB_FILE, Dataset, load_dataset
 from lstm_textgen.data.normalise import file_chunks
-from lstm_textgen.data.tokenisers import CharVocabulary, Vocabulary, multibyte_characters, word_tokens
+from lstm_textgen.data.tokenisers import CharVocabulary, Vocabulary
+from lstm_textgen.data.tokens import multibyte_characters, word_tokens
 from lstm_textgen.data.windows import SPLITS, SplitSizes, split_sizes
 from lstm_textgen.errors import UserError
 from lstm_textgen.files import atomic_path, write_json

@@ -1,5 +1,6 @@
 """Tokenisers: text <-> token ids, one class per level (character, word, byte, byte-level BPE) behind
-one protocol, `Vocabulary`: encode, decode, tokenize, a streaming detokenizer, characters per token.
+one protocol, `Vocabulary`: encode, decode, tokenize, a streaming detokenizer (detokenisers.py),
+characters per token. How text is cut into tokens below any vocabulary: tokens.py.
 
 The vocabulary is saved as JSON together with its settings (level, lowercase, unknown token, and at
 BPE level the Hugging Face tokenizer itself), so a trained model can be used later without the corpus.
@@ -12,104 +13,27 @@ U+FFFD, so generated text is always valid UTF-8.
 
 from __future__ import annotations
 
-import codecs
 import dataclasses
 import json
-import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import numpy as np
 
-from lstm_textgen.errors import UserError
-
-Level = Literal["char", "word", "byte", "bpe"]
-UNK = "<unk>"
-# A word-level token is a line break, or a word or punctuation mark that carries one leading space
-# when whitespace preceded it (" the", as GPT-2's tokens do), so joining the tokens gives the text
-# back: runs of spaces become one, spaces before a line break go, nothing else changes.
-# Vocabularies saved before tokens carried their spaces: bare tokens, spaces guessed when joining.
-_LEGACY_TOKEN = re.compile(r"\n|\w+(?:['’]\w+)*|[^\w\s]")
-_NO_SPACE_BEFORE = set(".,;:!?)]}'’”%") | {"n't", "'s"}
-_NO_SPACE_AFTER = set("([{“$#\n")
-
-
-class VocabularyError(UserError):
-    """Text holds tokens the vocabulary lacks."""
-
-
-def byte_alphabet() -> tuple[str, ...]:
-    """GPT-2's `bytes_to_unicode`: byte b is shown as a printable character (HF ByteLevel's too)."""
-    ranges = (("!", "~"), ("¡", "¬"), ("®", "ÿ"))
-    printable = [b for first, last in ranges for b in range(ord(first), ord(last) + 1)]
-    shown, extra = {b: chr(b) for b in printable}, 0
-    for b in range(256):
-        if b not in shown:
-            shown[b], extra = chr(256 + extra), extra + 1
-    return tuple(shown[b] for b in range(256))
-
-
-def code_points(text: str) -> np.ndarray:
-    """The text's code points (int32), decoded from its UTF-8 bytes with whole-array operations:
-    several times faster than `str.encode('utf-32')`, whose encoder loops over the characters."""
-    data = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
-    points = data.astype(np.int32)
-    lead, lead_points = multibyte_characters(data)
-    points[lead] = lead_points
-    return points[(data & 0xC0) != 0x80]  # continuation bytes dropped
-
-
-def multibyte_characters(data: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Where the multi-byte characters of UTF-8 `data` start, and their code points."""
-    lead = np.flatnonzero(data >= 0xC0)
-    if not len(lead):
-        return lead, lead.astype(np.int32)
-    padded = np.concatenate([data, np.zeros(3, np.uint8)])
-    b0, b1, b2, b3 = (padded[lead + k].astype(np.int32) for k in range(4))
-    two = ((b0 & 0x1F) << 6) | (b1 & 0x3F)
-    three = ((b0 & 0x0F) << 12) | ((b1 & 0x3F) << 6) | (b2 & 0x3F)
-    four = ((b0 & 0x07) << 18) | ((b1 & 0x3F) << 12) | ((b2 & 0x3F) << 6) | (b3 & 0x3F)
-    return lead, np.where(b0 >= 0xF0, four, np.where(b0 >= 0xE0, three, two))
-
-
-BYTE_TOKENS = byte_alphabet()
-_BYTE_OF = {char: b for b, char in enumerate(BYTE_TOKENS)}
-
-
-def word_tokens(text: str, spaced: bool = True) -> list[str]:
-    """Line breaks, and words or punctuation marks with their leading space (`spaced`; an older
-    vocabulary's bare tokens otherwise)."""
-    if not spaced:
-        return _LEGACY_TOKEN.findall(text)
-    return _SPACED_WORD.findall(_SPACES.sub(" ", text))
-
-
-# `word_tokens`' rule, fast: collapse each run of spaces (not line breaks) to one space, then a token
-# is a line break or an optional space and a word or punctuation mark; a space before a line break or
-# at the end is dropped. Equal to the rule written out token by token (a property test checks).
-_SPACES = re.compile(r"[^\S\n]{2,}|[^\S\n ]")  # what is not already one plain space
-_SPACED_WORD = re.compile(r"\n| ?(?:\w+(?:['’]\w+)*|[^\w\s])")
-
-
-def join_words(tokens: Sequence[str], spaced: bool = True) -> str:
-    """Word tokens back into text. `<unk>` gets a space before it (its own was lost)."""
-    if not spaced:
-        return _legacy_join(tokens)
-    return "".join(
-        f" {token}" if token == UNK and i > 0 and tokens[i - 1] != "\n" else token
-        for i, token in enumerate(tokens)
-    )
-
-
-def _legacy_join(tokens: Sequence[str]) -> str:
-    out: list[str] = []
-    for i, token in enumerate(tokens):
-        if i > 0 and token != "\n" and token not in _NO_SPACE_BEFORE and tokens[i - 1] not in _NO_SPACE_AFTER:
-            out.append(" ")
-        out.append(token)
-    return "".join(out)
+from lstm_textgen.data.detokenisers import ByteDetokenizer, Detokenizer, WordDetokenizer
+from lstm_textgen.data.tokens import (
+    BYTE_OF,
+    BYTE_TOKENS,
+    UNK,
+    Level,
+    VocabularyError,
+    code_points,
+    join_words,
+    multibyte_characters,
+    word_tokens,
+)
 
 
 @dataclass(frozen=True)
@@ -366,7 +290,7 @@ class ByteVocabulary(Vocabulary):
     @cached_property
     def token_bytes(self) -> tuple[bytes, ...]:
         """The UTF-8 bytes each token stands for."""
-        return tuple(bytes(_BYTE_OF[c] for c in token) for token in self.tokens)
+        return tuple(bytes(BYTE_OF[c] for c in token) for token in self.tokens)
 
     @cached_property
     def character_counts(self) -> np.ndarray:
@@ -423,53 +347,3 @@ LEVELS: dict[str, type[Vocabulary]] = {
     "byte": ByteVocabulary,
     "bpe": BpeVocabulary,
 }
-
-
-class Detokenizer:
-    """Streams generated tokens as text, one token's text at a time (char level: its character)."""
-
-    def __init__(self, vocab: Vocabulary) -> None:
-        self.vocab = vocab
-
-    def push(self, token: int) -> str:
-        return self.vocab.decode([token])
-
-    def finish(self) -> str:
-        """What is still held back at the end."""
-        return ""
-
-
-class WordDetokenizer(Detokenizer):
-    """A word token's spacing comes from the token before it."""
-
-    def __init__(self, vocab: Vocabulary, previous: int | None) -> None:
-        super().__init__(vocab)
-        self.previous = previous
-
-    def push(self, token: int) -> str:
-        decode = self.vocab.decode
-        text = (
-            decode([token])
-            if self.previous is None
-            else decode([self.previous, token])[len(decode([self.previous])) :]
-        )
-        self.previous = token
-        return text
-
-
-class ByteDetokenizer(Detokenizer):
-    """Bytes pass through an incremental UTF-8 decoder, so a character whose bytes arrive in two
-    tokens is written once, whole, when its last byte arrives."""
-
-    vocab: ByteVocabulary
-
-    def __init__(self, vocab: ByteVocabulary) -> None:
-        super().__init__(vocab)
-        self.bytes = codecs.getincrementaldecoder("utf-8")(errors="replace")
-
-    def push(self, token: int) -> str:
-        return self.bytes.decode(self.vocab.token_bytes[token])
-
-    def finish(self) -> str:
-        """An unfinished UTF-8 sequence, as U+FFFD."""
-        return self.bytes.decode(b"", final=True)

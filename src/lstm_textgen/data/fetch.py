@@ -20,7 +20,7 @@ from tqdm import tqdm
 from lstm_textgen.errors import UserError
 from lstm_textgen.files import atomic_path
 
-CHUNK_BYTES = 1 << 16
+DOWNLOAD_CHUNK_BYTES = 1 << 16
 TRANSIENT_STATUS = {408, 425, 429, 500, 502, 503, 504}
 
 
@@ -71,7 +71,7 @@ def verify_local(path: Path, sha256: str | None, max_bytes: int, key: str = "sha
     _check_local(path, max_bytes)
     digest = hashlib.sha256()
     with path.open("rb") as src:
-        while chunk := src.read(CHUNK_BYTES * 16):
+        while chunk := src.read(DOWNLOAD_CHUNK_BYTES * 16):
             digest.update(chunk)
     actual = digest.hexdigest()
     _check_sha256(str(path), sha256, actual, key)
@@ -112,7 +112,7 @@ def _copy_local(path: Path, tmp: Path, max_bytes: int) -> str:
     _check_local(path, max_bytes)
     digest = hashlib.sha256()
     with path.open("rb") as src, tmp.open("wb") as out:
-        while chunk := src.read(CHUNK_BYTES):
+        while chunk := src.read(DOWNLOAD_CHUNK_BYTES):
             digest.update(chunk)
             out.write(chunk)
     return digest.hexdigest()
@@ -171,7 +171,7 @@ def _stream_body(
         tmp.open("wb") as out,
         tqdm(total=expected, unit="B", unit_scale=True, desc="download", disable=None, leave=False) as bar,
     ):
-        for chunk in response.iter_content(CHUNK_BYTES):
+        for chunk in response.iter_content(DOWNLOAD_CHUNK_BYTES):
             received += len(chunk)
             if received > max_bytes:
                 raise DownloadError(f"{url}: more than {max_bytes:,} bytes, the size cap (download.max_mb)")

@@ -1,4 +1,5 @@
-"""Streaming preparation: corpus.txt -> vocabulary + train/val/test token arrays, in bounded memory.
+"""Streaming preparation: corpus.txt -> vocabulary + train/val/test token arrays, in bounded memory
+(the text read in pieces: pieces.py; the splits written as they come: split_writer.py).
 
 The text is read in pieces of about `chunk_bytes`, each cut right after a line break that has
 non-space characters on both sides, so no token of any level straddles two pieces (a word never
@@ -18,29 +19,25 @@ characters, since the tokenizer must be trained on the training text before ther
 
 from __future__ import annotations
 
-import contextlib
 import tempfile
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 
 from lstm_textgen.data.dataset import SPLITS_FILE, VOCAB_FILE, Dataset, load_dataset
-from lstm_textgen.data.normalise import file_chunks
+from lstm_textgen.data.normalise import CHUNK_BYTES
+from lstm_textgen.data.pieces import Pieces, sub_pieces, text_pieces
+from lstm_textgen.data.split_writer import read_blocks, split_writer
 from lstm_textgen.data.tokenisers import CharVocabulary, Vocabulary
 from lstm_textgen.data.tokens import multibyte_characters, word_tokens
 from lstm_textgen.data.windows import SPLITS, SplitSizes, split_sizes
 from lstm_textgen.errors import UserError
-from lstm_textgen.files import atomic_path, write_json
+from lstm_textgen.files import write_json
 from lstm_textgen.params import DataParams
 
-CHUNK_BYTES = 1 << 24
-# A text with no safe cut in this many chunks (and at least MIN_FORCED_CUT characters) is cut anyway:
-# one giant line must not hold the whole corpus in memory (a word there may then be split in two).
-MAX_CARRY = 8
-MIN_FORCED_CUT = 1 << 22
 # BPE texts go to the Rust library in pieces of about this many characters: small enough that its
 # per-sequence structures stay small, many enough to keep every core busy
 BPE_PIECE = 1 << 14
@@ -49,140 +46,6 @@ BPE_PIECE = 1 << 14
 # would otherwise spend most of its preparation counting pairs
 BPE_TRAIN_CHARACTERS = 100_000_000
 
-Pieces = Callable[[], Iterator[str]]
-
-
-# --------------------------------------------------------------------------------------------------
-# Reading the text in pieces
-
-
-def safe_cut(text: str) -> int:
-    """The position after the last line break with non-space characters on both sides (0: none)."""
-    at = text.rfind("\n", 0, len(text) - 1)
-    while at > 0:
-        if not text[at - 1].isspace() and not text[at + 1].isspace():
-            return at + 1
-        at = text.rfind("\n", 0, at)
-    return 0
-
-
-def safe_pieces(chunks: Iterator[str], chunk_chars: int) -> Iterator[str]:
-    """`chunks` re-cut at safe places (see the module's docstring); each piece is copied once."""
-    held: list[str] = []  # text since the last cut
-    held_chars = 0
-    for chunk in chunks:
-        cut = safe_cut(chunk)  # safe in the whole text too (a cut at a chunk's seam is just missed)
-        forced = held_chars + len(chunk) > max(MAX_CARRY * chunk_chars, MIN_FORCED_CUT)
-        if cut or forced:
-            cut = cut or len(chunk)
-            yield "".join([*held, chunk[:cut]])
-            held, held_chars = [chunk[cut:]], len(chunk) - cut
-        else:
-            held.append(chunk)
-            held_chars += len(chunk)
-    if held_chars:
-        yield "".join(held)
-
-
-def text_pieces(path: Path, lowercase: bool, chunk_bytes: int = CHUNK_BYTES) -> Pieces:
-    """A re-iterable source of the corpus's (lowercased) text pieces."""
-
-    def pieces() -> Iterator[str]:
-        for piece in safe_pieces(file_chunks(path, chunk_bytes), chunk_bytes):
-            yield piece.lower() if lowercase else piece
-
-    return pieces
-
-
-def sub_pieces(text: str, size: int) -> list[str]:
-    """`text` cut at safe places into pieces of about `size` characters (for parallel encoding)."""
-    out, start = [], 0
-    while len(text) - start > size:
-        cut = safe_cut(text[start : start + size])
-        if not cut:
-            break
-        out.append(text[start : start + cut])
-        start += cut
-    return [*out, text[start:]]
-
-
-# --------------------------------------------------------------------------------------------------
-# Writing the splits
-
-
-@dataclass
-class SplitWriter:
-    """Fills train.npy, val.npy and test.npy in order with the ids it is given, counting per split
-    the characters they stand for and the unknown tokens among them. Written as plain appends after
-    each file's .npy header (not through a memory map, whose written pages would count as the
-    process's resident memory)."""
-
-    sizes: SplitSizes
-    files: dict[str, BinaryIO]
-    dtype: np.dtype[Any]
-    unk_id: int | None = None
-    filled: int = 0
-    characters: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SPLITS, 0))
-    unknown: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SPLITS, 0))
-
-    def write(self, ids: np.ndarray, lengths: np.ndarray | None = None) -> None:
-        """`lengths[i]`: characters of token i (None: one each)."""
-        start, begin = 0, 0
-        for name in SPLITS:
-            end = begin + getattr(self.sizes, name)
-            lo, hi = max(begin, self.filled), min(end, self.filled + len(ids) - start)
-            begin = end
-            if lo >= hi:
-                continue
-            part = ids[start : start + hi - lo]
-            self.files[name].write(np.ascontiguousarray(part, dtype=self.dtype).tobytes())
-            self.characters[name] += (
-                int(lengths[start : start + hi - lo].sum()) if lengths is not None else len(part)
-            )
-            if self.unk_id is not None:
-                self.unknown[name] += int(np.count_nonzero(part == self.unk_id))
-            start += hi - lo
-            self.filled = hi
-        if start != len(ids):
-            raise AssertionError(f"{len(ids) - start} ids beyond the counted total")
-
-    def split_summary(self) -> dict[str, dict[str, int]]:
-        return {n: {"tokens": getattr(self.sizes, n), "characters": self.characters[n]} for n in SPLITS}
-
-
-@contextlib.contextmanager
-def split_writer(
-    out_dir: Path, sizes: SplitSizes, dtype: np.dtype[Any], unk_id: int | None = None
-) -> Iterator[SplitWriter]:
-    """The three .npy files, each renamed into `out_dir` when complete (and all ids are written)."""
-    with contextlib.ExitStack() as stack:
-        files = {}
-        for name in SPLITS:
-            tmp = stack.enter_context(atomic_path(out_dir / f"{name}.npy", suffix=".npy"))
-            files[name] = stack.enter_context(tmp.open("wb"))
-            header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False}
-            np.lib.format.write_array_header_1_0(files[name], header | {"shape": (getattr(sizes, name),)})
-        writer = SplitWriter(sizes, files, dtype, unk_id)
-        yield writer
-        if writer.filled != sizes.train + sizes.val + sizes.test:
-            raise AssertionError(f"{writer.filled} ids written of {sizes}")
-
-
-def read_blocks(
-    path: Path, dtype: np.dtype[Any], stop: int | None = None, size: int = 1 << 22
-) -> Iterator[np.ndarray]:
-    """The ids of a raw scratch file (up to `stop`), a block at a time, read (not memory-mapped)."""
-    with path.open("rb") as file:
-        left = path.stat().st_size // dtype.itemsize if stop is None else stop
-        while left > 0:
-            block = np.fromfile(file, dtype=dtype, count=min(size, left))
-            if not len(block):
-                return
-            left -= len(block)
-            yield block
-
-
-# --------------------------------------------------------------------------------------------------
 # The levels
 
 
@@ -337,7 +200,7 @@ def train_bpe(texts: Callable[[], Iterator[str]], vocab_size: int) -> Any:
     return tokenizer
 
 
-LEVELS: dict[str, Callable[..., Prepared]] = {
+PREPARERS: dict[str, Callable[..., Prepared]] = {
     "char": prepare_chars,
     "byte": prepare_bytes,
     "word": prepare_words,
@@ -359,7 +222,7 @@ def prepare_corpus(
     out_dir.mkdir(parents=True, exist_ok=True)
     pieces = text_pieces(corpus, data.lowercase, chunk_bytes)
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".prepare-") as scratch:
-        prepared = LEVELS[data.level](pieces, data, out_dir, Path(scratch), base)
+        prepared = PREPARERS[data.level](pieces, data, out_dir, Path(scratch), base)
     vocab = prepared.vocab
     if prepared.distinct < 2:
         named = (

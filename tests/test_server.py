@@ -381,7 +381,10 @@ from lstm_textgen.tracking import registry
 socket.gethostname = lambda: sys.argv[4]  # the machine this process stands for
 start, run_id, loss = float(sys.argv[1]), sys.argv[2], float(sys.argv[3])
 time.sleep(max(0.0, start - time.time()))
-registry.register(Path(sys.argv[5]), run_id, sys.argv[6], "ROMEO:", loss, {"corpus": "c", "level": "char"})
+registry.register(
+    Path(sys.argv[5]), run_id, sys.argv[6],
+    example_prompt="ROMEO:", val_loss=loss, version_tags={"corpus": "c", "level": "char"},
+)
 """
 
 
@@ -439,7 +442,7 @@ def test_first_writers_at_the_same_moment_on_the_server_lose_no_run(lab: Lab) ->
 def psql_as(port: int, host: str | Path, user: str, os_user: str | None = None, password: str | None = None):
     """`SELECT 1` through psql as `user`, over TCP (host 127.0.0.1) or the socket folder, never
     prompting; as another OS user with `os_user`."""
-    from lstm_textgen.tracking.server import postgres_bin
+    from lstm_textgen.tracking.server.postgres import postgres_bin
 
     command = [str(postgres_bin("psql")), "-h", str(host), "-p", str(port), "-U", user, "-d", "postgres"]
     command += ["-w", "-tAc", "SELECT 1"]

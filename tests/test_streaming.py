@@ -195,7 +195,7 @@ def data_kb():
 def train_a_little(ids, vocab_size):
     params = parse_params({"data": {"seq_len": 32}, "model": {"hidden": 32, "embedding_dim": 8},
                            "train": {"batch_size": 8, "threads": 1, "dtype": "float32"}})
-    state = new_train_state(ids, vocab_size, params, torch.device("cpu"), torch.float32)
+    state = new_train_state(ids, vocab_size, params, device=torch.device("cpu"), dtype=torch.float32)
     for step in range(3):
         loss = train_step(state, state.model, 1e-3, params.train, torch.float32)
     return float(loss)

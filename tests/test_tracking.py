@@ -61,7 +61,7 @@ def test_with_a_tracking_server_artifacts_go_to_the_server(tmp_path: Path) -> No
         (clone / ".git").mkdir(parents=True)  # the repository root a clone has
         (clone / "model.txt").write_text("weights\n")
         logger = (
-            "from lstm_textgen.tracking import store\nimport mlflow\n"
+            "from lstm_textgen.tracking import liveness\nimport mlflow\n"
             "with liveness.active_run(run_name='remote'):\n    mlflow.log_artifact('model.txt')\n"
         )
         env = {

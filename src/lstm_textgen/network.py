@@ -6,6 +6,7 @@ from __future__ import annotations
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -40,13 +41,20 @@ def answers(url: str, timeout_s: float = 2.0) -> bool:
         return False
 
 
-def wait_until_answers(url: str, timeout_s: float, process: subprocess.Popen[bytes] | None = None) -> None:
-    """Until `url` answers; a `TimeoutError` naming the URL at the deadline, or as soon as `process`
+def wait_until(
+    ready: Callable[[], bool], what: str, timeout_s: float, process: subprocess.Popen[bytes] | None = None
+) -> None:
+    """Until `ready()` holds; a `TimeoutError` naming `what` at the deadline, or as soon as `process`
     (the server being waited for) has ended."""
     deadline = time.monotonic() + timeout_s
-    while not answers(url):
+    while not ready():
         if process is not None and process.poll() is not None:
-            raise TimeoutError(f"{url} never answered: its server ended with exit code {process.returncode}")
+            raise TimeoutError(f"{what} never answered: its server ended with exit code {process.returncode}")
         if time.monotonic() > deadline:
-            raise TimeoutError(f"{url} did not answer within {timeout_s:.0f} s")
+            raise TimeoutError(f"{what} did not answer within {timeout_s:.0f} s")
         time.sleep(0.25)
+
+
+def wait_until_answers(url: str, timeout_s: float, process: subprocess.Popen[bytes] | None = None) -> None:
+    """Until something answers HTTP at `url` (see `wait_until`)."""
+    wait_until(lambda: answers(url), url, timeout_s, process)

@@ -39,9 +39,10 @@ def source_tags() -> dict[str, str]:
 
 
 def run_tags(corpus: dict[str, Any], device: str) -> dict[str, str]:
+    source = source_tags()
     tags = {
-        **source_tags(),
-        "git_commit": _git("rev-parse", "HEAD"),
+        **source,
+        "git_commit": source.get("mlflow.source.git.commit"),  # the name earlier runs were tagged with
         "dvc_experiment": os.environ.get("DVC_EXP_NAME"),
         "dvc_baseline_rev": os.environ.get("DVC_EXP_BASELINE_REV"),
         "corpus": corpus.get("name"),

@@ -82,7 +82,6 @@ class TrialObjective:
     def __init__(self, params: Params, files: TuneFiles, parent_run_id: str) -> None:
         from lstm_textgen.data.dataset import load_dataset
 
-        check_ready(params, files)
         self.params, self.files, self.parent_run_id = params, files, parent_run_id
         self.stopped_by: BaseException | None = None  # Ctrl-C or SIGTERM, for the worker's exit code
         self.dataset = load_dataset(files.prepared)

@@ -8,12 +8,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 from lstm_textgen.errors import UserError
 from lstm_textgen.files import write_text
+from lstm_textgen.network import wait_until
 from lstm_textgen.tracking import liveness
 from lstm_textgen.tracking.server.layout import (
     ADMIN,
@@ -167,12 +167,11 @@ def start_mlflow(layout: Layout, state: ServerState, database_url: str, secret_k
             cwd=layout.root,
             **who,
         )
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while not healthy(state.uri, state.verify):
-        if process.poll() is not None or time.monotonic() > deadline:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGTERM)
-            tail = layout.log.read_text(errors="replace")[-3000:]
-            raise UserError(f"the MLflow server did not start; the end of {layout.log}:\n{tail}")
-        time.sleep(0.5)
+    try:
+        wait_until(lambda: healthy(state.uri, state.verify), f"{state.uri}/health", START_TIMEOUT_S, process)
+    except TimeoutError:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        tail = layout.log.read_text(errors="replace")[-3000:]
+        raise UserError(f"the MLflow server did not start; the end of {layout.log}:\n{tail}") from None
     return process.pid

@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import pytest
 import requests
 from conftest import (
@@ -554,6 +555,84 @@ def test_a_stage_that_starts_while_the_server_is_away_waits_for_it(
         lab.server("start")
     assert waiting.wait(timeout=300) == 0, log.read_text()
     assert "answers again" in log.read_text() and "Traceback" not in log.read_text()
+
+
+def stage_process(pipeline: psutil.Process, script: str, timeout: float = 300) -> psutil.Process:
+    """The process of `script` that `dvc repro` started, as soon as it exists."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for child in pipeline.children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                if script in " ".join(child.cmdline()):
+                    return child
+        time.sleep(0.02)
+    raise AssertionError(f"{script} did not start within {timeout:g} s")
+
+
+def wait_until_it_talks_to(process: psutil.Process, port: int, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not any(c.raddr and c.raddr.port == port for c in process.net_connections(kind="tcp")):
+        assert time.monotonic() < deadline, f"{process.cmdline()} never reached port {port}"
+        time.sleep(0.02)
+
+
+@contextlib.contextmanager
+def frozen(process: psutil.Process) -> Iterator[None]:
+    """SIGSTOP while the block runs: the stage is held at this exact point of its work."""
+    process.suspend()
+    try:
+        yield
+    finally:
+        process.resume()
+
+
+def test_restarts_mid_evaluate_and_as_register_starts_lose_nothing(
+    lab: Lab, trained: tuple[Path, str]
+) -> None:
+    """The server and its database restarted twice during `dvc repro`: once while evaluate is between
+    its calls to the server (after the first), once as register starts. The pipeline waits both out:
+    every evaluation metric is on the run, the new version registered, the champion where it says."""
+    repo, _ = trained
+    port = int(lab.uri.rsplit(":", 1)[1])
+    run_id = json.loads((repo / "metrics" / "train.json").read_text())["mlflow_run_id"]
+    client = lab.client()
+    versions = {v.version for v in client.search_model_versions(f"name='{MODEL}'")}
+    pipeline = subprocess.Popen(
+        ["dvc", "repro", "--force", "--single-item", "evaluate", "register"],
+        cwd=repo,
+        env=lab.env("trainer", repo),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        dvc = psutil.Process(pipeline.pid)
+        evaluate = stage_process(dvc, "stages/evaluate.py")
+        wait_until_it_talks_to(evaluate, port)
+        with frozen(evaluate):  # mid-stage: its first call answered, the metrics not yet sent
+            lab.server("stop")
+        time.sleep(20)
+        lab.server("start")
+        register = stage_process(dvc, "stages/register.py")
+        with frozen(register):
+            lab.server("stop")
+        time.sleep(20)
+    finally:
+        lab.server("start")
+    output, _ = pipeline.communicate(timeout=600)
+    assert pipeline.returncode == 0, output
+    assert "Traceback" not in output and "kept in" not in output, output
+    assert "waiting up to" in output and "answers again" in output  # register saw the outage, said so
+    evaluated = json.loads((repo / "metrics" / "evaluate.json").read_text())
+    logged = client.get_run(run_id).data.metrics
+    assert logged["eval.val.loss"] == pytest.approx(evaluated["val"]["loss"], rel=1e-6)
+    assert logged["eval.test.bits_per_character"] == pytest.approx(
+        evaluated["test"]["bits_per_character"], rel=1e-6
+    )
+    registered = json.loads((repo / "metrics" / "register.json").read_text())
+    now = {v.version for v in client.search_model_versions(f"name='{MODEL}'")}
+    assert now - versions == {str(registered["version"])}
+    assert client.get_model_version_by_alias(MODEL, "champion").version == str(registered["champion_version"])
 
 
 # --- how the server is reached: loopback or TLS, one start per directory, a port of its own ---

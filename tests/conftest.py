@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import http.server
+import json
 import os
 import shutil
 import subprocess
@@ -12,7 +13,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,7 @@ from lstm_textgen.data.tokenisers import CharVocabulary, Vocabulary, WordVocabul
 from lstm_textgen.model.recurrent import RecurrentLM
 from lstm_textgen.network import free_port
 from lstm_textgen.params import ModelParams, Params, parse_params
+from lstm_textgen.tracking.store import file_lock
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CORPORA_DIR = Path(os.environ.get("LSTM_TEXTGEN_CORPORA", REPO_ROOT.parent / "shared" / "corpora"))
@@ -39,7 +41,6 @@ LONGEST_FIRST = (
     "test_interrupted.py",
     "test_presets.py",
     "test_pipeline.py",
-    "test_readme.py",
     "test_levels.py",
     "test_serving.py",
     "test_demo.py",
@@ -340,11 +341,32 @@ def tiny_repo(dest: Path) -> Path:
     return repo
 
 
+def prepared_tiny_repo(dest: Path, env: dict[str, str] | None = None, **sections: dict) -> Path:
+    """A tiny repo with `sections` merged into its params (committed), after `dvc repro prepare`."""
+    repo = tiny_repo(dest)
+    if sections:
+        edit_params(repo / "params.yaml", **sections)
+        run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "test params"], cwd=repo)
+    run(["dvc", "repro", "prepare"], cwd=repo, env=env or tool_env(repo))
+    return repo
+
+
 @pytest.fixture(scope="session")
-def repro_repo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
-    repo = tiny_repo(tmp_path_factory.mktemp("pipeline") / "repo")
-    first = run(["dvc", "repro"], cwd=repo)
-    return repo, first.stdout
+def repro_repo(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> tuple[Path, str]:
+    """A tiny repo after its first `dvc repro`, and what that printed: built once per test run. The
+    first pytest-xdist worker to ask builds it in the run's shared temporary folder under a file lock;
+    the others wait for the lock and share it (the pattern pytest-xdist documents). Tests only read
+    it, or write beside it (their own params and outputs in tmp_path)."""
+    base = tmp_path_factory.getbasetemp()
+    shared = base if worker_id == "master" else base.parent
+    built = shared / "repro_repo.json"
+    with file_lock(shared / "repro_repo.lock"):
+        if not built.exists():
+            repo = tiny_repo(shared / "repro_repo" / "repo")
+            first = run(["dvc", "repro"], cwd=repo)
+            built.write_text(json.dumps({"repo": str(repo), "stdout": first.stdout}))
+    recorded = json.loads(built.read_text())
+    return Path(recorded["repo"]), recorded["stdout"]
 
 
 @pytest.fixture
@@ -391,17 +413,38 @@ def offline(route, refused: list[str]) -> None:
         route.abort()
 
 
+def wait_for(
+    condition: Callable[[], object],
+    what: str,
+    timeout: float = 120,
+    process: subprocess.Popen | None = None,
+    log: Path | None = None,
+    pause: float = 0.05,
+) -> None:
+    """Poll `condition` until it holds. Fails loudly, naming `what` (and the tail of `log`), at the
+    deadline or as soon as `process`, which was to bring it about, has ended."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        ended = process is not None and process.poll() is not None
+        if ended or time.monotonic() > deadline:
+            why = (
+                f"its process ended with exit code {process.returncode}" if ended else f"{timeout:g} s passed"
+            )
+            tail = log.read_text()[-3000:] if log is not None and log.exists() else ""
+            raise AssertionError(f"waited for {what}, but {why}\n{tail}")
+        time.sleep(pause)
+
+
+def page_ok(url: str) -> bool:
+    try:
+        return requests.get(url, timeout=2).status_code == 200
+    except requests.ConnectionError:
+        return False
+
+
 def wait_for_page(process: subprocess.Popen, url: str, log: Path) -> str:
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"the server exited:\n{log.read_text()}")
-        try:
-            if requests.get(url, timeout=2).status_code == 200:
-                return url
-        except requests.ConnectionError:
-            time.sleep(0.5)
-    raise AssertionError(f"{url} did not answer within 120 s")
+    wait_for(lambda: page_ok(url), f"{url} to answer 200", process=process, log=log, pause=0.5)
+    return url
 
 
 @contextlib.contextmanager

@@ -10,7 +10,6 @@ import os
 import re
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -19,11 +18,12 @@ from conftest import (
     assert_same_training,
     edit_params,
     free_port,
+    prepared_tiny_repo,
     run,
     runs_by_name,
-    tiny_repo,
     tool_env,
     train_stage_command,
+    wait_for,
 )
 
 from lstm_textgen.train.batches import WindowBatcher
@@ -98,9 +98,7 @@ def test_the_failure_named_is_the_cause_not_its_consequences() -> None:
 
 @pytest.fixture(scope="module")
 def prepared_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    repo = tiny_repo(tmp_path_factory.mktemp("distributed") / "repo")
-    run(["dvc", "repro", "prepare"], cwd=repo)
-    return repo
+    return prepared_tiny_repo(tmp_path_factory.mktemp("distributed") / "repo")
 
 
 def train_stage(
@@ -224,9 +222,7 @@ def started_workers(name: str, prepared_repo: Path) -> tuple[subprocess.Popen[st
     """A long two-process training, once its first checkpoint is written, and its workers' pids."""
     job = train_stage(prepared_repo, name, 2, 4, wait=False, max_steps=100000, eval_every=50)
     checkpoint = prepared_repo / "runs" / name / "last.pt"
-    deadline = time.monotonic() + 120
-    while not checkpoint.is_file() and time.monotonic() < deadline:
-        time.sleep(0.2)
+    wait_for(checkpoint.is_file, "the first checkpoint", process=job, pause=0.2)
     workers = worker_pids(job.pid)
     assert set(workers) == {0, 1}, workers
     return job, workers
@@ -235,10 +231,7 @@ def started_workers(name: str, prepared_repo: Path) -> tuple[subprocess.Popen[st
 def assert_failed_cleanly(
     name: str, prepared_repo: Path, workers: dict[int, int], status: str = "FAILED"
 ) -> None:
-    deadline = time.monotonic() + 60
-    while not all(gone(pid) for pid in workers.values()) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert all(gone(pid) for pid in workers.values()), "a worker was left behind"
+    wait_for(lambda: all(gone(pid) for pid in workers.values()), "every worker to end", timeout=60, pause=0.2)
     (mlflow_run,) = list(runs_by_name(prepared_repo / "runs" / name / "mlflow.db").values())
     error = mlflow_run.data.tags.get("error", "")
     assert mlflow_run.info.status == status, error

@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import socket
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import free_port, require_installed, run, tiny_repo
+from conftest import free_port, require_installed, run, tiny_repo, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -29,6 +28,14 @@ Subsystem sftp internal-sftp
 """
 
 
+def listening(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except OSError:
+        return False
+    return True
+
+
 @pytest.fixture(scope="module")
 def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
     """An SSH server for the remote: returns the remote's URL and the client's private key."""
@@ -42,14 +49,7 @@ def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]
     Path("/run/sshd").mkdir(exist_ok=True)  # sshd's privilege separation directory
     log = (root / "sshd.log").open("w")
     server = subprocess.Popen([str(SSHD), "-D", "-e", "-f", str(root / "sshd_config")], stderr=log)
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            assert server.poll() is None and time.monotonic() < deadline, (root / "sshd.log").read_text()
-            time.sleep(0.2)
+    wait_for(lambda: listening(port), "sshd to listen", timeout=30, process=server, log=root / "sshd.log")
     try:
         yield f"ssh://root@127.0.0.1:{port}{root / 'dvc-store'}", root / "client_key"
     finally:

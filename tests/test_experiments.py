@@ -1,19 +1,30 @@
-"""Experiments as a user runs them: `dvc exp run -S`, queued sweeps, a failing experiment, the compare
+"""Experiments as a user runs them: the README's commands exactly as printed from a fresh shell
+(`dvc exp run -S`, `make exp`, sampling and scoring), queued sweeps, a failing experiment, the compare
 table and the MLflow UI's REST API, in a temporary repo copy (the notebook presets: test_presets.py)."""
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 import requests
 import yaml
-from conftest import free_port, run, runs_by_name, store_client, tiny_repo, tool_env
+from conftest import (
+    REPO_ROOT,
+    free_port,
+    page_ok,
+    run,
+    runs_by_name,
+    store_client,
+    tiny_repo,
+    tool_env,
+    wait_for,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -23,6 +34,7 @@ class Experiments:
     repo: Path
     env: dict[str, str]
     outputs: dict[str, subprocess.CompletedProcess[str]] = field(default_factory=dict)
+    readme_run_id: str = ""  # the MLflow run of the README's `dvc exp run -S model.layers=4`
 
     def client(self):
         return store_client(self.repo)
@@ -38,14 +50,58 @@ FAILING = ["-n", "sidefail", "-S", "train.lr=10", "-S", "train.grad_clip=0", "-S
 def run_queue(repo: Path, env: dict[str, str], jobs: int) -> subprocess.CompletedProcess[str]:
     """`dvc queue start -j N`, then wait until the queue is empty; the workers' logs as stdout."""
     run(["dvc", "queue", "start", "-j", str(jobs)], cwd=repo, env=env)
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
+    status = ""
+
+    def queue_empty() -> bool:
+        nonlocal status
         status = run(["dvc", "queue", "status"], cwd=repo, env=env).stdout
-        if not any(word in status for word in ("Queued", "Running")):
-            break
-        time.sleep(2)
+        return not any(word in status for word in ("Queued", "Running"))
+
+    wait_for(queue_empty, "the queue to empty", timeout=600, pause=2)
     logs = [run(["dvc", "queue", "logs", f"hidden{h}"], cwd=repo, env=env, check=False) for h in QUEUED]
     return subprocess.CompletedProcess([], 0, status + "".join(log.stdout + log.stderr for log in logs), "")
+
+
+README = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+MAKE_EXP = 'make exp ARGS="-S model.layers=4"'
+
+
+def section(title: str) -> str:
+    return README.split(f"\n## {title}\n", 1)[1].split("\n## ", 1)[0]
+
+
+def shell_blocks(text: str) -> list[list[str]]:
+    """The commands of each ```bash block, comments dropped."""
+    blocks = re.findall(r"```bash\n(.*?)```", text, flags=re.S)
+    return [[line.split("  #")[0].strip() for line in b.splitlines() if line.strip()] for b in blocks]
+
+
+def fresh_shell(script: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """bash with a bare PATH, as a new terminal on a machine where nothing is activated."""
+    env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": os.environ.get("HOME", "/root"), "LANG": "C.UTF-8"}
+    env["MLFLOW_DISABLE_TELEMETRY"] = "true"
+    assert str(REPO_ROOT / ".venv") not in env["PATH"]
+    return subprocess.run(
+        ["bash", "-c", "set -e\n" + script], cwd=cwd, env=env, capture_output=True, text=True, timeout=900
+    )
+
+
+def run_readme_commands(done: Experiments) -> None:
+    """The README's experiment, `make exp` (a sampling setting changed: only sample and register
+    re-run, each through the venv's python) and its sampling and scoring commands, in that order."""
+    (done.repo / ".venv").symlink_to(REPO_ROOT / ".venv")  # the venv `make` created, as on a user's clone
+    experiment = shell_blocks(section("Experiments"))[0][:2]
+    done.outputs["readme-experiment-commands"] = subprocess.CompletedProcess([], 0, "\n".join(experiment), "")
+    done.outputs["readme-experiment"] = fresh_shell("\n".join(experiment), done.repo)
+    done.readme_run_id = json.loads((done.repo / "metrics/train.json").read_text())["mlflow_run_id"]
+    make_exp = MAKE_EXP.replace('layers=4"', 'layers=4 -S sample.temperature=0.7"')
+    done.outputs["make-exp"] = fresh_shell(make_exp, done.repo)
+    done.outputs["params-after-make-exp"] = subprocess.CompletedProcess(
+        [], 0, (done.repo / "params.yaml").read_text(), ""
+    )
+    sampling = shell_blocks(section("Evaluation, sampling, scoring"))[0]
+    done.outputs["readme-sampling-commands"] = subprocess.CompletedProcess([], 0, "\n".join(sampling), "")
+    done.outputs["readme-sampling"] = fresh_shell("\n".join(sampling), done.repo)
 
 
 @pytest.fixture(scope="module")
@@ -57,9 +113,7 @@ def experiments(tmp_path_factory: pytest.TempPathFactory) -> Experiments:
     run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "baseline results"], cwd=repo)
     baseline_params = (repo / "params.yaml").read_text()
 
-    done.outputs["layers3"] = run(
-        ["dvc", "exp", "run", "-n", "layers3", "-S", "model.layers=3"], cwd=repo, env=env
-    )
+    run_readme_commands(done)
     (repo / "params.yaml").write_text(baseline_params)  # back to the baseline for what follows
 
     for hidden in QUEUED:
@@ -109,14 +163,39 @@ def experiments(tmp_path_factory: pytest.TempPathFactory) -> Experiments:
     return done
 
 
-def test_set_param_experiment_gets_its_own_mlflow_run(experiments: Experiments) -> None:
-    assert experiments.outputs["layers3"].returncode == 0
-    run_ = experiments.runs()["layers3"]
-    assert run_.data.params["model.layers"] == "3"
-    assert run_.data.tags["dvc_experiment"] == "layers3"
-    assert "dvc exp apply layers3" in run_.data.tags["mlflow.note.content"]
+def test_the_readme_experiment_runs_as_printed_into_its_own_mlflow_run(experiments: Experiments) -> None:
+    commands = experiments.outputs["readme-experiment-commands"].stdout.splitlines()
+    assert commands == ["source .venv/bin/activate", "dvc exp run -S model.layers=4"]
+    done = experiments.outputs["readme-experiment"]
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    run_ = experiments.client().get_run(experiments.readme_run_id)
+    assert run_.data.params["model.layers"] == "4" and run_.info.status == "FINISHED"
+    name = run_.data.tags["dvc_experiment"]
+    assert run_.info.run_name == name  # named after the experiment, as the README says
+    assert f"dvc exp apply {name}" in run_.data.tags["mlflow.note.content"]
     shown = run(["dvc", "exp", "show", "--json"], cwd=experiments.repo, env=experiments.env).stdout
-    assert "layers3" in shown and run_.info.run_id in shown
+    assert name in shown and run_.info.run_id in shown
+
+
+def test_make_exp_runs_without_activating(experiments: Experiments) -> None:
+    assert MAKE_EXP in README
+    done = experiments.outputs["make-exp"]
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "Running stage 'sample'" in done.stdout  # a stage ran, with the venv's python from PATH
+    params = yaml.safe_load(experiments.outputs["params-after-make-exp"].stdout)
+    assert params["model"]["layers"] == 4 and params["sample"]["temperature"] == 0.7
+
+
+def test_the_sampling_and_scoring_commands_run_as_printed(experiments: Experiments) -> None:
+    commands = experiments.outputs["readme-sampling-commands"].stdout.splitlines()
+    assert [c.split()[1] if c.startswith(".venv") else c.split("|")[1].split()[1] for c in commands] == [
+        "sample",
+        "sample",
+        "score",
+    ]
+    done = experiments.outputs["readme-sampling"]
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.stdout.startswith("ROMEO:") and "bits per character " in done.stdout
 
 
 def test_two_process_experiment_is_one_finished_run_registered_and_servable(
@@ -221,7 +300,8 @@ def test_compare_table_lists_the_runs(experiments: Experiments, tmp_path: Path) 
         env=env,
     )
     table = out.read_text()
-    for name in ("layers3", "hidden16", "hidden20", "boom"):
+    readme_experiment = experiments.client().get_run(experiments.readme_run_id).info.run_name
+    for name in (readme_experiment, "hidden16", "hidden20", "boom"):
         assert f"| {name} |" in table, name
     assert table.splitlines()[0].startswith("| run_id | run | experiment | status | corpus | level | cell")
     assert "FAILED" in table and "val_loss" in result.stdout
@@ -250,13 +330,7 @@ def test_mlflow_ui_serves_the_runs_over_rest(experiments: Experiments) -> None:
     )
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            try:
-                if requests.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                time.sleep(0.5)
+        wait_for(lambda: page_ok(f"{base}/health"), "the MLflow UI to answer", process=ui, pause=0.5)
         experiment = requests.get(
             f"{base}/api/2.0/mlflow/experiments/get-by-name",
             params={"experiment_name": "lstm-textgen"},

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import build_vocabulary, split_ids, tiny_params
+from conftest import assert_same_training, build_vocabulary, split_ids, tiny_params
 
 from lstm_textgen.data.tokenisers import Vocabulary
 from lstm_textgen.devices import DeviceError, resolve_dtype
@@ -125,10 +125,16 @@ def test_same_params_same_metrics(data, tmp_path: Path) -> None:
     assert first.train_loss_last == second.train_loss_last
 
 
-@pytest.mark.parametrize("stateful", [False, True])
-def test_resume_equals_uninterrupted(data, tmp_path: Path, stateful: bool) -> None:
+@pytest.mark.parametrize(
+    "train_settings",
+    [{"stateful": False}, {"stateful": True}, {"objective": "last", "grad_clip": 0.0}],
+    ids=["stateless", "stateful", "last-objective"],
+)
+def test_resume_equals_uninterrupted(data, tmp_path: Path, train_settings: dict) -> None:
+    """Dropout's and the batches' random streams, the carried state and the objective all come back
+    with the checkpoint: the resumed run's weights equal the uninterrupted run's bit for bit."""
     splits, vocab = data
-    params = tiny_params(model={"dropout": 0.1, "layers": 2}, train={"stateful": stateful})
+    params = tiny_params(model={"dropout": 0.1, "layers": 2}, train=train_settings)
     whole = train(splits, vocab, params, tmp_path / "w" / "best.pt", tmp_path / "w" / "last.pt")
     best, last = tmp_path / "r" / "best.pt", tmp_path / "r" / "last.pt"
     halted = train(splits, vocab, params, best, last, on_eval=lambda record: record["step"] == 20)
@@ -141,6 +147,8 @@ def test_resume_equals_uninterrupted(data, tmp_path: Path, stateful: bool) -> No
     assert resumed.window_val_loss_last == pytest.approx(whole.window_val_loss_last, abs=1e-6)
     assert resumed.window_val_loss_best == pytest.approx(whole.window_val_loss_best, abs=1e-6)
     assert best.is_file()
+    exact = (torch.load(path, weights_only=True) for path in (last, tmp_path / "w" / "last.pt"))
+    assert_same_training(*exact, exact=True)
 
 
 def test_resume_without_a_checkpoint_names_the_file_and_the_way_out(data, tmp_path: Path) -> None:

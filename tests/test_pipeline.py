@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -20,6 +19,7 @@ from conftest import (
     runs_by_name,
     store_client,
     tool_env,
+    wait_for,
 )
 
 from lstm_textgen.network import answers
@@ -134,10 +134,7 @@ def test_ui_link_lands_on_the_runs_table(store: Path, tmp_path: Path) -> None:
         process = subprocess.Popen(command, cwd=store, env=tool_env(store), stdout=output, stderr=output)
     corpus = json.loads((store / "data/raw/corpus.json").read_text())
     try:
-        deadline = time.monotonic() + 120
-        while "ui: the runs table: " not in log.read_text():
-            assert process.poll() is None and time.monotonic() < deadline, log.read_text()
-            time.sleep(0.05)
+        wait_for(lambda: "ui: the runs table: " in log.read_text(), "the UI's link", process=process, log=log)
         link = log.read_text().split("ui: the runs table: ")[1].split()[0]
         assert answers(f"http://127.0.0.1:{port}")  # the link is printed once the UI answers, not before
         with sync_playwright() as playwright:

@@ -28,11 +28,14 @@ from conftest import (
     REPO_ROOT,
     edit_params,
     free_port,
+    page_ok,
+    prepared_tiny_repo,
     require_installed,
     run,
     run_at_once,
     tiny_repo,
     tool_env,
+    wait_for,
 )
 
 pytestmark = pytest.mark.slow
@@ -159,9 +162,9 @@ def process_group_uids(group: int) -> dict[int, int]:
 def test_credentials_and_permissions_are_checked_before_training(
     lab: Lab, tmp_path: Path, user: str | None, password: str | None, named: str
 ) -> None:
-    repo = tiny_repo(tmp_path / "repo")
+    repo = tmp_path / "repo"
     env = lab.env(user, repo, password)
-    run(["dvc", "repro", "prepare"], cwd=repo, env=env)
+    prepared_tiny_repo(repo, env)
     done = run([sys.executable, "stages/train.py"], cwd=repo, env=env, check=False)
     assert done.returncode == 2, done.stderr
     assert named in done.stderr and "Traceback" not in done.stderr
@@ -219,13 +222,9 @@ def test_a_model_from_one_clone_is_scored_served_and_finetuned_from_another(
         start_new_session=True,
     )
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if requests.get(f"http://127.0.0.1:{port}/ping", timeout=2).ok:
-                    break
-            except requests.ConnectionError:
-                time.sleep(0.5)
+        wait_for(
+            lambda: page_ok(f"http://127.0.0.1:{port}/ping"), "the served model", process=serve, pause=0.5
+        )
         body = {"dataframe_records": [{"prompt": "ROMEO:", "max_new_tokens": 12}]}
         answer = requests.post(f"http://127.0.0.1:{port}/invocations", json=body, timeout=60)
         assert answer.status_code == 200 and len(answer.json()["predictions"][0]["text"]) > 0
@@ -547,10 +546,12 @@ def test_a_stage_that_starts_while_the_server_is_away_waits_for_it(
                 stdout=output,
                 stderr=subprocess.STDOUT,
             )
-        deadline = time.monotonic() + 120
-        while "waiting up to 5 minute(s)" not in log.read_text():
-            assert waiting.poll() is None and time.monotonic() < deadline, log.read_text()
-            time.sleep(0.2)
+        wait_for(
+            lambda: "waiting up to 5 minute(s)" in log.read_text(),
+            "the stage to wait",
+            process=waiting,
+            log=log,
+        )
     finally:
         lab.server("start")
     assert waiting.wait(timeout=300) == 0, log.read_text()
@@ -559,21 +560,24 @@ def test_a_stage_that_starts_while_the_server_is_away_waits_for_it(
 
 def stage_process(pipeline: psutil.Process, script: str, timeout: float = 300) -> psutil.Process:
     """The process of `script` that `dvc repro` started, as soon as it exists."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    found: list[psutil.Process] = []
+
+    def started() -> bool:
         for child in pipeline.children(recursive=True):
             with contextlib.suppress(psutil.Error):
                 if script in " ".join(child.cmdline()):
-                    return child
-        time.sleep(0.02)
-    raise AssertionError(f"{script} did not start within {timeout:g} s")
+                    found.append(child)
+        return bool(found)
+
+    wait_for(started, f"{script} to start", timeout=timeout, pause=0.02)
+    return found[0]
 
 
 def wait_until_it_talks_to(process: psutil.Process, port: int, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while not any(c.raddr and c.raddr.port == port for c in process.net_connections(kind="tcp")):
-        assert time.monotonic() < deadline, f"{process.cmdline()} never reached port {port}"
-        time.sleep(0.02)
+    def talks() -> bool:
+        return any(c.raddr and c.raddr.port == port for c in process.net_connections(kind="tcp"))
+
+    wait_for(talks, f"a connection to port {port}", timeout=timeout, pause=0.02)
 
 
 @contextlib.contextmanager

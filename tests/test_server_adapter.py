@@ -16,7 +16,7 @@ from typing import Any
 import mlflow.pyfunc
 import pytest
 import requests
-from conftest import free_port
+from conftest import free_port, wait_for
 
 from lstm_textgen.serving.server_adapter import adapt_scoring_server
 
@@ -104,7 +104,5 @@ def test_a_client_that_disconnects_is_seen_by_its_running_predict(served: tuple[
         head = f"POST /invocations HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
         client.sendall(head.encode() + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
         time.sleep(0.5)  # predict is waiting
-    deadline = time.monotonic() + 10
-    while not model.gone and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_for(lambda: model.gone, "predict to see the client gone", timeout=10)
     assert model.gone == [True]

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import edit_params, run, runs_by_name, tiny_repo, tool_env
+from conftest import edit_params, run, runs_by_name, tiny_repo, tool_env, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -111,10 +111,7 @@ def test_a_killed_worker_fails_its_trial_and_the_study_goes_on(tmp_path: Path) -
     main = subprocess.Popen(
         [*TUNE], cwd=repo, env=tool_env(repo), stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )
-    deadline = time.monotonic() + 120
-    while not any(t.state.name == "RUNNING" for t in study_or_none(repo, "killed")):
-        assert time.monotonic() < deadline and main.poll() is None, main.communicate()
-        time.sleep(0.5)
+    wait_for(lambda: trials_running(repo, "killed"), "a running trial", process=main, pause=0.5)
     time.sleep(2)
     for pid in children(main.pid):
         os.kill(pid, signal.SIGKILL)
@@ -135,6 +132,10 @@ def trial_runs_once_running(repo: Path, name: str) -> list:
         return trial_runs(repo)
     except Exception:  # no store yet
         return []
+
+
+def trials_running(repo: Path, name: str) -> bool:
+    return any(t.state.name == "RUNNING" for t in study_or_none(repo, name))
 
 
 def study_or_none(repo: Path, name: str) -> list:
@@ -168,10 +169,8 @@ def test_sigterm_ends_the_trial_as_killed_and_the_worker_cleanly(tmp_path: Path)
     main = subprocess.Popen(
         [*TUNE], cwd=repo, env=tool_env(repo), stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )
-    deadline = time.monotonic() + 180
-    while not trial_runs_once_running(repo, "stopped"):  # the trial's run is open: training started
-        assert time.monotonic() < deadline and main.poll() is None, main.communicate()
-        time.sleep(0.5)
+    # the trial's run is open: training started
+    wait_for(lambda: trial_runs_once_running(repo, "stopped"), "the trial's run", 180, main, pause=0.5)
     time.sleep(2)
     for pid in children(main.pid):
         os.kill(pid, signal.SIGTERM)

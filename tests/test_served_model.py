@@ -54,7 +54,7 @@ def test_a_model_registered_before_the_folders_loads_in_a_fresh_process(old_mode
 
 def test_serving_options_come_from_the_environment_and_bad_ones_are_named() -> None:
     from lstm_textgen.errors import UserError
-    from lstm_textgen.serving.model import ServingOptions
+    from lstm_textgen.serving.limits import ServingOptions
 
     default = ServingOptions.from_environment({})
     assert default.batching and (default.limits.active_rows, default.limits.waiting_rows) == (64, 256)

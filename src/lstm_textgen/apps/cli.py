@@ -19,6 +19,10 @@ VERBS = {
         "lstm_textgen.apps.score",
         "bits per character, perplexity and log-probabilities of a text",
     ),
+    "serve": (
+        "lstm_textgen.apps.serve",
+        "an OpenAI-compatible, streaming HTTP API on the model (/v1/completions)",
+    ),
     "demo": ("lstm_textgen.apps.demo", "the web page: streaming generation and coloured scores (make demo)"),
     "plots": ("lstm_textgen.apps.plots", "DVC's plots as a page that renders offline (make plots)"),
     "compare": ("lstm_textgen.tracking.compare", "the MLflow runs as a table, and val loss against time"),

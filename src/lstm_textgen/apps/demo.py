@@ -256,7 +256,7 @@ def build_page(entries: list[ModelEntry], models: ModelCache) -> Any:
     """The gradio Blocks: picker, Generate tab, Score tab, wired to the functions above."""
     import gradio as gr
 
-    from lstm_textgen.serving.model import MAX_NEW_TOKENS
+    from lstm_textgen.serving.limits import MAX_NEW_TOKENS
 
     first = models.get(entries[0].source)
     start = sampling_defaults(first)

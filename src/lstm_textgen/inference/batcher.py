@@ -22,7 +22,7 @@ import torch
 
 from lstm_textgen.errors import UserError
 from lstm_textgen.inference.drawing import draw_with, invalid_rows, plan_draws, take_uniforms
-from lstm_textgen.inference.rows import BatchLimits, Cancelled, Job, Overloaded, Row
+from lstm_textgen.inference.rows import BatchLimits, Cancelled, Job, Overloaded, Row, TokenLogprob
 from lstm_textgen.model.recurrent import RecurrentLM, State
 from lstm_textgen.model.stepper import Stepper
 
@@ -180,6 +180,7 @@ class RowBatcher:
         if not self.rows:
             return
         tokens, errors = self._draw()
+        logprobs = self._logprobs(tokens)
         keep = []
         for index, (row, token) in enumerate(zip(self.rows, tokens.tolist(), strict=True)):
             if index in errors:
@@ -188,7 +189,7 @@ class RowBatcher:
             if row.expired:
                 row.finish(Cancelled("the request was cancelled or passed its time limit"))
                 continue
-            row.emit(token)
+            row.emit(token, logprobs.get(index))
             if len(row.tokens) >= row.max_new_tokens:
                 row.finish()
             else:
@@ -216,6 +217,24 @@ class RowBatcher:
         for index in invalid_rows(self.logits, tokens):
             errors.setdefault(index, UserError("this row's logits overflowed: try a higher temperature"))
         return tokens, errors
+
+    def _logprobs(self, tokens: torch.Tensor) -> dict[int, TokenLogprob]:
+        """For the rows that asked: each drawn token's log-probability and the most likely tokens'."""
+        wanted = [index for index, row in enumerate(self.rows) if row.logprobs is not None]
+        if not wanted:
+            return {}
+        index = torch.tensor(wanted, dtype=torch.long, device=self.device)
+        logp = torch.log_softmax(self.logits[index].float(), dim=-1)
+        chosen = logp.gather(1, tokens[index].clamp(0, logp.shape[1] - 1).unsqueeze(1)).squeeze(1).tolist()
+        k = min(max(self.rows[i].logprobs or 0 for i in wanted), logp.shape[1])
+        values, ids = logp.topk(k, dim=-1) if k else (logp[:, :0], logp[:, :0].long())
+        values_list, ids_list = values.tolist(), ids.tolist()
+        out = {}
+        for position, row_index in enumerate(wanted):
+            top = self.rows[row_index].logprobs or 0
+            pairs = tuple(zip(ids_list[position][:top], values_list[position][:top], strict=True))
+            out[row_index] = (chosen[position], pairs)
+        return out
 
     def _run_jobs(self) -> None:
         """Whole-text work (scoring) queued beside the rows: run between steps, on this thread, so it
@@ -290,20 +309,22 @@ class RowBatcher:
 def warm_up(
     model: RecurrentLM, prompt_ids: Sequence[Sequence[int]], device: torch.device
 ) -> tuple[torch.Tensor, State]:
-    """[B, V] next-token logits and the state after each prompt. Prompts of equal length share one
-    call of the sequence kernel (a batch of 64 copies of a prompt is one call, not 64); the rows
-    come back in the prompts' order."""
+    """[B, V] next-token logits and the state after each prompt. A prompt asked several times (the
+    `n` texts of one request) is read once; prompts of equal length share one call of the sequence
+    kernel; the rows come back in the prompts' order."""
+    distinct: dict[tuple[int, ...], int] = {}
+    which = [distinct.setdefault(tuple(ids), len(distinct)) for ids in prompt_ids]
+    prompts = list(distinct)
     by_length: dict[int, list[int]] = {}
-    for row, ids in enumerate(prompt_ids):
+    for row, ids in enumerate(prompts):
         by_length.setdefault(len(ids), []).append(row)
     outputs = [
-        model(
-            torch.tensor([list(prompt_ids[r]) for r in rows], dtype=torch.long, device=device), last_only=True
-        )
+        model(torch.tensor([prompts[r] for r in rows], dtype=torch.long, device=device), last_only=True)
         for rows in by_length.values()
     ]
-    grouped_rows = torch.tensor([r for rows in by_length.values() for r in rows], device=device)
-    back = grouped_rows.argsort()  # from the grouped order to the prompts' order
+    grouped = [r for rows in by_length.values() for r in rows]
+    # from the grouped order to each prompt's row, repeats included
+    back = torch.tensor(grouped, device=device).argsort()[torch.tensor(which, device=device)]
     logits = torch.cat([group_logits for group_logits, _ in outputs])[back]
     states = [group_state for _, group_state in outputs]
     if isinstance(states[0], tuple):  # LSTM: (h, c)

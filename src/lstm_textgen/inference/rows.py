@@ -37,6 +37,10 @@ class Cancelled(UserError):
 
 _END = object()  # the end of a streamed row
 
+# A drawn token's log-probability under the model (temperature 1, before any top-k or top-p) and the
+# most likely tokens' (id, log-probability), most likely first: what OpenAI's `logprobs` reports.
+TokenLogprob = tuple[float, tuple[tuple[int, float], ...]]
+
 
 class Row:
     """One prompt's generation: its tokens as they are drawn, its end, its error if any.
@@ -54,6 +58,7 @@ class Row:
         stream: bool = False,
         deadline: float | None = None,
         abandoned: threading.Event | None = None,
+        logprobs: int | None = None,
     ) -> None:
         self.prompt_ids = list(prompt_ids)
         self.max_new_tokens = max_new_tokens
@@ -62,12 +67,16 @@ class Row:
         self.deadline = deadline  # time.monotonic() after which the row is dropped
         self.abandoned = abandoned  # set when the client went away (the served model)
         self.tokens: list[int] = []
+        self.logprobs = logprobs  # None: none kept; k: each token's, and the k most likely tokens'
+        self.token_logprobs: list[TokenLogprob] = []
         self.error: BaseException | None = None
         self.cancelled = False
         self.done = threading.Event()
         self._stream: queue.SimpleQueue[object] | None = queue.SimpleQueue() if stream else None
 
-    def emit(self, token: int) -> None:
+    def emit(self, token: int, logprob: TokenLogprob | None = None) -> None:
+        if logprob is not None:
+            self.token_logprobs.append(logprob)  # before the token: a reader of the token finds it
         self.tokens.append(token)
         if self._stream is not None:
             self._stream.put(token)

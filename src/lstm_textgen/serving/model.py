@@ -26,11 +26,9 @@ how many rows step and wait, and a request that does not fit gets HTTP 503 with 
 from __future__ import annotations
 
 import math
-import os
 import sys
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,20 +37,18 @@ import numpy as np
 import pandas as pd
 
 from lstm_textgen.errors import UserError
-from lstm_textgen.inference.rows import BatchLimits
-from lstm_textgen.params import ParamsError, SampleParams, Sampling, scalar_type, text_problem
+from lstm_textgen.params import ParamsError, SampleParams, Sampling, scalar_type
+from lstm_textgen.serving.limits import (
+    DEFAULT_NEW_TOKENS,
+    MAX_NEW_TOKENS,
+    MAX_ROWS,
+    MAX_SCORE_TOKENS_PER_REQUEST,
+    MAX_TOKENS_PER_REQUEST,
+    MAX_WORK_PER_REQUEST,
+    ServingOptions,
+    prompt_problem,
+)
 
-MAX_NEW_TOKENS = 2000
-DEFAULT_NEW_TOKENS = 200
-# What one request may ask, so that none ties up a server worker for minutes: refused at once, 400.
-MAX_ROWS = 64
-MAX_PROMPT_CHARACTERS = 10_000
-MAX_TOKENS_PER_REQUEST = 32_000  # rows x max_new_tokens
-# The work a request costs, in tokens read or drawn: for generation each row's prompt tokens plus its
-# new tokens times the uniforms each takes (`draws` for the mode strategy, else 1); for scoring each
-# text's tokens. Over it: 400, naming both figures.
-MAX_WORK_PER_REQUEST = 2_560_000
-MAX_SCORE_TOKENS_PER_REQUEST = 64_000
 TASKS = ("generate", "score")
 # A request's optional columns: its length, then every sampling setting by its name in params.py.
 SAMPLING_COLUMNS = tuple(Sampling.model_fields)
@@ -122,17 +118,8 @@ def records(frame: pd.DataFrame) -> list[dict[str, Any]]:
 
 def checked_prompt(row: dict[str, Any]) -> str:
     prompt = row.get("prompt")
-    if not isinstance(prompt, str):
-        raise _bad_request(f"prompt must be a string, got {type(prompt).__name__} {prompt!r}")
-    if not prompt:
-        raise _bad_request("prompt must not be empty")
-    if len(prompt) > MAX_PROMPT_CHARACTERS:
-        raise _bad_request(
-            f"prompt must be at most {MAX_PROMPT_CHARACTERS:,} characters, got {len(prompt):,} "
-            "(its last characters carry most of the context: send those)"
-        )
-    if problem := text_problem(prompt):
-        raise _bad_request(f"prompt {problem}")
+    if problem := prompt_problem(prompt):
+        raise _bad_request(problem)
     return prompt
 
 
@@ -188,38 +175,6 @@ def request_settings(
     except UserError as exc:
         raise _bad_request(str(exc)) from None
     return prompt, max_new, sampling
-
-
-@dataclass(frozen=True)
-class ServingOptions:
-    """How the served model schedules requests, read from the server's environment (set the
-    variables before `mlflow models serve`)."""
-
-    batching: bool = True  # LSTM_TEXTGEN_BATCHING=off: each request generates alone, in its own thread
-    limits: BatchLimits = field(default_factory=BatchLimits)  # LSTM_TEXTGEN_ACTIVE_ROWS, _WAITING_ROWS
-    request_seconds: float = 60.0  # MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT: the server gives up then
-
-    @classmethod
-    def from_environment(cls, env: Mapping[str, str] = os.environ) -> ServingOptions:
-        def number(name: str, default: float, kind: type = int) -> Any:
-            value = env.get(name, str(default))
-            try:
-                parsed = kind(value)
-            except ValueError:
-                parsed = 0
-            if not parsed > 0:
-                raise UserError(f"{name} must be a positive {kind.__name__}, got {value!r}")
-            return parsed
-
-        batching = env.get("LSTM_TEXTGEN_BATCHING", "on").lower()
-        if batching not in ("on", "off"):
-            raise UserError(f"LSTM_TEXTGEN_BATCHING must be on or off, got {batching!r}")
-        limits = BatchLimits(
-            active_rows=number("LSTM_TEXTGEN_ACTIVE_ROWS", BatchLimits.active_rows),
-            waiting_rows=number("LSTM_TEXTGEN_WAITING_ROWS", BatchLimits.waiting_rows),
-        )
-        seconds = number("MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT", cls.request_seconds, float)
-        return cls(batching == "on", limits, seconds)
 
 
 class TextGenerator(mlflow.pyfunc.PythonModel):

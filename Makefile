@@ -118,6 +118,7 @@ preset: $(STAMP)  ## make preset NAME=anna-notebook [ARGS="-S train.max_steps=50
 bench: $(STAMP)  ## benchmarks/results/<machine>/: us vs the notebook (BENCH_CORPUS=path/or/url), then serving
 	$(BIN)/python -m benchmarks.bench --corpus $(BENCH_CORPUS)
 	$(WITH_VENV) $(BIN)/python -m benchmarks.bench_serving --if-available
+	$(WITH_VENV) $(BIN)/python -m benchmarks.bench_openai --if-available
 
 bench-ddp: $(STAMP)  ## training throughput on 1 and 2 local processes (DDP, gloo on the CPU)
 	$(WITH_VENV) $(BIN)/python -m benchmarks.bench_ddp
@@ -127,8 +128,9 @@ fuzz: $(DEV_STAMP)  ## the fuzz tier, longer: FUZZ_EXAMPLES cases, FUZZ_HONEST_C
 		$(BIN)/python -m pytest -q -s tests/test_fuzz_inputs.py tests/test_fuzz_serving.py \
 		tests/test_server.py::test_a_read_account_changes_nothing_whatever_it_sends
 
-bench-serving: $(STAMP)  ## the champion under 16 concurrent clients (after make repro)
+bench-serving: $(STAMP)  ## the champion under concurrent clients, both servers (after make repro)
 	$(WITH_VENV) $(BIN)/python -m benchmarks.bench_serving
+	$(WITH_VENV) $(BIN)/python -m benchmarks.bench_openai
 
 bench-tracking: $(STAMP) system-packages  ## training logging to SQLite vs the server (and through an outage); 8 clients
 	$(WITH_VENV) $(BIN)/python -m benchmarks.bench_tracking

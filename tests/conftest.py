@@ -43,6 +43,7 @@ LONGEST_FIRST = (
     "test_pipeline.py",
     "test_levels.py",
     "test_serving.py",
+    "test_openai_server.py",
     "test_demo.py",
     "test_dvc_remote.py",
 )

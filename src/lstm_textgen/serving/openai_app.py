@@ -26,6 +26,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from lstm_textgen.errors import UserError
 from lstm_textgen.inference.batcher import RowBatcher
+from lstm_textgen.inference.generation import continuation
 from lstm_textgen.inference.rows import Cancelled, Job, Overloaded, Row, TokenLogprob
 from lstm_textgen.inference.scoring import score_row, score_texts
 from lstm_textgen.model.checkpoint import LoadedModel
@@ -94,13 +95,21 @@ def overloaded(exc: Overloaded) -> ApiError:
 
 
 class AsyncRow(Row):
-    """A row whose tokens and end go, as `(position, token)`, onto its request's asyncio queue."""
+    """A row whose end, and each token if `each_token`, go as `(position, item)` onto its request's
+    asyncio queue. A plain request without stop strings or logprobs needs only the end: its tokens
+    are read once then, sparing the event loop a wake-up per token."""
 
     def __init__(
-        self, *args: Any, loop: asyncio.AbstractEventLoop, sink: asyncio.Queue, position: int, **kwargs: Any
+        self,
+        *args: Any,
+        loop: asyncio.AbstractEventLoop,
+        sink: asyncio.Queue,
+        position: int,
+        each_token: bool,
+        **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
-        self.loop, self.sink, self.position = loop, sink, position
+        self.loop, self.sink, self.position, self.each_token = loop, sink, position, each_token
 
     def _send(self, item: object) -> None:
         with contextlib.suppress(RuntimeError):  # the loop is closed: the server is stopping
@@ -108,7 +117,8 @@ class AsyncRow(Row):
 
     def emit(self, token: int, logprob: TokenLogprob | None = None) -> None:
         super().emit(token, logprob)
-        self._send(token)
+        if self.each_token:
+            self._send(token)
 
     def finish(self, error: BaseException | None = None) -> None:
         super().finish(error)
@@ -139,7 +149,7 @@ class Generation:
     ) -> None:
         self.choices, self.rows, self.metrics, self.started = choices, rows, metrics, started
         self.stops = request.stops
-        vocab = loaded.vocab
+        self.vocab = vocab = loaded.vocab
         self.text = [vocab.detokenizer(c.prompt_ids[-1]) for c in choices]
         self.scanners = [StopScanner(self.stops) for _ in choices]
         wants_logprobs = request.logprobs is not None
@@ -188,6 +198,12 @@ class Generation:
         row = self.rows[position]
         if row.error is not None:
             raise row.error
+        if not row.each_token:  # the whole text at once, as the MLflow server makes it
+            choice = self.choices[position]
+            choice.tokens = len(row.tokens)
+            self.metrics.generated_tokens.inc(len(row.tokens))
+            choice.text = continuation(self.vocab, choice.prompt_ids, row.tokens)
+            return self._finish(position, choice.text, "length")
         scanner = self.scanners[position]
         text = scanner.push(self.text[position].finish())
         text += scanner.finish()
@@ -331,6 +347,7 @@ def create_app(
     def start(parsed: CompletionRequest, choices: list[Choice], started: float) -> Generation:
         loop, sink = asyncio.get_running_loop(), asyncio.Queue()
         deadline = started + options.request_seconds
+        each_token = parsed.stream or bool(parsed.stops) or parsed.logprobs is not None
         rows = [
             AsyncRow(
                 c.prompt_ids,
@@ -341,6 +358,7 @@ def create_app(
                 loop=loop,
                 sink=sink,
                 position=i,
+                each_token=each_token,
             )
             for i, c in enumerate(choices)
         ]

@@ -274,7 +274,6 @@ def completion_id() -> str:
 
 def completion(ident: str, model: str, choices: list[Choice], created: int | None = None) -> dict[str, Any]:
     """The whole answer (`stream: false`), in OpenAI's shape."""
-    prompt_tokens = sum(len(c.prompt_ids) for c in choices if c.copy == 0)  # each prompt once
     completion_tokens = sum(c.tokens for c in choices)
     return {
         "id": ident,
@@ -285,8 +284,13 @@ def completion(ident: str, model: str, choices: list[Choice], created: int | Non
             {"index": c.index, "text": c.text, "logprobs": c.logprobs, "finish_reason": c.finish_reason}
             for c in sorted(choices, key=lambda c: c.index)
         ],
-        "usage": usage(prompt_tokens, completion_tokens),
+        "usage": usage(prompt_tokens(choices), completion_tokens),
     }
+
+
+def prompt_tokens(choices: list[Choice]) -> int:
+    """The request's prompt tokens, each prompt counted once however many `n` texts it has."""
+    return sum(len(c.prompt_ids) for c in choices if c.copy == 0)
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:

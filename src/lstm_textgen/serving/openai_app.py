@@ -42,6 +42,7 @@ from lstm_textgen.serving.completions import (
     completion_id,
     error_body,
     plan_choices,
+    prompt_tokens,
     usage,
 )
 from lstm_textgen.serving.limits import MAX_ROWS, MAX_SCORE_TOKENS_PER_REQUEST, ServingOptions, prompt_problem
@@ -368,7 +369,7 @@ def create_app(
             raise overloaded(exc) from None
         except ParamsError as exc:  # what depends on the model: top_k beyond its vocabulary
             raise ApiError(400, str(exc), "invalid_request_error", param="top_k") from None
-        metrics.prompt_tokens.inc(sum(len(c.prompt_ids) for c in choices if c.copy == 0))
+        metrics.prompt_tokens.inc(prompt_tokens(choices))
         return Generation(choices, rows, parsed, loaded, metrics, started)
 
     async def stream(

@@ -559,13 +559,14 @@ def test_a_stage_that_starts_while_the_server_is_away_waits_for_it(
 
 
 def stage_process(pipeline: psutil.Process, script: str, timeout: float = 300) -> psutil.Process:
-    """The process of `script` that `dvc repro` started, as soon as it exists."""
+    """The Python process running `script` under `dvc repro`, as soon as it exists: the script is its
+    own argument there, not part of the `sh -c "python ..."` line of the shell that DVC starts it with."""
     found: list[psutil.Process] = []
 
     def started() -> bool:
         for child in pipeline.children(recursive=True):
             with contextlib.suppress(psutil.Error):
-                if script in " ".join(child.cmdline()):
+                if script in child.cmdline()[1:2]:
                     found.append(child)
         return bool(found)
 

@@ -44,6 +44,8 @@ LONGEST_FIRST = (
     "test_levels.py",
     "test_serving.py",
     "test_openai_server.py",
+    "test_drain.py",
+    "test_own_process.py",
     "test_demo.py",
     "test_dvc_remote.py",
 )

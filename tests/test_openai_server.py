@@ -1,7 +1,8 @@
 """`lstm-textgen serve` as applications use it: a real server process on the pipeline's registered
 champion, called by the official `openai` client (plain and streaming, n, seed, stop, echo,
 logprobs, its error types), its texts compared with `mlflow models serve`'s for the same rows, API
-keys, a full batch, a client that goes away, and /metrics parsed as Prometheus reads it."""
+keys, a full batch, a client that goes away, /metrics parsed as Prometheus reads it, schemathesis
+fuzzing from its OpenAPI schema, and the demo page it mounts with `--demo`, in Chromium."""
 
 from __future__ import annotations
 
@@ -12,7 +13,16 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest import free_port, model_server, tool_env, wait_for, wait_for_page
+from conftest import (
+    CHROMIUM,
+    free_port,
+    model_server,
+    offline,
+    require_browser,
+    tool_env,
+    wait_for,
+    wait_for_page,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -33,7 +43,7 @@ def serve(repro_repo: tuple[Path, str], tmp_path_factory: pytest.TempPathFactory
         "LSTM_TEXTGEN_ACTIVE_ROWS": str(PLACES),
         "LSTM_TEXTGEN_WAITING_ROWS": "1",
     }
-    command = ["lstm-textgen", "serve", f"models:/{MODEL}@champion", "--port", str(port)]
+    command = ["lstm-textgen", "serve", f"models:/{MODEL}@champion", "--port", str(port), "--demo"]
     with log.open("w") as output:
         process = subprocess.Popen(command, cwd=store, env=env, stdout=output, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -201,7 +211,7 @@ def test_a_full_server_answers_503_with_retry_after_and_the_client_retries(serve
     refused_once = metric(serve, "lstm_textgen_rejected_requests_total", reason="overloaded")
     assert refused_once - refused == outcomes.count((503, "1"))
     with ThreadPoolExecutor(max_workers=8) as pool:
-        outcomes = list(pool.map(lambda _: outcome(serve, retries=10, max_tokens=300), range(8)))
+        outcomes = list(pool.map(lambda _: outcome(serve, retries=10, max_tokens=1000), range(8)))
     assert outcomes == [(200, None)] * 8
     assert metric(serve, "lstm_textgen_rejected_requests_total", reason="overloaded") > refused_once
 
@@ -233,3 +243,72 @@ def test_score_agrees_with_the_served_model(serve: str, mlflow_served: str) -> N
     [figures] = ours.json()["data"]
     served = theirs.json()["predictions"][0]
     assert figures["bits_per_character"] == pytest.approx(served["bits_per_character"], rel=1e-6)
+
+
+def test_fuzzed_requests_get_no_5xx_but_503_and_answers_match_the_schema(serve: str) -> None:
+    """Schemathesis, from the server's own OpenAPI schema, valid and invalid requests to every
+    endpoint: whatever a request holds, no 500, and every answer is one the schema documents (status,
+    content type, body shape); 503 only with `Retry-After`. A body's `model` names the served one, so
+    that the fuzzing reaches past the model check."""
+    import schemathesis
+    from schemathesis.checks import (
+        content_type_conformance,
+        not_a_server_error,
+        response_schema_conformance,
+        status_code_conformance,
+    )
+
+    schema = schemathesis.openapi.from_url(f"{serve}/openapi.json")
+    operations = [result.ok() for result in schema.get_all_operations()]
+    assert {f"{op.method.upper()} {op.path}" for op in operations} >= {
+        "POST /v1/completions",
+        "POST /v1/score",
+        "GET /v1/models",
+        "GET /health",
+        "GET /metrics",
+    }
+    documented = [content_type_conformance, response_schema_conformance, status_code_conformance]
+    tried: dict[int, int] = {}
+
+    def check(case) -> None:
+        if isinstance(case.body, dict) and isinstance(case.body.get("model"), str):
+            case.body["model"] = MODEL
+        response = case.call(headers=auth(), timeout=120)
+        tried[response.status_code] = tried.get(response.status_code, 0) + 1
+        overloaded = response.status_code == 503 and response.headers.get("Retry-After")
+        checks = documented if overloaded else [not_a_server_error, *documented]
+        case.validate_response(response, checks=checks)
+
+    budget = settings(max_examples=25, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    valid, invalid = schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE
+    for operation in operations:
+        modes = [valid, invalid] if operation.method == "post" else [valid]  # a GET has no input to spoil
+        for mode in modes:
+            budget(given(case=operation.as_strategy(generation_mode=mode))(check))()
+    assert tried.get(200, 0) > 0 and tried.get(400, 0) > 0, tried  # past the checks, and refused
+
+
+def test_the_demo_page_it_mounts_logs_in_with_a_key_and_draws_the_apis_text(serve: str) -> None:
+    """`serve --demo`: the demo's page at /demo/, behind the API keys (a key is the password), generating
+    in the API's batcher: the same seed gives the page the API's text."""
+    require_browser()
+    from playwright.sync_api import sync_playwright
+    from test_demo import PAGE_TIMEOUT_MS, generate_in_page
+
+    api = client(serve).completions.create(model=MODEL, prompt="ROMEO:", max_tokens=60, seed=11)
+    assert requests.get(f"{serve}/demo/config", timeout=10).status_code == 401
+    external: list[str] = []
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1200, "height": 1000})
+        page.set_default_timeout(PAGE_TIMEOUT_MS)
+        page.route("**/*", lambda route: offline(route, external))
+        login = f"{serve}/demo/login"
+        assert page.request.post(login, form={"username": "u", "password": "wrong-key-000"}).status == 400
+        assert page.request.post(login, form={"username": "u", "password": KEY}).ok
+        page.goto(f"{serve}/demo/")
+        page.wait_for_selector("#generate")
+        text, _ = generate_in_page(page, "ROMEO:", 60, 11)
+        browser.close()
+    assert text == "ROMEO:" + api.choices[0].text
+    assert not external  # the page needs nothing from outside the machine

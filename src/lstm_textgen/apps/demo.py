@@ -105,6 +105,14 @@ class ModelCache:
         self.batchers: dict[str, Any] = {}
         self.lock = threading.Lock()
 
+    @classmethod
+    def holding(cls, source: str, loaded: Any, batcher: Any) -> ModelCache:
+        """A cache of one model already loaded, stepping in a batcher another server runs: the page
+        that `lstm-textgen serve --demo` mounts shares the API's batch."""
+        cache = cls(str(next(loaded.model.parameters()).device))
+        cache.loaded[source], cache.batchers[source] = loaded, batcher
+        return cache
+
     def get(self, source: str) -> Any:
         from lstm_textgen.tracking.registry import load_source
 
@@ -328,10 +336,13 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # before gradio is imported
     from lstm_textgen.devices import resolve_device
+    from lstm_textgen.serving.drain import drain_on_sigterm, drain_seconds
 
     entries = model_entries(args.model, registered_entries())
     models = ModelCache(str(resolve_device(args.device)))
     page = build_page(entries, models)
+    # SIGTERM: the pages' texts finish (new ones are refused), then the server closes and exit 0
+    drain_on_sigterm(lambda: list(models.batchers.values()), drain_seconds(), page.close, "demo")
     print(f"demo: {len(entries)} model(s); the first is {entries[0].label}", flush=True)
     page.queue(default_concurrency_limit=4).launch(
         server_name=args.host, server_port=args.port, ssr_mode=False, pwa=False, mcp_server=False, quiet=False

@@ -26,6 +26,7 @@ from lstm_textgen.errors import UserError
 API_KEYS_VARIABLE = "LSTM_TEXTGEN_API_KEYS"
 MODEL_VARIABLE = "LSTM_TEXTGEN_SERVE_MODEL"  # what each of --workers' processes loads
 DEVICE_VARIABLE = "LSTM_TEXTGEN_SERVE_DEVICE"
+DEMO_VARIABLE = "LSTM_TEXTGEN_SERVE_DEMO"
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
@@ -44,6 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--workers", type=int, default=1, help="processes, each with the model loaded")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="for the default MODEL")
+    parser.add_argument(
+        "--demo",
+        action="store_true",
+        help="also the demo's web page at /demo/, on the same batcher (with API keys: a key is its password)",
+    )
     return parser
 
 
@@ -107,9 +113,32 @@ def build_app(source: str, device: str, api_keys: frozenset[str]) -> Any:
     return create_app(loaded, model_card(source, loaded), options, api_keys)
 
 
+def mount_demo(app: Any, source: str, api_keys: frozenset[str]) -> Any:
+    """The demo's page (`lstm-textgen demo`) at /demo/, generating in the API's own batcher: one
+    batch for the page's streams and the API's requests. With API keys, any user name and a key log in."""
+    os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # before gradio is imported
+    import gradio as gr
+
+    from lstm_textgen.apps.demo import ModelCache, ModelEntry, build_page
+
+    card = app.state.card
+    label = f"{card.id} v{card.version}" if card.version else card.id
+    models = ModelCache.holding(source, app.state.loaded, app.state.batcher)
+    page = build_page([ModelEntry(source, label)], models).queue(default_concurrency_limit=4)
+
+    def by_key(_user: str, password: str) -> bool:
+        return password in api_keys
+
+    auth = by_key if api_keys else None
+    page_options = {"ssr_mode": False, "pwa": False, "mcp_server": False}
+    return gr.mount_gradio_app(app, page, path="/demo", auth=auth, **page_options)
+
+
 def app_from_environment() -> Any:
     """The app of one of --workers' processes (uvicorn imports this factory in each)."""
-    return build_app(os.environ[MODEL_VARIABLE], os.environ.get(DEVICE_VARIABLE, "auto"), read_api_keys())
+    source, keys = os.environ[MODEL_VARIABLE], read_api_keys()
+    app = build_app(source, os.environ.get(DEVICE_VARIABLE, "auto"), keys)
+    return mount_demo(app, source, keys) if os.environ.get(DEMO_VARIABLE) == "1" else app
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -131,13 +160,17 @@ def main(argv: list[str] | None = None) -> None:
         app = build_app(source, args.device, keys)
         card = app.state.card
         version = f" version {card.version}" if card.version else ""
+        if args.demo:
+            app = mount_demo(app, source, keys)
         print(
-            f"serve: {card.id}{version} ({source}) at {where}/v1, OpenAI-compatible; {where}/metrics",
+            f"serve: {card.id}{version} ({source}) at {where}/v1, OpenAI-compatible; {where}/metrics"
+            + (f"; the demo page at {where}/demo/" if args.demo else ""),
             flush=True,
         )
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
         return
     os.environ[MODEL_VARIABLE], os.environ[DEVICE_VARIABLE] = source, args.device
+    os.environ[DEMO_VARIABLE] = "1" if args.demo else "0"
     print(f"serve: {source} in {args.workers} processes at {where}/v1 (OpenAI-compatible)", flush=True)
     uvicorn.run(
         "lstm_textgen.apps.serve:app_from_environment",

@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import atexit
 import threading
+import time
 from collections.abc import Iterator, Sequence
 
 import torch
 
 from lstm_textgen.errors import UserError
 from lstm_textgen.inference.drawing import draw_with, invalid_rows, plan_draws, take_uniforms
-from lstm_textgen.inference.rows import BatchLimits, Cancelled, Job, Overloaded, Row, TokenLogprob
+from lstm_textgen.inference.rows import BatchLimits, Cancelled, Job, Overloaded, Row, Stopped, TokenLogprob
 from lstm_textgen.model.recurrent import RecurrentLM, State
 from lstm_textgen.model.stepper import Stepper
 
@@ -40,7 +41,8 @@ class RowBatcher:
         self.lock = threading.Condition()
         self.thread: threading.Thread | None = None
         self.failed_steps = 0
-        self.started = self.stopping = False
+        self.started = self.stopping = self.draining = False
+        self.cut: Stopped | None = None  # set when a draining server cuts its rows short
         self._empty()
 
     def _empty(self) -> None:
@@ -76,6 +78,8 @@ class RowBatcher:
         self._restart_if_dead()
 
     def _check_places(self, wanted: int) -> None:
+        if self.draining:
+            raise Overloaded("the server is stopping: send the request again (another replica takes it)")
         places = self.limits.active_rows + self.limits.waiting_rows
         taken = len(self.rows) + len(self.waiting) + sum(job.rows for job in self.jobs)
         if taken + wanted > places:
@@ -127,6 +131,33 @@ class RowBatcher:
         if row.error is not None:
             raise row.error
 
+    @property
+    def busy(self) -> bool:
+        with self.lock:
+            return bool(self.rows or self.waiting or self.jobs)
+
+    def drain(self, seconds: float, poll: float = 0.05) -> int:
+        """Admit nothing more (`submit` refuses with `Overloaded`: HTTP 503, the client retries) and
+        let every row already queued finish, up to `seconds`; then cut what is left short with a
+        `Cancelled` that names the shutdown. Returns the number of rows cut. For a server's SIGTERM."""
+        with self.lock:
+            self.draining = True
+        deadline = time.monotonic() + seconds
+        while self.busy and time.monotonic() < deadline:
+            time.sleep(poll)
+        with self.lock:
+            left = self.rows + self.waiting
+            self.cut = Stopped(
+                f"the server stopped before this text was finished (it waited {seconds:g} s for the "
+                "texts being generated); send the request again"
+            )
+            for row in left:
+                row.cancel()
+        ended = time.monotonic() + 5.0  # the next step ends them: their answers go out before exit
+        while self.busy and time.monotonic() < ended:
+            time.sleep(poll)
+        return len(left)
+
     # --- the scheduler ---------------------------------------------------------------------------
 
     def stop(self, timeout: float = 30.0) -> None:
@@ -170,7 +201,7 @@ class RowBatcher:
         """Whether the batcher can step: its thread runs (when started) and the model's steps work.
         The served model's /ping and /health answer 503 when not, so a supervisor restarts it."""
         alive = self.thread is None or self.thread.is_alive()
-        return alive and self.failed_steps < self.MAX_FAILED_STEPS
+        return alive and self.failed_steps < self.MAX_FAILED_STEPS and not self.draining
 
     def step(self) -> None:
         """Admit waiting rows, draw one token for every active row, drop the finished ones, advance
@@ -187,7 +218,7 @@ class RowBatcher:
                 row.finish(errors[index])
                 continue
             if row.expired:
-                row.finish(Cancelled("the request was cancelled or passed its time limit"))
+                row.finish(self.cut or Cancelled("the request was cancelled or passed its time limit"))
                 continue
             row.emit(token, logprobs.get(index))
             if len(row.tokens) >= row.max_new_tokens:
@@ -258,7 +289,7 @@ class RowBatcher:
             joining, self.waiting = self.waiting[:count], self.waiting[count:]
         for row in joining:
             if row.expired:
-                row.finish(Cancelled("the request was cancelled before it started"))
+                row.finish(self.cut or Cancelled("the request was cancelled before it started"))
         joining = [row for row in joining if not row.done.is_set()]
         if not joining:
             return

@@ -31,6 +31,11 @@ class Overloaded(UserError):
     """Every place, active and waiting, is taken: the caller should retry later (HTTP 503)."""
 
 
+class Stopped(Overloaded):
+    """A row cut short because its server is stopping (SIGTERM, after its grace period): the client
+    should send the request again, to a server that runs (HTTP 503)."""
+
+
 class Cancelled(UserError):
     """A row was cancelled (its client went away, or pressed Stop) or passed its deadline."""
 

@@ -14,7 +14,12 @@ RESUMABLE = {"resumable": True}  # where a run goes on, how long, how watched: m
 
 
 class ParamsError(UserError):
-    """params.yaml does not validate; the message lists every problem, one per line."""
+    """params.yaml does not validate; the message lists every problem, one per line. `field` names
+    the setting when one is at fault (a server answers with it as OpenAI's `param`)."""
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 class Section(BaseModel):

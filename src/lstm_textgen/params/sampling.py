@@ -81,13 +81,16 @@ class Sampling(Section):
         try:
             return cls(**values)
         except ValidationError as exc:
-            raise ParamsError("; ".join(_field_problem(err) for err in exc.errors())) from None
+            errors = exc.errors()
+            first = str(errors[0]["loc"][0]) if errors and errors[0]["loc"] else None
+            raise ParamsError("; ".join(_field_problem(err) for err in errors), first) from None
 
     def check_vocabulary(self, vocab_size: int) -> None:
         """The bound that depends on the model: top_k keeps at most every token there is."""
         if self.top_k is not None and self.top_k > vocab_size:
             raise ParamsError(
-                f"top_k must be at most the vocabulary size ({vocab_size:,} tokens), got {self.top_k:,}"
+                f"top_k must be at most the vocabulary size ({vocab_size:,} tokens), got {self.top_k:,}",
+                "top_k",
             )
 
     def draws_per_step(self) -> int:

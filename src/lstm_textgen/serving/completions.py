@@ -11,15 +11,15 @@ from __future__ import annotations
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
 from lstm_textgen.data.tokenisers import Vocabulary
 from lstm_textgen.errors import UserError
 from lstm_textgen.inference.generation import encode_prompt
 from lstm_textgen.inference.rows import TokenLogprob
-from lstm_textgen.params import SampleParams, Sampling
+from lstm_textgen.params import ParamsError, SampleParams, Sampling
 from lstm_textgen.serving.limits import (
     MAX_NEW_TOKENS,
     MAX_ROWS,
@@ -33,6 +33,7 @@ DEFAULT_MAX_TOKENS = 16
 MAX_STOPS = 4  # as OpenAI
 MAX_STOP_CHARACTERS = 200
 MAX_LOGPROBS = 5  # as OpenAI's legacy completions
+Request = TypeVar("Request", bound=BaseModel)
 
 
 class RequestError(UserError):
@@ -71,14 +72,13 @@ class CompletionRequest(BaseModel):
     best_of: int | None = None
     logit_bias: dict[str, float] | None = None
     suffix: str | None = None
+    _stops: tuple[str, ...] = PrivateAttr(default=())
 
     @classmethod
     def parse(cls, body: Any) -> CompletionRequest:
-        try:
-            request = cls.model_validate(body)
-        except ValidationError as exc:
-            raise validation_error(exc) from None
+        request = validated(cls, body)
         request.refuse_unsupported()
+        request._stops = checked_stops(request.stop)
         return request
 
     def refuse_unsupported(self) -> None:
@@ -107,15 +107,8 @@ class CompletionRequest(BaseModel):
 
     @property
     def stops(self) -> tuple[str, ...]:
-        stops = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
-        if len(stops) > MAX_STOPS:
-            raise RequestError(f"stop may hold at most {MAX_STOPS} strings, got {len(stops)}", "stop")
-        for stop in stops:
-            if not stop or len(stop) > MAX_STOP_CHARACTERS:
-                raise RequestError(
-                    f"each stop string must have 1 to {MAX_STOP_CHARACTERS} characters", "stop"
-                )
-        return stops
+        """The stop strings as a tuple, checked by `parse`."""
+        return self._stops
 
     def sampling(self, defaults: SampleParams, choice: int) -> Sampling:
         """Choice `choice`'s settings: what the request sets, else the model's registered `sample.*`.
@@ -137,21 +130,33 @@ class CompletionRequest(BaseModel):
                 draws=self.draws if self.draws is not None else defaults.draws,
                 seed=seed,
             )
-        except UserError as exc:
-            raise RequestError(str(exc), sampling_field(str(exc))) from None
+        except ParamsError as exc:  # its fields are named as the request's
+            raise RequestError(str(exc), exc.field) from None
 
 
-def sampling_field(message: str) -> str | None:
-    """The request field a `Sampling` check names (its message starts with the setting)."""
-    for name in ("temperature", "top_k", "top_p", "draws", "seed", "strategy"):
-        if name in message:
-            return name
-    return None
+def checked_stops(stop: str | list[str] | None) -> tuple[str, ...]:
+    stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
+    if len(stops) > MAX_STOPS:
+        raise RequestError(f"stop may hold at most {MAX_STOPS} strings, got {len(stops)}", "stop")
+    for each in stops:
+        if not each or len(each) > MAX_STOP_CHARACTERS:
+            raise RequestError(f"each stop string must have 1 to {MAX_STOP_CHARACTERS} characters", "stop")
+    return stops
+
+
+def validated(model: type[Request], body: Any) -> Request:
+    """`body` as `model`, or a `RequestError` naming the first field at fault."""
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        raise validation_error(exc) from None
 
 
 def validation_error(exc: ValidationError) -> RequestError:
     first = exc.errors()[0]
     param = ".".join(str(part) for part in first["loc"]) or None
+    if param is None:
+        return RequestError(f"the body must be a JSON object with this API's fields: {first['msg']}")
     if first["type"] == "extra_forbidden":
         return RequestError(f"unknown field {param!r}: see GET /docs for the fields this API takes", param)
     return RequestError(f"{param}: {first['msg']}", param)

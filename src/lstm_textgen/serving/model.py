@@ -187,6 +187,7 @@ class TextGenerator(mlflow.pyfunc.PythonModel):
 
         from lstm_textgen.inference.batcher import RowBatcher
         from lstm_textgen.model.checkpoint import load_model
+        from lstm_textgen.serving.drain import install_drain
         from lstm_textgen.serving.server_adapter import adapt_scoring_server
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -199,7 +200,11 @@ class TextGenerator(mlflow.pyfunc.PythonModel):
             self.batcher = RowBatcher(self.loaded.model, self.options.limits).start()
             if "mlflow.pyfunc.scoring_server.app" in sys.modules:  # loaded by `mlflow models serve`
                 places = self.options.limits.active_rows + self.options.limits.waiting_rows
-                adapt_scoring_server(places, healthy=lambda: self.batcher.healthy)
+                adapt_scoring_server(
+                    places,
+                    healthy=lambda: self.batcher.healthy,
+                    at_startup=lambda: install_drain(self.batcher, "mlflow models serve"),
+                )
 
     # pd.DataFrame: MLflow infers no request schema from it (and warns on no hint or on `Any`)
     def predict(
@@ -261,6 +266,8 @@ class TextGenerator(mlflow.pyfunc.PythonModel):
             raise _bad_request(str(exc)) from None
         try:
             return [continuation(vocab, i, handle.result()) for i, handle in zip(ids, handles, strict=True)]
+        except Overloaded as exc:  # cut short by a server that stops: 503, send it again
+            raise overloaded(str(exc)) from None
         except UserError as exc:
             raise _bad_request(str(exc)) from None
         finally:

@@ -4,9 +4,8 @@
 `POST /v1/score` (this project's scoring), `GET /v1/models`, `GET /health`, `GET /metrics`.
 Requests go straight into the `RowBatcher` that `mlflow models serve` also uses, with the same limits
 (`limits.py`), but with no pandas frame or schema pass per request: each drawn token reaches its
-request's event loop through `loop.call_soon_threadsafe`, and a client that goes away frees its rows
-at the next step. Errors come in OpenAI's shape (`completions.error_body`), 503 with `Retry-After`
-when every place is taken.
+request's event loop (`streaming.py`), and a client that goes away frees its rows at the next step.
+Errors come in OpenAI's shape (`api_errors.py`), 503 with `Retry-After` when every place is taken.
 """
 
 from __future__ import annotations
@@ -26,17 +25,15 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from lstm_textgen.errors import UserError
 from lstm_textgen.inference.batcher import RowBatcher
-from lstm_textgen.inference.generation import continuation
-from lstm_textgen.inference.rows import Cancelled, Job, Overloaded, Row, TokenLogprob
+from lstm_textgen.inference.rows import Job, Overloaded
 from lstm_textgen.inference.scoring import score_row, score_texts
 from lstm_textgen.model.checkpoint import LoadedModel
 from lstm_textgen.params import ParamsError
+from lstm_textgen.serving.api_errors import ApiError, error_responses, invalid, overloaded, row_error
 from lstm_textgen.serving.completions import (
     Choice,
     CompletionRequest,
-    LogprobTrack,
     RequestError,
-    StopScanner,
     chunk,
     completion,
     completion_id,
@@ -45,11 +42,11 @@ from lstm_textgen.serving.completions import (
     prompt_tokens,
     usage,
 )
-from lstm_textgen.serving.limits import MAX_ROWS, MAX_SCORE_TOKENS_PER_REQUEST, ServingOptions, prompt_problem
+from lstm_textgen.serving.drain import install_drain
+from lstm_textgen.serving.limits import ServingOptions
 from lstm_textgen.serving.metrics import ServerMetrics
-
-RETRY_AFTER_SECONDS = "1"
-_END = object()
+from lstm_textgen.serving.score_request import ScoreRequest
+from lstm_textgen.serving.streaming import AsyncRow, Generation, sse
 
 
 @dataclass(frozen=True)
@@ -76,155 +73,6 @@ class ModelCard:
         }
 
 
-class ApiError(Exception):
-    """An HTTP answer other than 200, in OpenAI's error shape."""
-
-    def __init__(
-        self, status: int, message: str, kind: str, param: str | None = None, code: str | None = None
-    ) -> None:
-        super().__init__(message)
-        self.status, self.kind, self.param, self.code = status, kind, param, code
-
-    def response(self) -> JSONResponse:
-        headers = {"Retry-After": RETRY_AFTER_SECONDS} if self.status == 503 else None
-        body = error_body(str(self), self.kind, self.param, self.code)
-        return JSONResponse(body, status_code=self.status, headers=headers)
-
-
-def overloaded(exc: Overloaded) -> ApiError:
-    return ApiError(503, str(exc), "server_overloaded", code="overloaded")
-
-
-class AsyncRow(Row):
-    """A row whose end, and each token if `each_token`, go as `(position, item)` onto its request's
-    asyncio queue. A plain request without stop strings or logprobs needs only the end: its tokens
-    are read once then, sparing the event loop a wake-up per token."""
-
-    def __init__(
-        self,
-        *args: Any,
-        loop: asyncio.AbstractEventLoop,
-        sink: asyncio.Queue,
-        position: int,
-        each_token: bool,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(*args, **kwargs)
-        self.loop, self.sink, self.position, self.each_token = loop, sink, position, each_token
-
-    def _send(self, item: object) -> None:
-        with contextlib.suppress(RuntimeError):  # the loop is closed: the server is stopping
-            self.loop.call_soon_threadsafe(self.sink.put_nowait, (self.position, item))
-
-    def emit(self, token: int, logprob: TokenLogprob | None = None) -> None:
-        super().emit(token, logprob)
-        if self.each_token:
-            self._send(token)
-
-    def finish(self, error: BaseException | None = None) -> None:
-        super().finish(error)
-        self._send(_END)
-
-
-@dataclass
-class Update:
-    """New text for one choice (and its tokens' log-probabilities), or its end."""
-
-    position: int
-    text: str
-    logprobs: dict[str, list[Any]] | None = None
-    finish_reason: str | None = None
-
-
-class Generation:
-    """One request's choices as their rows draw tokens: detokenised, cut at stop strings, timed."""
-
-    def __init__(
-        self,
-        choices: list[Choice],
-        rows: list[AsyncRow],
-        request: CompletionRequest,
-        loaded: LoadedModel,
-        metrics: ServerMetrics,
-        started: float,
-    ) -> None:
-        self.choices, self.rows, self.metrics, self.started = choices, rows, metrics, started
-        self.stops = request.stops
-        self.vocab = vocab = loaded.vocab
-        self.text = [vocab.detokenizer(c.prompt_ids[-1]) for c in choices]
-        self.scanners = [StopScanner(self.stops) for _ in choices]
-        wants_logprobs = request.logprobs is not None
-        self.tracks = [LogprobTrack(vocab) if wants_logprobs else None for _ in choices]
-        self.produced = [0] * len(choices)  # characters drawn so far, stop strings included
-        self.last_token: list[float | None] = [None] * len(choices)
-        self.ended = [False] * len(choices)
-        self.sink = rows[0].sink if rows else asyncio.Queue()
-
-    async def updates(self) -> AsyncIterator[Update]:
-        while not all(self.ended):
-            position, item = await self.sink.get()
-            if self.ended[position]:
-                continue  # a row cut by a stop string, leaving at the next step
-            if item is _END:
-                yield self._end(position)
-            else:
-                update = self._token(position, int(item))  # type: ignore[call-overload]
-                if update is not None:
-                    yield update
-
-    def _token(self, position: int, token: int) -> Update | None:
-        now, row, choice = time.monotonic(), self.rows[position], self.choices[position]
-        last = self.last_token[position]
-        if last is None:
-            self.metrics.time_to_first_token.observe(now - self.started)
-        else:
-            self.metrics.inter_token_latency.observe(now - last)
-        self.last_token[position] = now
-        self.metrics.generated_tokens.inc()
-        choice.tokens += 1
-        piece = self.text[position].push(token)
-        track, logprobs = self.tracks[position], None
-        if track is not None:  # this token's: the row may have drawn more since it was sent
-            logprobs = track.add(token, row.token_logprobs[choice.tokens - 1], self.produced[position])
-        self.produced[position] += len(piece)
-        scanner = self.scanners[position]
-        text = scanner.push(piece)
-        choice.text += text
-        if scanner.stopped:
-            row.cancel()
-            return self._finish(position, text, "stop")
-        return Update(position, text, logprobs) if text or logprobs else None
-
-    def _end(self, position: int) -> Update:
-        row = self.rows[position]
-        if row.error is not None:
-            raise row.error
-        if not row.each_token:  # the whole text at once, as the MLflow server makes it
-            choice = self.choices[position]
-            choice.tokens = len(row.tokens)
-            self.metrics.generated_tokens.inc(len(row.tokens))
-            choice.text = continuation(self.vocab, choice.prompt_ids, row.tokens)
-            return self._finish(position, choice.text, "length")
-        scanner = self.scanners[position]
-        text = scanner.push(self.text[position].finish())
-        text += scanner.finish()
-        self.choices[position].text += text
-        return self._finish(position, text, "stop" if scanner.stopped else "length")
-
-    def _finish(self, position: int, text: str, reason: str) -> Update:
-        self.ended[position] = True
-        choice = self.choices[position]
-        choice.finish_reason = reason
-        track = self.tracks[position]
-        if track is not None:
-            choice.logprobs = track.upto(len(choice.text))
-        return Update(position, text, None, reason)
-
-    def cancel(self) -> None:
-        for row in self.rows:
-            row.cancel()
-
-
 def authorised(request: Request, api_keys: frozenset[str]) -> None:
     if not api_keys:
         return
@@ -243,7 +91,7 @@ async def json_body(request: Request) -> Any:
     try:
         return json.loads(await request.body())
     except (ValueError, UnicodeDecodeError):
-        raise ApiError(400, "the body must be a JSON object", "invalid_request_error") from None
+        raise invalid("the body must be a JSON object") from None
 
 
 async def watch_disconnect(request: Request, generation: Generation) -> None:
@@ -255,77 +103,40 @@ async def watch_disconnect(request: Request, generation: Generation) -> None:
             return
 
 
-def sse(data: Any) -> bytes:
-    return f"data: {json.dumps(data) if not isinstance(data, str) else data}\n\n".encode()
+@dataclass
+class CompletionsApi:
+    """The endpoints' work around one loaded model and its batcher; `create_app` routes to it."""
 
+    loaded: LoadedModel
+    card: ModelCard
+    options: ServingOptions
+    keys: frozenset[str]
+    batcher: RowBatcher
+    metrics: ServerMetrics
 
-def create_app(
-    loaded: LoadedModel,
-    card: ModelCard,
-    options: ServingOptions | None = None,
-    api_keys: Iterable[str] = (),
-) -> FastAPI:
-    """The API around one loaded model; its batcher starts and stops with the app."""
-    options = options or ServingOptions()
-    keys = frozenset(api_keys)
-    batcher = RowBatcher(loaded.model, options.limits)
-    metrics = ServerMetrics(
-        running=lambda: len(batcher.rows),
-        waiting=lambda: len(batcher.waiting),
-        active_rows=options.limits.active_rows,
-    )
-
-    @contextlib.asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        batcher.start()
-        yield
-        batcher.stop()
-
-    app = FastAPI(
-        title="lstm-textgen", summary="OpenAI-compatible completions of a recurrent LM", lifespan=lifespan
-    )
-    app.state.batcher, app.state.metrics, app.state.card = batcher, metrics, card
-
-    @app.exception_handler(ApiError)
-    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
-        reason = {400: "invalid", 401: "unauthorized", 404: "invalid", 503: "overloaded", 504: "timeout"}
-        metrics.rejected.labels(reason.get(exc.status, "invalid")).inc()
-        metrics.requests.labels(request.url.path, str(exc.status)).inc()
-        return exc.response()
-
-    def check_model(name: Any) -> None:
-        if name not in (card.id, card.source):
+    def check_model(self, name: str) -> None:
+        if name not in (self.card.id, self.card.source):
             raise ApiError(
                 404,
-                f"model {name!r} is not served here: this server serves {card.id!r} (GET /v1/models)",
+                f"model {name!r} is not served here: this server serves {self.card.id!r} (GET /v1/models)",
                 "invalid_request_error",
                 param="model",
                 code="model_not_found",
             )
 
-    @app.post(
-        "/v1/completions",
-        openapi_extra={
-            "requestBody": {
-                "required": True,
-                "content": {"application/json": {"schema": CompletionRequest.model_json_schema()}},
-            }
-        },
-    )
-    async def completions(request: Request) -> Response:
+    async def completions(self, request: Request) -> Response:
         started = time.monotonic()
-        authorised(request, keys)
+        authorised(request, self.keys)
         try:
             parsed = CompletionRequest.parse(await json_body(request))
-            check_model(parsed.model)
-            choices = plan_choices(parsed, loaded.vocab, loaded.params.sample)
-            parsed.stops  # noqa: B018  (checked before any row starts)
+            self.check_model(parsed.model)
+            choices = plan_choices(parsed, self.loaded.vocab, self.loaded.params.sample)
         except RequestError as exc:
-            raise ApiError(400, str(exc), "invalid_request_error", param=exc.param) from None
-        generation = start(parsed, choices, started)
+            raise invalid(str(exc), exc.param) from None
+        generation = self.start(parsed, choices, started)
         if parsed.stream:
             return StreamingResponse(
-                stream(parsed, generation, started),
+                self.stream(parsed, generation, started),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
@@ -341,13 +152,14 @@ def create_app(
         if parsed.echo:
             for choice in choices:
                 choice.text = choice.prompt + choice.text
-        metrics.request_latency.observe(time.monotonic() - started)
-        metrics.requests.labels("/v1/completions", "200").inc()
-        return JSONResponse(completion(completion_id(), card.id, choices))
+        self.metrics.request_latency.observe(time.monotonic() - started)
+        self.metrics.requests.labels("/v1/completions", "200").inc()
+        return JSONResponse(completion(completion_id(), self.card.id, choices))
 
-    def start(parsed: CompletionRequest, choices: list[Choice], started: float) -> Generation:
+    def start(self, parsed: CompletionRequest, choices: list[Choice], started: float) -> Generation:
+        """The request's rows into the batcher: one per choice, reporting to this event loop."""
         loop, sink = asyncio.get_running_loop(), asyncio.Queue()
-        deadline = started + options.request_seconds
+        deadline = started + self.options.request_seconds
         each_token = parsed.stream or bool(parsed.stops) or parsed.logprobs is not None
         rows = [
             AsyncRow(
@@ -364,18 +176,18 @@ def create_app(
             for i, c in enumerate(choices)
         ]
         try:
-            batcher.submit(rows)
+            self.batcher.submit(rows)
         except Overloaded as exc:
             raise overloaded(exc) from None
         except ParamsError as exc:  # what depends on the model: top_k beyond its vocabulary
-            raise ApiError(400, str(exc), "invalid_request_error", param="top_k") from None
-        metrics.prompt_tokens.inc(prompt_tokens(choices))
-        return Generation(choices, rows, parsed, loaded, metrics, started)
+            raise invalid(str(exc), exc.field) from None
+        self.metrics.prompt_tokens.inc(prompt_tokens(choices))
+        return Generation(choices, rows, parsed, self.loaded, self.metrics, started)
 
     async def stream(
-        parsed: CompletionRequest, generation: Generation, started: float
+        self, parsed: CompletionRequest, generation: Generation, started: float
     ) -> AsyncIterator[bytes]:
-        ident, created = completion_id(), int(time.time())
+        ident, created, model = completion_id(), int(time.time()), self.card.id
         choices = generation.choices
         try:
             if parsed.echo:
@@ -383,108 +195,129 @@ def create_app(
                     {"index": c.index, "text": c.prompt, "logprobs": None, "finish_reason": None}
                     for c in choices
                 ]
-                yield sse(chunk(ident, card.id, created, echoed))
+                yield sse(chunk(ident, model, created, echoed))
             async for update in generation.updates():
-                index = choices[update.position].index
                 piece = {
-                    "index": index,
+                    "index": choices[update.position].index,
                     "text": update.text,
                     "logprobs": update.logprobs,
                     "finish_reason": update.finish_reason,
                 }
-                yield sse(chunk(ident, card.id, created, [piece]))
+                yield sse(chunk(ident, model, created, [piece]))
             if (parsed.stream_options or {}).get("include_usage"):
-                prompt_tokens = sum(len(c.prompt_ids) for c in choices if c.copy == 0)
-                yield sse(
-                    chunk(ident, card.id, created, [], usage(prompt_tokens, sum(c.tokens for c in choices)))
-                )
-            metrics.requests.labels("/v1/completions", "200").inc()
+                counted = usage(prompt_tokens(choices), sum(c.tokens for c in choices))
+                yield sse(chunk(ident, model, created, [], counted))
+            self.metrics.requests.labels("/v1/completions", "200").inc()
         except UserError as exc:  # the answer has begun: the error goes as the last event
             failed = row_error(exc)
-            metrics.rejected.labels("timeout" if failed.status == 504 else "invalid").inc()
+            self.metrics.rejected.labels(failed.reason).inc()
             yield sse(error_body(str(failed), failed.kind, failed.param, failed.code))
         finally:
             generation.cancel()
-            metrics.request_latency.observe(time.monotonic() - started)
+            self.metrics.request_latency.observe(time.monotonic() - started)
         yield sse("[DONE]")
 
-    @app.post("/v1/score")
-    async def score(request: Request) -> JSONResponse:
-        """This project's scoring (as `lstm-textgen score` and the served model's task=score): bits
-        per character and per token, perplexity; `per_token: true` adds each token's surprisal."""
-        authorised(request, keys)
-        body = await json_body(request)
-        if not isinstance(body, dict):
-            raise ApiError(400, "the body must be a JSON object", "invalid_request_error")
-        check_model(body.get("model"))
-        texts = body.get("input")
-        texts = [texts] if isinstance(texts, str) else texts
-        if not isinstance(texts, list) or not 1 <= len(texts) <= MAX_ROWS:
-            raise ApiError(
-                400,
-                f"input must be a text or a list of 1 to {MAX_ROWS} texts",
-                "invalid_request_error",
-                "input",
-            )
-        for text in texts:
-            if problem := prompt_problem(text, "input"):
-                raise ApiError(400, problem, "invalid_request_error", "input")
-        per_token = body.get("per_token", False)
-        if not isinstance(per_token, bool):
-            raise ApiError(400, "per_token must be true or false", "invalid_request_error", "per_token")
-        vocab, sample = loaded.vocab, loaded.params.sample
-        tokens = sum(len(vocab.tokenize(vocab.normalise(t))) for t in texts)
-        if tokens > MAX_SCORE_TOKENS_PER_REQUEST:
-            raise ApiError(
-                400,
-                f"a request may score at most {MAX_SCORE_TOKENS_PER_REQUEST:,} tokens in all, got {tokens:,}",
-                "invalid_request_error",
-                "input",
-            )
+    async def score(self, request: Request) -> JSONResponse:
+        authorised(request, self.keys)
+        loaded = self.loaded
+        try:
+            parsed = ScoreRequest.parse(await json_body(request))
+            self.check_model(parsed.model)
+            parsed.check_tokens(loaded.vocab)
+        except RequestError as exc:
+            raise invalid(str(exc), exc.param) from None
+        sample = loaded.params.sample
 
         def work() -> list[Any]:
             return score_texts(
                 loaded.model,
-                vocab,
-                texts,
+                loaded.vocab,
+                parsed.texts,
                 windows=loaded.params.evaluate,
                 unknown=sample.unknown,
                 replacement=sample.replacement,
-                per_token=per_token,
+                per_token=parsed.per_token,
             )
 
-        job = Job(work, rows=len(texts), deadline=time.monotonic() + options.request_seconds)
+        job = Job(work, rows=len(parsed.texts), deadline=time.monotonic() + self.options.request_seconds)
         try:
-            batcher.submit_job(job)
+            self.batcher.submit_job(job)
         except Overloaded as exc:
             raise overloaded(exc) from None
         try:
             scores = await asyncio.to_thread(job.result)
         except UserError as exc:
             raise row_error(exc) from None
-        metrics.requests.labels("/v1/score", "200").inc()
-        return JSONResponse({"object": "list", "model": card.id, "data": [score_row(s) for s in scores]})
+        self.metrics.requests.labels("/v1/score", "200").inc()
+        return JSONResponse({"object": "list", "model": self.card.id, "data": [score_row(s) for s in scores]})
 
-    @app.get("/v1/models")
+
+def create_app(
+    loaded: LoadedModel,
+    card: ModelCard,
+    options: ServingOptions | None = None,
+    api_keys: Iterable[str] = (),
+) -> FastAPI:
+    """The API around one loaded model; its batcher starts and stops with the app."""
+    options = options or ServingOptions()
+    batcher = RowBatcher(loaded.model, options.limits)
+    metrics = ServerMetrics(
+        running=lambda: len(batcher.rows),
+        waiting=lambda: len(batcher.waiting),
+        active_rows=options.limits.active_rows,
+    )
+    api = CompletionsApi(loaded, card, options, frozenset(api_keys), batcher, metrics)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        batcher.start()
+        install_drain(batcher, "serve")  # under uvicorn: SIGTERM drains, then exit 0
+        yield
+        batcher.stop()
+
+    app = FastAPI(
+        title="lstm-textgen", summary="OpenAI-compatible completions of a recurrent LM", lifespan=lifespan
+    )
+    app.state.batcher, app.state.metrics, app.state.card, app.state.loaded = batcher, metrics, card, loaded
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
+        metrics.rejected.labels(exc.reason).inc()
+        metrics.requests.labels(request.url.path, str(exc.status)).inc()
+        return exc.response()
+
+    def body_of(model: type[CompletionRequest] | type[ScoreRequest]) -> dict[str, Any]:
+        schema = model.model_json_schema()
+        return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+    refusals = error_responses(400, 401, 404, 503, 504)
+    streamed = {200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}}}
+    app.post(
+        "/v1/completions",
+        openapi_extra=body_of(CompletionRequest),
+        responses=streamed | refusals,
+        summary="OpenAI's completions: plain, or streamed as server-sent events",
+    )(api.completions)
+    app.post(
+        "/v1/score",
+        openapi_extra=body_of(ScoreRequest),
+        responses=refusals,
+        summary="bits per character and per token, perplexity; each token's surprisal on per_token",
+    )(api.score)
+
+    @app.get("/v1/models", responses=error_responses(401))
     async def models(request: Request) -> JSONResponse:
-        authorised(request, keys)
+        authorised(request, api.keys)
         return JSONResponse({"object": "list", "data": [card.as_openai()]})
 
-    @app.get("/health")
+    @app.get("/health", responses={503: {"description": "the model cannot step"}})
     async def health() -> JSONResponse:
         if batcher.healthy:
             return JSONResponse({"status": "ok"})
         return JSONResponse({"status": "the model cannot step"}, status_code=503)
 
-    @app.get("/metrics")
+    @app.get("/metrics", responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}})
     async def metrics_page() -> Response:
         return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     return app
-
-
-def row_error(exc: UserError) -> ApiError:
-    """A row that failed once generating: its time limit passed (504), or its own draw failed (400)."""
-    if isinstance(exc, Cancelled):
-        return ApiError(504, f"{exc}: ask for fewer tokens, or retry", "timeout", code="timeout")
-    return ApiError(400, str(exc), "invalid_request_error")

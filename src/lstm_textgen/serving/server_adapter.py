@@ -16,7 +16,8 @@ rows at the next step.
 
 - `/ping` and `/health` answer 503 when the model's batcher cannot step (its thread is gone for good,
   or the model fails every step: a broken device), so that a supervisor restarts the server instead
-  of sending it requests that would wait forever. MLflow's own answer only says the model loaded.
+  of sending it requests that would wait forever, and while it drains on SIGTERM (`drain.py`, which
+  takes over uvicorn's handler as the server starts). MLflow's own answer only says the model loaded.
 
 All of it happens in a wrapper of the server's exception handler, which `scoring_server.init` applies
 after the model is loaded, inside the function that builds the app; outside the scoring server
@@ -27,11 +28,12 @@ them over HTTP, so an MLflow that renames the handler fails there, not silently.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import functools
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -82,22 +84,42 @@ def add_health_routes(app: Any, healthy: Callable[[], bool]) -> None:
         app.router.routes.insert(0, APIRoute(path, health, methods=["GET"]))
 
 
-def adapt_scoring_server(places: int, healthy: Callable[[], bool] = lambda: True) -> None:
+def run_at_startup(app: Any, action: Callable[[], None]) -> None:
+    """`action()` as the app's lifespan starts: inside the running uvicorn server, on its main thread
+    (where the served model's loading is not: uvicorn loads the app before it serves)."""
+    inner = app.router.lifespan_context
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app_: Any) -> AsyncIterator[Any]:
+        action()
+        async with inner(app_) as state:
+            yield state
+
+    app.router.lifespan_context = lifespan
+
+
+def adapt_scoring_server(
+    places: int, healthy: Callable[[], bool] = lambda: True, at_startup: Callable[[], None] | None = None
+) -> None:
     """Widen the request thread pool to `places` threads and a few spare, add `Retry-After` to 503s,
-    watch each request for its client's disconnect, answer health checks with `healthy()`
-    (idempotent; a no-op where MLflow's handler is not found)."""
+    watch each request for its client's disconnect, answer health checks with `healthy()`, run
+    `at_startup()` once the server runs (idempotent; a no-op where MLflow's handler is not found)."""
     from mlflow.pyfunc import scoring_server
 
     handler = getattr(scoring_server, "_async_catch_mlflow_exception", None)
     if handler is None or getattr(handler, "adapted", False):
         return
     widened: set[int] = set()
+    apps: set[int] = set()
 
     def adapted(endpoint: Any) -> Any:
         caught = handler(endpoint)
         app = sys._getframe(1).f_locals.get("app")  # init's FastAPI app, being built
-        if app is not None and hasattr(app, "router"):
+        if app is not None and hasattr(app, "router") and id(app) not in apps:
+            apps.add(id(app))
             add_health_routes(app, healthy)
+            if at_startup is not None:
+                run_at_startup(app, at_startup)
 
         @functools.wraps(endpoint)
         async def answer(*args: Any, **kwargs: Any) -> Any:

@@ -79,6 +79,8 @@ row = {"prompt": "ROMEO:", "max_new_tokens": 40, "seed": int(sys.argv[2])}
 data = pd.DataFrame([row]) if sys.argv[3] == "frame" else row
 params = {"task": "score"} if sys.argv[4] == "score" else None
 print(model.predict(data, params=params).iloc[0].to_dict())
+if sys.argv[5] == "close":  # done with it before the end: the batcher's thread ends now
+    model.unwrap_python_model().close()
 """
 
 
@@ -96,14 +98,15 @@ def test_thirty_scripts_that_load_the_model_and_predict_all_end_cleanly(
     env = tool_env(store)
     for i in range(30):
         shape, task = ("frame", "dict")[i % 2], ("generate", "generate", "score")[i % 3]
+        end = "close" if i % 4 == 0 else "exit"
         done = subprocess.run(
-            [sys.executable, "-c", SCRIPT, model, str(i), shape, task],
+            [sys.executable, "-c", SCRIPT, model, str(i), shape, task, end],
             cwd=store,
             env=env,
             capture_output=True,
             text=True,
             timeout=300,
         )
-        assert done.returncode == 0, (i, shape, task, done.returncode, done.stderr[-2000:])
+        assert done.returncode == 0, (i, shape, task, end, done.returncode, done.stderr[-2000:])
         assert "terminate called" not in done.stderr and "Traceback" not in done.stderr, done.stderr
         assert ("bits_per_character" if task == "score" else "text") in done.stdout

@@ -78,6 +78,8 @@ class RowBatcher:
         self._restart_if_dead()
 
     def _check_places(self, wanted: int) -> None:
+        if self.stopping:
+            raise Cancelled("the model was closed (close() or the end of the program): load it again")
         if self.draining:
             raise Overloaded("the server is stopping: send the request again (another replica takes it)")
         places = self.limits.active_rows + self.limits.waiting_rows

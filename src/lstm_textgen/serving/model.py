@@ -206,6 +206,18 @@ class TextGenerator(mlflow.pyfunc.PythonModel):
                     at_startup=lambda: install_drain(self.batcher, "mlflow models serve"),
                 )
 
+    def close(self) -> None:
+        """Stop the batcher's thread now, not at interpreter exit (where it is stopped anyway): for a
+        script or notebook done with the model, `model.unwrap_python_model().close()`, or `with`."""
+        if getattr(self, "batcher", None) is not None:
+            self.batcher.stop()
+
+    def __enter__(self) -> TextGenerator:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     # pd.DataFrame: MLflow infers no request schema from it (and warns on no hint or on `Any`)
     def predict(
         self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None

@@ -59,9 +59,10 @@ exp: $(STAMP)  ## make exp ARGS="-S model.layers=4": a DVC experiment (ARGS go t
 
 # The real parts the tests start, from Debian: chromium (Playwright's own browser download is not
 # reachable), PostgreSQL for the tracking server, sshd for the DVC remote, setfacl (acl) to let the
-# tracking server's own account reach a Python under /root. Installed only when missing.
+# tracking server's own account reach a Python under /root, SLURM and munge for a one-node cluster.
+# Installed only when missing.
 SYSTEM_PACKAGES := $(CHROMIUM):chromium /usr/lib/postgresql:postgresql /usr/sbin/sshd:openssh-server \
-	/usr/bin/setfacl:acl
+	/usr/bin/setfacl:acl /usr/sbin/slurmctld:slurm-wlm /usr/sbin/munged:munge
 system-packages:
 	@missing="$$(for item in $(SYSTEM_PACKAGES); do test -e $${item%%:*} || echo $${item#*:}; done)"; \
 	test -z "$$missing" || $(SUDO) apt-get install -y -q --no-install-recommends $$missing \

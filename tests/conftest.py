@@ -46,6 +46,7 @@ LONGEST_FIRST = (
     "test_openai_server.py",
     "test_drain.py",
     "test_own_process.py",
+    "test_slurm.py",
     "test_demo.py",
     "test_dvc_remote.py",
 )

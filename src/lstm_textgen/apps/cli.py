@@ -36,6 +36,7 @@ VERBS = {
         "lstm_textgen.tracking.server.command",
         "a lab's tracking server: PostgreSQL, MLflow, accounts",
     ),
+    "slurm": ("lstm_textgen.apps.slurm", "the pipeline as a SLURM batch job: submit (it resumes), status"),
     "params": ("lstm_textgen.apps.params_table", "the table of every params.yaml key (docs/params.md)"),
     "code-deps": ("lstm_textgen.apps.code_deps", "check or rewrite the code each dvc.yaml stage depends on"),
 }

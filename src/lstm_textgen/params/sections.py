@@ -185,7 +185,12 @@ class TrainParams(Section):
         default=1,
         ge=1,
         le=1024,
-        description="local data-parallel worker processes (torchrun, DDP)",
+        description="data-parallel worker processes per machine (torchrun, DDP)",
+    )
+    launcher: Literal["auto", "local", "slurm"] = Field(
+        json_schema_extra=RESUMABLE,
+        default="auto",
+        description="auto: a SLURM job's nodes when run in one (SLURM_JOB_ID), else this machine",
     )
 
     @property

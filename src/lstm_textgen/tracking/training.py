@@ -21,11 +21,12 @@ from lstm_textgen.files import read_json
 from lstm_textgen.params import Params
 from lstm_textgen.tracking import liveness
 from lstm_textgen.tracking.training_run import TrainingRun, training_run
-from lstm_textgen.train.checkpointer import Checkpointer
+from lstm_textgen.train.checkpointer import Checkpointer, ResumeError
 from lstm_textgen.train.distributed import DistributedError, World, launch_local
 from lstm_textgen.train.finetune import initial_weights, source_lineage
 from lstm_textgen.train.loop import train
 from lstm_textgen.train.setup import TrainResult
+from lstm_textgen.train.slurm import Allocation, allocation_from_env, launch_in_allocation
 
 if TYPE_CHECKING:
     import torch
@@ -74,15 +75,17 @@ def run_training(
     hooks = hooks or Hooks()
     world = World.from_env()
     dataset = dataset or load_dataset(files.prepared)  # a bad split fails here, before any worker
-    if not world.launched and params.train.processes > 1:
-        launch_workers(params, hooks.launch)
+    allocation = allocation_from_env(params.train.launcher)
+    if not world.launched and (params.train.processes > 1 or (allocation and len(allocation.hosts) > 1)):
+        launch_workers(params, hooks.launch, allocation)
         return None
     checkpointer = Checkpointer(files.best, files.last)
-    saved = checkpointer.load_resumable(params, dataset.vocab) if params.train.resume else None
+    saved = resumed_state(checkpointer, params, dataset, allocation)
     start = initial_weights(files.init, params, dataset.vocab)
     lineage = source_lineage(files.init, len(dataset.vocab)) if start is not None else {}
     corpus = read_json(files.corpus_info)
-    opened = {"saved": saved, "lineage": lineage, "name": hooks.name, "extra_tags": dict(hooks.tags)}
+    tags = dict(hooks.tags) | (allocation.tags(world.world_size) if allocation else {})
+    opened = {"saved": saved, "lineage": lineage, "name": hooks.name, "extra_tags": tags}
     with (
         world.running(params.train.device) as device,
         training_run(params, corpus, len(dataset.vocab), device, world, **opened) as run,
@@ -114,15 +117,37 @@ def run_training(
         return trained
 
 
-def launch_workers(params: Params, argv: list[str] | None) -> None:
-    """`train.processes` local workers under torchrun, each running `argv` (a script and its
-    arguments); a worker that dies fails the runs of all of them, with its reason."""
+def resumed_state(
+    checkpointer: Checkpointer, params: Params, dataset: Dataset, allocation: Allocation | None
+) -> dict[str, Any] | None:
+    """The training state to continue: the last checkpoint with `train.resume`, and in a SLURM job
+    that was requeued (preempted) whenever one that fits is there; else None, a fresh start."""
+    if params.train.resume:
+        return checkpointer.load_resumable(params, dataset.vocab)
+    if allocation is None or allocation.restarts == 0 or not checkpointer.last_path.is_file():
+        return None
+    try:
+        saved = checkpointer.load_resumable(params, dataset.vocab)
+    except ResumeError as exc:
+        print(f"train: requeued SLURM job {allocation.job_id}, starting over: {exc}", flush=True)
+        return None
+    print(f"train: requeued SLURM job {allocation.job_id} (restart {allocation.restarts}): resuming")
+    return saved
+
+
+def launch_workers(params: Params, argv: list[str] | None, allocation: Allocation | None = None) -> None:
+    """`train.processes` workers per node under torchrun, each running `argv` (a script and its
+    arguments): on this machine, or on every node of a SLURM allocation; a worker that dies fails the
+    runs of all of them, with its reason."""
     if argv is None:
         raise UserError(
             f"train.processes: {params.train.processes} workers cannot run inside this process "
             "(a tuning trial trains in its worker); set train.processes=1"
         )
     try:
+        if allocation is not None:
+            launch_in_allocation(allocation, params.train.processes, argv)
+            return
         launch_local(params.train.processes, argv, params.train.device)
     except DistributedError as failed:  # a worker died: the others were stopped as if by a user
         liveness.fail_launched_runs(str(failed))

@@ -1,0 +1,118 @@
+"""The pipeline under SLURM: `lstm-textgen slurm submit` on a real one-node cluster of this machine
+(munged, slurmctld and slurmd, `slurm_cluster.py`) runs `dvc exp run` as a batch job whose train
+stage spreads over the allocation with srun and torchrun; `slurm status` follows it; the errors that
+SLURM would report late are named before anything is submitted."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import slurm_cluster
+from conftest import prepared_tiny_repo, require_installed, run, runs_by_name, tool_env
+
+from lstm_textgen.apps.slurm import JobSpec, batch_script, minutes
+from lstm_textgen.train.slurm import Allocation, launch_command
+
+
+def test_the_batch_script_asks_for_what_the_job_needs() -> None:
+    settings = ["-S", "model.layers=3"]
+    spec = JobSpec("layers3", settings, nodes=2, gpus_per_node=4, time="4:00:00", requeue=True)
+    script = batch_script(spec, Path("/lab/repo"), Path("/lab/venv/bin/python"), Path("/lab/log-%j"))
+    for line in (
+        "#SBATCH --job-name=lstm-textgen-layers3",
+        "#SBATCH --nodes=2",
+        "#SBATCH --gpus-per-node=4",
+        "#SBATCH --time=4:00:00",
+        "#SBATCH --signal=B:TERM@120",
+        "#SBATCH --requeue",
+        "cd /lab/repo",
+        "exec dvc exp run --name layers3 -S model.layers=3",
+    ):
+        assert line in script.splitlines(), line
+    assert minutes("4:00:00") == 240 and minutes("1-12") == 2160 and minutes("30") == 30
+
+
+def test_the_train_stage_starts_one_torchrun_per_node_meeting_on_the_first_host() -> None:
+    allocation = Allocation("4242", ("gpu07", "gpu08", "gpu11"), restarts=0)
+    command = launch_command(allocation, 4, ["stages/train.py"])
+    assert command[:5] == ["srun", "--nodes=3", "--ntasks=3", "--ntasks-per-node=1", "--kill-on-bad-exit=1"]
+    assert "--nnodes=3" in command and "--nproc-per-node=4" in command and "--rdzv-id=4242" in command
+    assert "--rdzv-endpoint=gpu07:29642" in command and command[-1] == "stages/train.py"
+    assert allocation.tags(12)["slurm.world_size"] == "12"
+
+
+def test_submit_names_each_problem_before_submitting(tmp_path: Path) -> None:
+    env = tool_env(tmp_path) | {"PATH": str(Path(sys.executable).parent)}  # no sbatch there
+    command = ["lstm-textgen", "slurm", "submit", "--", "-S", "train.max_steps=5"]
+    refused = run(command, tmp_path, env, check=False)
+    assert refused.returncode != 0 and "sbatch is not on PATH" in refused.stderr
+    assert "Traceback" not in refused.stderr and not (tmp_path / ".slurm").exists()
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text("#!/bin/sh\necho should-not-run; exit 1\n")
+    (bin_dir / "sbatch").chmod(0o755)
+    env["PATH"] = f"{bin_dir}:{env['PATH']}"
+    short = run(["lstm-textgen", "slurm", "submit", "--time", "1"], tmp_path, env, check=False)
+    assert short.returncode != 0 and "leaves no time to train before the SIGTERM" in short.stderr
+    bad = run(["lstm-textgen", "slurm", "submit", "--time", "soon"], tmp_path, env, check=False)
+    assert bad.returncode != 0 and "sbatch's form" in bad.stderr
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[slurm_cluster.Cluster]:
+    for daemon in slurm_cluster.DAEMONS:
+        require_installed(Path(daemon), "slurm-wlm munge")
+    base = Path(tempfile.mkdtemp(prefix="lstm-textgen-slurm-"))
+    base.chmod(0o755)  # munged runs as its own user and must reach its folder
+    started = slurm_cluster.start(base / "cluster")
+    try:
+        yield started
+    finally:
+        slurm_cluster.stop(started)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def job_state(cluster: slurm_cluster.Cluster, job: str) -> str:
+    shown = cluster.run("scontrol", "show", "job", job, check=False).stdout
+    return next((part.split("=", 1)[1] for part in shown.split() if part.startswith("JobState=")), "")
+
+
+def wait_for_job(cluster: slurm_cluster.Cluster, job: str, log: Path, timeout: float = 900) -> str:
+    deadline = time.monotonic() + timeout
+    while (state := job_state(cluster, job)) in ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING", ""):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"job {job} still {state} after {timeout} s:\n{log.read_text()[-3000:]}")
+        time.sleep(1)
+    return state
+
+
+@pytest.mark.slow
+def test_a_submitted_experiment_trains_on_two_workers_and_is_followed(
+    cluster: slurm_cluster.Cluster, tmp_path: Path
+) -> None:
+    repo = prepared_tiny_repo(tmp_path / "repo")
+    env = tool_env(repo) | cluster.env()
+    submitted = run(
+        ["lstm-textgen", "slurm", "submit", "--name", "slurm2", "--", "-S", "train.processes=2"], repo, env
+    )
+    job = submitted.stdout.split("submitted job ", 1)[1].split()[0]
+    log = repo / ".slurm" / "slurm2" / f"slurm-{job}.log"
+    assert (repo / ".slurm" / "slurm2" / "job.sbatch").is_file()
+    state = wait_for_job(cluster, job, log)
+    output = log.read_text()
+    assert state == "COMPLETED", output[-4000:]
+    assert f"SLURM job {job}: 1 node(s) x 2 worker(s) = 2" in output
+    logged = runs_by_name(repo)["slurm2"]
+    assert logged.info.status == "FINISHED" and "eval.val.loss" in logged.data.metrics
+    assert logged.data.tags["slurm.job_id"] == job and logged.data.tags["slurm.world_size"] == "2"
+    shown = json.loads(run(["dvc", "exp", "show", "--json"], repo, env).stdout)
+    assert "slurm2" in json.dumps(shown)
+    followed = run(["lstm-textgen", "slurm", "status", job], repo, env)
+    assert "COMPLETED" in followed.stdout and logged.info.run_id in followed.stdout

@@ -116,3 +116,38 @@ def test_a_submitted_experiment_trains_on_two_workers_and_is_followed(
     assert "slurm2" in json.dumps(shown)
     followed = run(["lstm-textgen", "slurm", "status", job], repo, env)
     assert "COMPLETED" in followed.stdout and logged.info.run_id in followed.stdout
+
+
+@pytest.mark.slow
+def test_a_requeued_job_resumes_into_the_same_run_and_experiment(
+    cluster: slurm_cluster.Cluster, tmp_path: Path
+) -> None:
+    """`scontrol requeue` mid-training, as a preemption: SIGTERM, the job back in the queue, then run
+    again from its script; the train stage resumes from its last checkpoint into the same MLflow run."""
+    repo = prepared_tiny_repo(tmp_path / "repo")
+    env = tool_env(repo) | cluster.env()
+    settings = ["-S", "train.max_steps=800", "-S", "train.eval_every=25"]
+    command = ["lstm-textgen", "slurm", "submit", "--name", "requeued", "--requeue", "--", *settings]
+    submitted = run(command, repo, env)
+    job = submitted.stdout.split("submitted job ", 1)[1].split()[0]
+    log = repo / ".slurm" / "requeued" / f"slurm-{job}.log"
+    checkpoint = repo / "data" / "checkpoints" / "last.pt"
+    deadline = time.monotonic() + 600
+    while not checkpoint.is_file():  # training, with a state to resume from
+        assert time.monotonic() < deadline and job_state(cluster, job) in ("PENDING", "RUNNING"), job
+        time.sleep(0.2)
+    cluster.run("scontrol", "requeue", job)
+    deadline = time.monotonic() + 120
+    while job_state(cluster, job) != "PENDING":
+        assert time.monotonic() < deadline, job_state(cluster, job)
+        time.sleep(0.5)
+    cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now", check=False)  # no requeue delay
+    state = wait_for_job(cluster, job, log)
+    output = log.read_text()
+    assert state == "COMPLETED", output[-4000:]
+    assert "restart 1" in output and f"requeued SLURM job {job} (restart 1): resuming" in output
+    runs = [r for r in runs_by_name(repo).values() if r.data.tags.get("slurm.job_id") == job]
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED", [(r.info.status, r.info.run_id) for r in runs]
+    assert runs[0].data.tags["slurm.restarts"] == "1"
+    history = json.loads((repo / "metrics" / "train.json").read_text())
+    assert history["mlflow_run_id"] == runs[0].info.run_id

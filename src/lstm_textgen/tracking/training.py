@@ -124,7 +124,10 @@ def resumed_state(
     that was requeued (preempted) whenever one that fits is there; else None, a fresh start."""
     if params.train.resume:
         return checkpointer.load_resumable(params, dataset.vocab)
-    if allocation is None or allocation.restarts == 0 or not checkpointer.last_path.is_file():
+    if allocation is None or allocation.restarts == 0:
+        return None
+    if not checkpointer.last_path.is_file():
+        print(f"train: requeued SLURM job {allocation.job_id}: no {checkpointer.last_path} yet, starting over")
         return None
     try:
         saved = checkpointer.load_resumable(params, dataset.vocab)

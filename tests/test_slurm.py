@@ -147,7 +147,7 @@ def test_a_requeued_job_resumes_into_the_same_run_and_experiment(
     assert state == "COMPLETED", output[-4000:]
     assert "restart 1" in output and f"requeued SLURM job {job} (restart 1): resuming" in output
     runs = [r for r in runs_by_name(repo).values() if r.data.tags.get("slurm.job_id") == job]
-    assert len(runs) == 1 and runs[0].info.status == "FINISHED", [(r.info.status, r.info.run_id) for r in runs]
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED", [r.info for r in runs]
     assert runs[0].data.tags["slurm.restarts"] == "1"
     history = json.loads((repo / "metrics" / "train.json").read_text())
     assert history["mlflow_run_id"] == runs[0].info.run_id

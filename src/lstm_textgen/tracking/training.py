@@ -76,6 +76,8 @@ def run_training(
     world = World.from_env()
     dataset = dataset or load_dataset(files.prepared)  # a bad split fails here, before any worker
     allocation = allocation_from_env(params.train.launcher)
+    if allocation is not None and world.is_main:
+        print(f"train: SLURM job {allocation.job_id} on {','.join(allocation.hosts)}, restart {allocation.restarts}")
     if not world.launched and (params.train.processes > 1 or (allocation and len(allocation.hosts) > 1)):
         launch_workers(params, hooks.launch, allocation)
         return None
@@ -127,7 +129,7 @@ def resumed_state(
     if allocation is None or allocation.restarts == 0:
         return None
     if not checkpointer.last_path.is_file():
-        print(f"train: requeued SLURM job {allocation.job_id}: no {checkpointer.last_path} yet, starting over")
+        print(f"train: requeued job {allocation.job_id}: no {checkpointer.last_path} yet, starting over")
         return None
     try:
         saved = checkpointer.load_resumable(params, dataset.vocab)

@@ -33,7 +33,7 @@ def test_the_batch_script_asks_for_what_the_job_needs() -> None:
         "#SBATCH --signal=B:TERM@120",
         "#SBATCH --requeue",
         "cd /lab/repo",
-        "exec dvc exp run --name layers3 -S model.layers=3",
+        "    exec dvc exp run --name layers3 -S model.layers=3",
     ):
         assert line in script.splitlines(), line
     assert minutes("4:00:00") == 240 and minutes("1-12") == 2160 and minutes("30") == 30

@@ -63,16 +63,28 @@ def batch_script(spec: JobSpec, repo: Path, python: Path, log: Path) -> str:
     options += [f"--partition={spec.partition}"] if spec.partition else []
     options += [f"--account={spec.account}"] if spec.account else []
     options += ["--requeue"] if spec.requeue else ["--no-requeue"]
-    command = ["dvc", "exp", "run", "--name", spec.name, *spec.exp_args]
+    first = shlex.join(["dvc", "exp", "run", "--name", spec.name, *spec.exp_args])
+    save = shlex.join(["dvc", "exp", "save", "--name", spec.name])
     lines = [
         "#!/bin/bash",
         *(f"#SBATCH {option}" for option in options),
-        "set -euo pipefail",
+        "set -uo pipefail",
         f"cd {shlex.quote(str(repo))}",
         f"export PATH={shlex.quote(str(python.parent))}:$PATH",
         'echo "lstm-textgen: job $SLURM_JOB_ID on $SLURM_JOB_NODELIST, restart ${SLURM_RESTART_COUNT:-0}"',
-        "# exec: SLURM's SIGTERM (preemption, the time limit) reaches DVC, which passes it to the stage",
-        f"exec {shlex.join(command)}",
+        'if [ "${SLURM_RESTART_COUNT:-0}" -eq 0 ]; then',
+        "    # exec: SIGTERM (preemption, the time limit) reaches DVC, which passes it to the stage",
+        f"    exec {first}",
+        "fi",
+        "# requeued: the workspace holds this experiment's settings and its last checkpoint (`dvc exp run`",
+        "# would check the baseline out first, and lose it): reproduce on from there, then save it as the",
+        "# experiment; SIGTERM is passed on to DVC",
+        "dvc repro & child=$!",
+        "trap 'kill -TERM $child 2>/dev/null' TERM",
+        'wait "$child"; status=$?',
+        'if kill -0 "$child" 2>/dev/null; then wait "$child"; status=$?; fi',
+        f'if [ "$status" -eq 0 ]; then {save}; status=$?; fi',
+        'exit "$status"',
         "",
     ]
     return "\n".join(lines)

@@ -77,7 +77,8 @@ def run_training(
     dataset = dataset or load_dataset(files.prepared)  # a bad split fails here, before any worker
     allocation = allocation_from_env(params.train.launcher)
     if allocation is not None and world.is_main:
-        print(f"train: SLURM job {allocation.job_id} on {','.join(allocation.hosts)}, restart {allocation.restarts}")
+        hosts = ",".join(allocation.hosts)
+        print(f"train: SLURM job {allocation.job_id} on {hosts}, restart {allocation.restarts}")
     if not world.launched and (params.train.processes > 1 or (allocation and len(allocation.hosts) > 1)):
         launch_workers(params, hooks.launch, allocation)
         return None

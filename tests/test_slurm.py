@@ -151,3 +151,4 @@ def test_a_requeued_job_resumes_into_the_same_run_and_experiment(
     assert runs[0].data.tags["slurm.restarts"] == "1"
     history = json.loads((repo / "metrics" / "train.json").read_text())
     assert history["mlflow_run_id"] == runs[0].info.run_id
+    assert "requeued" in json.dumps(json.loads(run(["dvc", "exp", "show", "--json"], repo, env).stdout))

@@ -5,6 +5,7 @@ SLURM would report late are named before anything is submitted."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import sys
@@ -126,7 +127,7 @@ def test_a_requeued_job_resumes_into_the_same_run_and_experiment(
     again from its script; the train stage resumes from its last checkpoint into the same MLflow run."""
     repo = prepared_tiny_repo(tmp_path / "repo")
     env = tool_env(repo) | cluster.env()
-    settings = ["-S", "train.max_steps=800", "-S", "train.eval_every=25"]
+    settings = ["-S", "train.max_steps=300", "-S", "train.eval_every=25"]
     command = ["lstm-textgen", "slurm", "submit", "--name", "requeued", "--requeue", "--", *settings]
     submitted = run(command, repo, env)
     job = submitted.stdout.split("submitted job ", 1)[1].split()[0]
@@ -152,3 +153,35 @@ def test_a_requeued_job_resumes_into_the_same_run_and_experiment(
     history = json.loads((repo / "metrics" / "train.json").read_text())
     assert history["mlflow_run_id"] == runs[0].info.run_id
     assert "requeued" in json.dumps(json.loads(run(["dvc", "exp", "show", "--json"], repo, env).stdout))
+
+
+@pytest.mark.slow
+def test_a_cancelled_job_leaves_no_running_mlflow_run_and_no_process(
+    cluster: slurm_cluster.Cluster, tmp_path: Path
+) -> None:
+    import psutil
+
+    repo = prepared_tiny_repo(tmp_path / "repo")
+    env = tool_env(repo) | cluster.env()
+    command = ["lstm-textgen", "slurm", "submit", "--name", "cancelled", "--", "-S", "train.max_steps=100000"]
+    job = run(command, repo, env).stdout.split("submitted job ", 1)[1].split()[0]
+    deadline = time.monotonic() + 600
+    while not (repo / "data" / "checkpoints" / "last.pt").is_file():  # training, its run open
+        assert time.monotonic() < deadline and job_state(cluster, job) in ("PENDING", "RUNNING"), job
+        time.sleep(0.5)
+    cluster.run("scancel", job)
+    wait_for_job(cluster, job, repo / ".slurm" / "cancelled" / f"slurm-{job}.log", timeout=120)
+
+    def leftovers() -> list[str]:
+        found = []
+        for process in psutil.process_iter(["cmdline", "cwd"]):
+            with contextlib.suppress(psutil.Error):
+                if process.info["cwd"] and process.info["cwd"].startswith(str(repo)):
+                    found.append(" ".join(process.info["cmdline"] or []))
+        return found
+
+    deadline = time.monotonic() + 60  # SLURM's SIGTERM, then its SIGKILL after KillWait
+    while (left := leftovers()) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not left
+    assert runs_by_name(repo)["cancelled"].info.status != "RUNNING"

@@ -185,3 +185,24 @@ def test_a_cancelled_job_leaves_no_running_mlflow_run_and_no_process(
         time.sleep(0.5)
     assert not left
     assert runs_by_name(repo)["cancelled"].info.status != "RUNNING"
+
+
+@pytest.mark.slow
+def test_a_search_job_shares_one_study_among_its_tasks(cluster: slurm_cluster.Cluster, tmp_path: Path) -> None:
+    from test_tune import study, trial_runs, tune_repo
+
+    space = {"model.hidden": {"choices": [16, 24, 32]}, "train.lr": {"low": 0.003, "high": 0.03, "log": True}}
+    repo = tune_repo(tmp_path / "repo", space, study="slurmpair", sampler="random", experiment=False)
+    env = tool_env(repo) | cluster.env()
+    command = ["lstm-textgen", "slurm", "submit-tune", "--workers", "2", "--trials", "4"]
+    job = run(command, repo, env).stdout.split("submitted job ", 1)[1].split()[0]
+    log = repo / ".slurm" / "tune-slurmpair" / f"slurm-{job}.log"
+    state = wait_for_job(cluster, job, log)
+    output = log.read_text()
+    assert state == "COMPLETED", output[-4000:]
+    assert f"tune: 2 workers as the tasks of SLURM job {job}" in output
+    assert sorted(t.number for t in study(repo, "slurmpair").trials) == [0, 1, 2, 3]
+    runs = trial_runs(repo)
+    assert sorted(r.data.tags["tune.trial"] for r in runs) == ["0", "1", "2", "3"]
+    assert {r.data.tags["slurm.job_id"] for r in runs} == {job}
+    assert len({r.data.tags["mlflow.parentRunId"] for r in runs}) == 1

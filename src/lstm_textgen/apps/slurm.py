@@ -90,6 +90,40 @@ def batch_script(spec: JobSpec, repo: Path, python: Path, log: Path) -> str:
     return "\n".join(lines)
 
 
+def tune_script(spec: JobSpec, workers: int, trials: int | None, repo: Path, python: Path, log: Path) -> str:
+    """A search as one job of `workers` tasks: `lstm-textgen tune` on the batch host opens the study
+    and its parent run, starts one worker per task with srun, and makes the best trial an experiment."""
+    options = [
+        f"--job-name={JOB_PREFIX}tune-{spec.name}",
+        f"--ntasks={workers}",
+        f"--output={log}",
+        "--open-mode=append",
+        f"--signal=B:TERM@{spec.signal_seconds}",
+        "--no-requeue",  # a study goes on where it is: submit again to continue it
+    ]
+    options += [f"--nodes={spec.nodes}"] if spec.nodes > 1 else []
+    options += [f"--gpus-per-task={spec.gpus_per_node}"] if spec.gpus_per_node else []
+    options += [f"--cpus-per-task={spec.cpus_per_task}"] if spec.cpus_per_task else []
+    options += [f"--time={spec.time}"] if spec.time else []
+    options += [f"--partition={spec.partition}"] if spec.partition else []
+    options += [f"--account={spec.account}"] if spec.account else []
+    command = ["lstm-textgen", "tune", "--study", spec.name, "--workers", str(workers)]
+    command += ["--trials", str(trials)] if trials else []
+    return "\n".join(
+        [
+            "#!/bin/bash",
+            *(f"#SBATCH {option}" for option in options),
+            "set -euo pipefail",
+            f"cd {shlex.quote(str(repo))}",
+            f"export PATH={shlex.quote(str(python.parent))}:$PATH",
+            'echo "lstm-textgen: search job $SLURM_JOB_ID on $SLURM_JOB_NODELIST, $SLURM_NTASKS tasks"',
+            "# exec: SIGTERM reaches tune, which stops its workers (their trials fail, the study goes on)",
+            f"exec {shlex.join(command)}",
+            "",
+        ]
+    )
+
+
 def check_submittable(spec: JobSpec) -> None:
     """Each problem SLURM would only report later, or not at all, named before anything is submitted."""
     if shutil.which("sbatch") is None:
@@ -126,10 +160,14 @@ def minutes(limit: str) -> float:
     return parts[0] + (parts[1] / 60 if len(parts) == 2 else 0)
 
 
-def submit(spec: JobSpec, repo: Path, dry_run: bool = False) -> str | None:
-    """Write the job's script (and print it on a dry run); submit it; its job id."""
-    folder = repo / JOBS_DIR / spec.name
-    script = batch_script(spec, repo.resolve(), Path(sys.executable), folder.resolve() / "slurm-%j.log")
+def submit(
+    spec: JobSpec, repo: Path, dry_run: bool = False, tune: tuple[int, int | None] | None = None
+) -> str | None:
+    """Write the job's script (and print it on a dry run); submit it; its job id. `tune`: (workers,
+    trials) of a search instead of an experiment."""
+    folder = repo / JOBS_DIR / (f"tune-{spec.name}" if tune else spec.name)
+    where = (repo.resolve(), Path(sys.executable), folder.resolve() / "slurm-%j.log")
+    script = tune_script(spec, *tune, *where) if tune else batch_script(spec, *where)
     if dry_run:
         print(script, end="")
         return None
@@ -215,6 +253,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     submitting.add_argument("--signal-seconds", type=int, default=120, help="SIGTERM this long before --time")
     submitting.add_argument("--dry-run", action="store_true", help="print the script, submit nothing")
     submitting.add_argument("exp_args", nargs=argparse.REMAINDER, help="-- then `dvc exp run` arguments")
+    searching = verbs.add_parser("submit-tune", help="an Optuna study as one job of --workers tasks")
+    searching.add_argument("--workers", type=int, default=2, help="tune workers, one SLURM task each")
+    searching.add_argument("--trials", type=int, help="tune.trials for this search")
+    searching.add_argument("--study", help="tune.study (default params.yaml's)")
+    for option in ("--nodes", "--gpus-per-node", "--cpus-per-task"):
+        searching.add_argument(option, type=int, default=1 if option == "--nodes" else None)
+    for option in ("--time", "--partition", "--account"):
+        searching.add_argument(option)
+    searching.add_argument("--signal-seconds", type=int, default=120)
+    searching.add_argument("--dry-run", action="store_true")
     showing = verbs.add_parser("status", help="this project's jobs: state, MLflow run, last step")
     showing.add_argument("job", nargs="?")
     return parser.parse_args(argv)
@@ -224,6 +272,24 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.verb == "status":
         status(args.job)
+        return
+    if args.verb == "submit-tune":
+        from lstm_textgen.params import load_params
+
+        if args.workers < 1:
+            raise UserError(f"--workers must be at least 1, got {args.workers}")
+        study = args.study or load_params(Path("params.yaml")).tune.study
+        spec = JobSpec(
+            name=study,
+            nodes=args.nodes,
+            gpus_per_node=args.gpus_per_node or 0,
+            cpus_per_task=args.cpus_per_task,
+            time=args.time,
+            partition=args.partition,
+            account=args.account,
+            signal_seconds=args.signal_seconds,
+        )
+        submit(spec, Path.cwd(), dry_run=args.dry_run, tune=(args.workers, args.trials))
         return
     exp_args = args.exp_args[1:] if args.exp_args[:1] == ["--"] else args.exp_args
     spec = JobSpec(

@@ -79,8 +79,10 @@ def run_training(
     if allocation is not None and world.is_main:
         hosts = ",".join(allocation.hosts)
         print(f"train: SLURM job {allocation.job_id} on {hosts}, restart {allocation.restarts}")
-    if not world.launched and (params.train.processes > 1 or (allocation and len(allocation.hosts) > 1)):
-        launch_workers(params, hooks.launch, allocation)
+    # through srun in a SLURM job; a search's trial (no `launch`) trains in its worker, on one node
+    in_job = allocation if hooks.launch is not None else None
+    if not world.launched and (params.train.processes > 1 or (in_job and len(in_job.hosts) > 1)):
+        launch_workers(params, hooks.launch, in_job)
         return None
     checkpointer = Checkpointer(files.best, files.last)
     saved = resumed_state(checkpointer, params, dataset, allocation)

@@ -112,3 +112,16 @@ def launch_in_allocation(allocation: Allocation, processes: int, script: list[st
             f"training in SLURM job {allocation.job_id} failed (srun exited with {done.returncode}); "
             "the workers' errors are above"
         )
+
+
+def tasks_in_job(env: Mapping[str, str] = os.environ) -> int:
+    """How many tasks this SLURM job was given (`--ntasks`); 0 outside a job."""
+    if not env.get("SLURM_JOB_ID"):
+        return 0
+    return int(env.get("SLURM_NTASKS", "1") or 1)
+
+
+def srun_tasks(count: int, command: list[str]) -> list[str]:
+    """`command` as `count` tasks of this job, wherever SLURM placed them; one that fails leaves the
+    others running (a search's worker dies alone: its trial fails by its heartbeat)."""
+    return ["srun", f"--ntasks={count}", "--kill-on-bad-exit=0", *command]

@@ -123,7 +123,14 @@ def study_note(params: Params) -> str:
 
 
 def start_workers(count: int, argv: list[str]) -> list[subprocess.Popen[bytes]]:
+    """`count` worker processes: here, or, in a SLURM job of that many tasks (`lstm-textgen slurm
+    submit-tune`), one per task wherever SLURM placed them, all through one srun."""
+    from lstm_textgen.train.slurm import srun_tasks, tasks_in_job
+
     command = [sys.executable, "-m", "lstm_textgen.apps.tune", "worker", *argv]
+    if count > 1 and tasks_in_job() >= count:
+        print(f"tune: {count} workers as the tasks of SLURM job {os.environ['SLURM_JOB_ID']}", flush=True)
+        return [subprocess.Popen(srun_tasks(count, command))]
     return [subprocess.Popen(command) for _ in range(count)]
 
 

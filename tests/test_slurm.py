@@ -188,7 +188,9 @@ def test_a_cancelled_job_leaves_no_running_mlflow_run_and_no_process(
 
 
 @pytest.mark.slow
-def test_a_search_job_shares_one_study_among_its_tasks(cluster: slurm_cluster.Cluster, tmp_path: Path) -> None:
+def test_a_search_job_shares_one_study_among_its_tasks(
+    cluster: slurm_cluster.Cluster, tmp_path: Path
+) -> None:
     from test_tune import study, trial_runs, tune_repo
 
     space = {"model.hidden": {"choices": [16, 24, 32]}, "train.lr": {"low": 0.003, "high": 0.03, "log": True}}

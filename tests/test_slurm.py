@@ -64,6 +64,9 @@ def test_submit_names_each_problem_before_submitting(tmp_path: Path) -> None:
     assert short.returncode != 0 and "leaves no time to train before the SIGTERM" in short.stderr
     bad = run(["lstm-textgen", "slurm", "submit", "--time", "soon"], tmp_path, env, check=False)
     assert bad.returncode != 0 and "sbatch's form" in bad.stderr
+    gpu_less = ["lstm-textgen", "slurm", "submit", "--", "-S", "train.device=cuda"]
+    cuda = run(gpu_less, tmp_path, env, check=False)
+    assert cuda.returncode != 0 and "asks for no GPU: add --gpus-per-node" in cuda.stderr
 
 
 @pytest.fixture(scope="module")

@@ -139,6 +139,12 @@ def check_submittable(spec: JobSpec) -> None:
             f"--time {spec.time} leaves no time to train before the SIGTERM asked for "
             f"{spec.signal_seconds} s ahead of it: ask for more time, or a smaller --signal-seconds"
         )
+    device = requested_device(spec.exp_args)
+    if device.startswith("cuda") and not spec.gpus_per_node:
+        raise UserError(
+            f"train.device is {device} but the job asks for no GPU: add --gpus-per-node N (one per "
+            "train.processes worker), or -S train.device=cpu"
+        )
     if spec.partition is not None:
         known = subprocess.run(["sinfo", "-h", "-o", "%R"], capture_output=True, text=True, check=False)
         partitions = known.stdout.split()
@@ -146,6 +152,19 @@ def check_submittable(spec: JobSpec) -> None:
             raise UserError(
                 f"--partition {spec.partition!r} is not one of this cluster's: {', '.join(partitions)}"
             )
+
+
+def requested_device(exp_args: list[str]) -> str:
+    """`train.device` as the experiment will see it: a `-S train.device=...` given, else params.yaml's."""
+    for setting in exp_args:
+        if setting.startswith("train.device="):
+            return setting.split("=", 1)[1]
+    params = Path("params.yaml")
+    if not params.is_file():
+        return "auto"
+    from lstm_textgen.params import load_params
+
+    return load_params(params).train.device
 
 
 def minutes(limit: str) -> float:

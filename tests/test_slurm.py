@@ -97,16 +97,19 @@ def wait_for_job(cluster: slurm_cluster.Cluster, job: str, log: Path, timeout: f
     return state
 
 
+def submitted(cluster: slurm_cluster.Cluster, repo: Path, *command: str) -> tuple[dict[str, str], str]:
+    """`lstm-textgen slurm COMMAND...` run in `repo` against the cluster: its environment and job id."""
+    env = tool_env(repo) | cluster.env()
+    done = run(["lstm-textgen", "slurm", *command], repo, env)
+    return env, done.stdout.split("submitted job ", 1)[1].split()[0]
+
+
 @pytest.mark.slow
 def test_a_submitted_experiment_trains_on_two_workers_and_is_followed(
     cluster: slurm_cluster.Cluster, tmp_path: Path
 ) -> None:
     repo = prepared_tiny_repo(tmp_path / "repo")
-    env = tool_env(repo) | cluster.env()
-    submitted = run(
-        ["lstm-textgen", "slurm", "submit", "--name", "slurm2", "--", "-S", "train.processes=2"], repo, env
-    )
-    job = submitted.stdout.split("submitted job ", 1)[1].split()[0]
+    env, job = submitted(cluster, repo, "submit", "--name", "slurm2", "--", "-S", "train.processes=2")
     log = repo / ".slurm" / "slurm2" / f"slurm-{job}.log"
     assert (repo / ".slurm" / "slurm2" / "job.sbatch").is_file()
     state = wait_for_job(cluster, job, log)
@@ -129,11 +132,8 @@ def test_a_requeued_job_resumes_into_the_same_run_and_experiment(
     """`scontrol requeue` mid-training, as a preemption: SIGTERM, the job back in the queue, then run
     again from its script; the train stage resumes from its last checkpoint into the same MLflow run."""
     repo = prepared_tiny_repo(tmp_path / "repo")
-    env = tool_env(repo) | cluster.env()
     settings = ["-S", "train.max_steps=300", "-S", "train.eval_every=25"]
-    command = ["lstm-textgen", "slurm", "submit", "--name", "requeued", "--requeue", "--", *settings]
-    submitted = run(command, repo, env)
-    job = submitted.stdout.split("submitted job ", 1)[1].split()[0]
+    env, job = submitted(cluster, repo, "submit", "--name", "requeued", "--requeue", "--", *settings)
     log = repo / ".slurm" / "requeued" / f"slurm-{job}.log"
     checkpoint = repo / "data" / "checkpoints" / "last.pt"
     deadline = time.monotonic() + 600
@@ -165,9 +165,7 @@ def test_a_cancelled_job_leaves_no_running_mlflow_run_and_no_process(
     import psutil
 
     repo = prepared_tiny_repo(tmp_path / "repo")
-    env = tool_env(repo) | cluster.env()
-    command = ["lstm-textgen", "slurm", "submit", "--name", "cancelled", "--", "-S", "train.max_steps=100000"]
-    job = run(command, repo, env).stdout.split("submitted job ", 1)[1].split()[0]
+    _, job = submitted(cluster, repo, "submit", "--name", "cancelled", "--", "-S", "train.max_steps=100000")
     deadline = time.monotonic() + 600
     while not (repo / "data" / "checkpoints" / "last.pt").is_file():  # training, its run open
         assert time.monotonic() < deadline and job_state(cluster, job) in ("PENDING", "RUNNING"), job
@@ -198,9 +196,7 @@ def test_a_search_job_shares_one_study_among_its_tasks(
 
     space = {"model.hidden": {"choices": [16, 24, 32]}, "train.lr": {"low": 0.003, "high": 0.03, "log": True}}
     repo = tune_repo(tmp_path / "repo", space, study="slurmpair", sampler="random", experiment=False)
-    env = tool_env(repo) | cluster.env()
-    command = ["lstm-textgen", "slurm", "submit-tune", "--workers", "2", "--trials", "4"]
-    job = run(command, repo, env).stdout.split("submitted job ", 1)[1].split()[0]
+    _, job = submitted(cluster, repo, "submit-tune", "--workers", "2", "--trials", "4")
     log = repo / ".slurm" / "tune-slurmpair" / f"slurm-{job}.log"
     state = wait_for_job(cluster, job, log)
     output = log.read_text()

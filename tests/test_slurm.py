@@ -121,6 +121,8 @@ def test_a_submitted_experiment_trains_on_two_workers_and_is_followed(
     assert logged.data.tags["slurm.job_id"] == job and logged.data.tags["slurm.world_size"] == "2"
     shown = json.loads(run(["dvc", "exp", "show", "--json"], repo, env).stdout)
     assert "slurm2" in json.dumps(shown)
+    registered = json.loads((repo / "metrics" / "register.json").read_text())
+    assert registered["model_uri"].startswith("models:/")  # trained, evaluated and registered
     followed = run(["lstm-textgen", "slurm", "status", job], repo, env)
     assert "COMPLETED" in followed.stdout and logged.info.run_id in followed.stdout
 
@@ -130,9 +132,15 @@ def test_a_requeued_job_resumes_into_the_same_run_and_experiment(
     cluster: slurm_cluster.Cluster, tmp_path: Path
 ) -> None:
     """`scontrol requeue` mid-training, as a preemption: SIGTERM, the job back in the queue, then run
-    again from its script; the train stage resumes from its last checkpoint into the same MLflow run."""
+    again from its script; the train stage resumes from its last checkpoint into the same MLflow run,
+    and ends with the weights of the same experiment run without a break, bit for bit."""
+    import torch
+
+    from lstm_textgen.model.checkpoint import load_model
+
     repo = prepared_tiny_repo(tmp_path / "repo")
     settings = ["-S", "train.max_steps=300", "-S", "train.eval_every=25"]
+    settings += ["-S", "train.dtype=float32", "-S", "train.threads=1"]  # bit for bit on any CPU
     env, job = submitted(cluster, repo, "submit", "--name", "requeued", "--requeue", "--", *settings)
     log = repo / ".slurm" / "requeued" / f"slurm-{job}.log"
     checkpoint = repo / "data" / "checkpoints" / "last.pt"
@@ -156,6 +164,12 @@ def test_a_requeued_job_resumes_into_the_same_run_and_experiment(
     history = json.loads((repo / "metrics" / "train.json").read_text())
     assert history["mlflow_run_id"] == runs[0].info.run_id
     assert "requeued" in json.dumps(json.loads(run(["dvc", "exp", "show", "--json"], repo, env).stdout))
+    steps = {"max_steps": 300, "eval_every": 25, "dtype": "float32", "threads": 1}
+    plain = prepared_tiny_repo(tmp_path / "plain", train=steps)
+    run(["dvc", "repro", "train"], plain)  # the same training, outside SLURM, never stopped
+    weights = [load_model(r / "data" / "model" / "model.pt").model.state_dict() for r in (repo, plain)]
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][key], weights[1][key]) for key in weights[0])
 
 
 @pytest.mark.slow

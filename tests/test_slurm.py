@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -19,7 +20,7 @@ import slurm_cluster
 from conftest import prepared_tiny_repo, require_installed, run, runs_by_name, tool_env
 
 from lstm_textgen.apps.slurm import JobSpec, batch_script, minutes
-from lstm_textgen.train.slurm import Allocation, launch_command
+from lstm_textgen.train.slurm import Allocation, allocation_from_env, launch_command
 
 
 def test_the_batch_script_asks_for_what_the_job_needs() -> None:
@@ -40,8 +41,20 @@ def test_the_batch_script_asks_for_what_the_job_needs() -> None:
     assert minutes("4:00:00") == 240 and minutes("1-12") == 2160 and minutes("30") == 30
 
 
-def test_the_train_stage_starts_one_torchrun_per_node_meeting_on_the_first_host() -> None:
-    allocation = Allocation("4242", ("gpu07", "gpu08", "gpu11"), restarts=0)
+def test_the_train_stage_starts_one_torchrun_per_node_meeting_on_the_first_host(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Several nodes, on paper: the allocation as SLURM's environment and `scontrol show hostnames`
+    give it (a stand-in scontrol, since one host runs one slurmd), and the command built from it."""
+    fake = tmp_path / "scontrol"
+    expanded = 'printf "gpu07\\ngpu08\\ngpu11\\n"'
+    fake.write_text(f'#!/bin/sh\n[ "$1 $2 $3" = "show hostnames gpu[07-08,11]" ] && {expanded}\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    environment = {"SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "gpu[07-08,11]", "SLURM_RESTART_COUNT": "0"}
+    allocation = allocation_from_env("auto", environment)
+    assert allocation == Allocation("4242", ("gpu07", "gpu08", "gpu11"), restarts=0)
+    assert allocation_from_env("local", environment) is None and allocation_from_env("auto", {}) is None
     command = launch_command(allocation, 4, ["stages/train.py"])
     assert command[:5] == ["srun", "--nodes=3", "--ntasks=3", "--ntasks-per-node=1", "--kill-on-bad-exit=1"]
     assert "--nnodes=3" in command and "--nproc-per-node=4" in command and "--rdzv-id=4242" in command

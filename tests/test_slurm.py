@@ -117,6 +117,15 @@ def submitted(cluster: slurm_cluster.Cluster, repo: Path, *command: str) -> tupl
     return env, done.stdout.split("submitted job ", 1)[1].split()[0]
 
 
+def training(cluster: slurm_cluster.Cluster, job: str, repo: Path, timeout: float = 600) -> None:
+    """Until the job's train stage has written a checkpoint: training, its MLflow run open, with a
+    state to resume from; the job must stay queued or running meanwhile."""
+    deadline = time.monotonic() + timeout
+    while not (repo / "data" / "checkpoints" / "last.pt").is_file():
+        assert time.monotonic() < deadline and job_state(cluster, job) in ("PENDING", "RUNNING"), job
+        time.sleep(0.2)
+
+
 @pytest.mark.slow
 def test_a_submitted_experiment_trains_on_two_workers_and_is_followed(
     cluster: slurm_cluster.Cluster, tmp_path: Path
@@ -156,11 +165,7 @@ def test_a_requeued_job_resumes_into_the_same_run_and_experiment(
     settings += ["-S", "train.dtype=float32", "-S", "train.threads=1"]  # bit for bit on any CPU
     env, job = submitted(cluster, repo, "submit", "--name", "requeued", "--requeue", "--", *settings)
     log = repo / ".slurm" / "requeued" / f"slurm-{job}.log"
-    checkpoint = repo / "data" / "checkpoints" / "last.pt"
-    deadline = time.monotonic() + 600
-    while not checkpoint.is_file():  # training, with a state to resume from
-        assert time.monotonic() < deadline and job_state(cluster, job) in ("PENDING", "RUNNING"), job
-        time.sleep(0.2)
+    training(cluster, job, repo)
     cluster.run("scontrol", "requeue", job)
     deadline = time.monotonic() + 120
     while job_state(cluster, job) != "PENDING":
@@ -193,10 +198,7 @@ def test_a_cancelled_job_leaves_no_running_mlflow_run_and_no_process(
 
     repo = prepared_tiny_repo(tmp_path / "repo")
     _, job = submitted(cluster, repo, "submit", "--name", "cancelled", "--", "-S", "train.max_steps=100000")
-    deadline = time.monotonic() + 600
-    while not (repo / "data" / "checkpoints" / "last.pt").is_file():  # training, its run open
-        assert time.monotonic() < deadline and job_state(cluster, job) in ("PENDING", "RUNNING"), job
-        time.sleep(0.5)
+    training(cluster, job, repo)
     cluster.run("scancel", job)
     wait_for_job(cluster, job, repo / ".slurm" / "cancelled" / f"slurm-{job}.log", timeout=120)
 

@@ -140,8 +140,9 @@ class RowBatcher:
 
     def drain(self, seconds: float, poll: float = 0.05) -> int:
         """Admit nothing more (`submit` refuses with `Overloaded`: HTTP 503, the client retries) and
-        let every row already queued finish, up to `seconds`; then cut what is left short with a
-        `Cancelled` that names the shutdown. Returns the number of rows cut. For a server's SIGTERM."""
+        let every row already queued finish, up to `seconds`; then cut what is left short with
+        `Stopped` (HTTP 503), which names the shutdown. Returns the number of rows cut. For a
+        server's SIGTERM."""
         with self.lock:
             self.draining = True
         deadline = time.monotonic() + seconds

@@ -59,7 +59,6 @@ def slurm_conf(root: Path, host: str, munge_socket: Path) -> str:
             "ReturnToService=2",
             "MpiDefault=none",
             "JobRequeue=1",
-            "KillWait=5",  # SIGTERM, then SIGKILL 5 s later (30 by default): a cancel or requeue is quick
             "AccountingStorageType=accounting_storage/none",
             "JobCompType=jobcomp/none",
             f"NodeName={host} CPUs={cpus} RealMemory=4000 State=UNKNOWN",

@@ -1,8 +1,8 @@
-"""Killed training for real: the train stage under `dvc repro` is sent SIGTERM or SIGKILL between two
-evaluations, resumed with `train.resume=true`, and compared bit for bit with a run that was never
-interrupted; the MLflow run is the same one, KILLED in between, FINISHED at the end. (Resuming with
-dropout, carried state or the last-token objective: test_model_training.py, in process; several
-ranks stopped by SIGTERM: test_distributed.py.)"""
+"""Killed training for real: the train stage under `dvc repro` is sent SIGKILL, and once resumed
+SIGTERM, each between two evaluations, resumed with `train.resume=true` and compared bit for bit with
+a run that was never interrupted; the MLflow run is the same one, KILLED in between, FINISHED at the
+end. (Resuming with dropout, carried state or the last-token objective: test_model_training.py, in
+process; several ranks stopped by SIGTERM: test_distributed.py.)"""
 
 from __future__ import annotations
 
@@ -41,9 +41,19 @@ def assert_bit_for_bit(a: Path, b: Path) -> None:
     assert_same_training(torch.load(a, weights_only=True), torch.load(b, weights_only=True), exact=True)
 
 
-def kill_after_first_evaluation(job: subprocess.Popen[str], checkpoint: Path, pid: int, sig: int) -> None:
-    """Wait for the step-1000 checkpoint, let some steps pass, then send `sig` to `pid`."""
-    wait_for(checkpoint.is_file, "the step-1000 checkpoint", process=job)
+def checkpoint_step(checkpoint: Path) -> int:
+    """The step of the checkpoint on disk (-1 while there is none): it is replaced by a rename, whole."""
+    try:
+        return torch.load(checkpoint, weights_only=True)["step"]
+    except FileNotFoundError:
+        return -1
+
+
+def stop_after_evaluation(repo: Path, job: subprocess.Popen[str], step: int, sig: int) -> None:
+    """Wait for the checkpoint of `step`, let some steps pass, then send `sig` to the train stage."""
+    pid = train_process(repo)
+    checkpoint = repo / "data/checkpoints/last.pt"
+    wait_for(lambda: checkpoint_step(checkpoint) == step, f"the step-{step} checkpoint", process=job)
     time.sleep(0.3)
     os.kill(pid, sig)
 
@@ -84,34 +94,39 @@ def straight(repo: Path) -> dict:
     return {"evaluate": json.loads((repo / "metrics/evaluate.json").read_text())}
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
-def test_killed_dvc_repro_resumes_the_same_mlflow_run_to_the_same_result(
-    repo: Path, straight: dict, sig: int
-) -> None:
-    edit_params(repo / "params.yaml", train={"resume": False})
-
-    job = subprocess.Popen(
-        ["dvc", "repro", "-f", "train"],
-        cwd=repo,
-        env=tool_env(repo),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+def start_train(repo: Path, *, resume: bool) -> subprocess.Popen[str]:
+    edit_params(repo / "params.yaml", train={"resume": resume})
+    command = ["dvc", "repro"] if resume else ["dvc", "repro", "-f", "train"]
+    return subprocess.Popen(
+        command, cwd=repo, env=tool_env(repo), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
-    pid = train_process(repo)
+
+
+def test_killed_then_stopped_dvc_repro_resumes_the_same_mlflow_run_to_the_same_result(
+    repo: Path, straight: dict
+) -> None:
+    """SIGKILL after the first evaluation (nothing can mark the run), resume, SIGTERM after the
+    second (a stop request: the run is KILLED, the step saved), resume again to the end: the same
+    MLflow run all along, and the weights of the run that was never interrupted, bit for bit."""
     (repo / "data/checkpoints/last.pt").unlink()  # so the wait below sees this run's first checkpoint
-    kill_after_first_evaluation(job, repo / "data/checkpoints/last.pt", pid, sig)
-    _, stderr = job.communicate(timeout=120)
+    job = start_train(repo, resume=False)
+    stop_after_evaluation(repo, job, 1000, signal.SIGKILL)
+    job.communicate(timeout=120)
     assert job.returncode != 0
     killed = torch.load(repo / "data/checkpoints/last.pt", weights_only=True)
     run_id = killed["labels"]["mlflow_run_id"]
-    if sig == signal.SIGTERM:
-        assert killed["step"] > 1000 and mlflow_run(repo, run_id).info.status == "KILLED"
-        assert "Traceback" not in stderr  # a stop request, said in a line: the step it saved
-    else:  # nothing could mark it: RUNNING until the next run finds its process gone
-        assert killed["step"] == 1000 and mlflow_run(repo, run_id).info.status == "RUNNING"
+    assert killed["step"] == 1000 and mlflow_run(repo, run_id).info.status == "RUNNING"
 
-    edit_params(repo / "params.yaml", train={"resume": True})
+    job = start_train(repo, resume=True)
+    stop_after_evaluation(repo, job, 2000, signal.SIGTERM)
+    stdout, stderr = job.communicate(timeout=120)
+    assert job.returncode != 0
+    assert f"continuing MLflow run {run_id}" in stdout
+    stopped = torch.load(repo / "data/checkpoints/last.pt", weights_only=True)
+    assert stopped["step"] > 2000 and stopped["labels"]["mlflow_run_id"] == run_id
+    assert mlflow_run(repo, run_id).info.status == "KILLED"
+    assert "Traceback" not in stderr  # a stop request, said in a line: the step it saved
+
     resumed = run(["dvc", "repro"], cwd=repo)
     assert "Running stage 'train'" in resumed.stdout  # never answered from the run cache
     assert f"continuing MLflow run {run_id}" in resumed.stdout

@@ -373,6 +373,25 @@ def repro_repo(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> tupl
     return Path(recorded["repo"]), recorded["stdout"]
 
 
+# the shared store and DVC's own scratch space stay with the shared repo
+NOT_COPIED = {"mlflow.db", "mlflow.db.lock", "mlruns", "mlflow-pending", "optuna.db"}
+
+
+def copy_of_repro_repo(repro_repo: tuple[Path, str], dest: Path) -> Path:
+    """A repo of one's own, already past its first `dvc repro`: the shared repro_repo's outputs, DVC
+    cache and dvc.lock, without its MLflow store (the copy's runs are its own): a pipeline's worth of
+    CPU saved for each test that would otherwise start with `dvc repro`."""
+    source, _ = repro_repo
+
+    def ignored(folder: str, names: list[str]) -> set[str]:
+        if Path(folder) == source:
+            return NOT_COPIED & set(names)
+        return {"tmp"} & set(names) if Path(folder) == source / ".dvc" else set()
+
+    shutil.copytree(source, dest, symlinks=True, ignore=ignored)
+    return dest
+
+
 @pytest.fixture
 def full_disk() -> Path:
     """A 64 KiB tmpfs: a real disk that fills up (needs the right to mount, as root in CI's container)."""

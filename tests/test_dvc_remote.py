@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import free_port, require_installed, run, tiny_repo, wait_for
+from conftest import copy_of_repro_repo, free_port, require_installed, run, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -80,17 +80,17 @@ def stages_run(repo: Path) -> list[str]:
 
 
 def test_a_second_clone_pulls_and_reproduces_nothing_and_gets_an_experiment(
-    sshd: tuple[str, Path], tmp_path: Path
+    sshd: tuple[str, Path], repro_repo: tuple[Path, str], tmp_path: Path
 ) -> None:
     url, key = sshd
     origin = tmp_path / "origin.git"
     run(["git", "init", "-q", "--bare", "-b", "main", str(origin)], cwd=tmp_path)
 
     # machine A: the pipeline, the remote in .dvc/config (committed), push data and code
-    first = tiny_repo(tmp_path / "a")
+    first = copy_of_repro_repo(repro_repo, tmp_path / "a")  # after its `dvc repro`
     run(["dvc", "remote", "add", "-d", "store", url], cwd=first)
     use_key(first, key)
-    run(["dvc", "repro"], cwd=first)
+    assert stages_run(first) == ["init"]
     git(first, "add", "-A")
     git(first, "commit", "-qm", "a trained model")
     run(["dvc", "push"], cwd=first)

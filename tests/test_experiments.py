@@ -16,12 +16,12 @@ import requests
 import yaml
 from conftest import (
     REPO_ROOT,
+    copy_of_repro_repo,
     free_port,
     page_ok,
     run,
     runs_by_name,
     store_client,
-    tiny_repo,
     tool_env,
     wait_for,
 )
@@ -109,11 +109,10 @@ def run_readme_commands(done: Experiments) -> None:
 
 
 @pytest.fixture(scope="module")
-def experiments(tmp_path_factory: pytest.TempPathFactory) -> Experiments:
-    repo = tiny_repo(tmp_path_factory.mktemp("experiments") / "repo")
+def experiments(tmp_path_factory: pytest.TempPathFactory, repro_repo: tuple[Path, str]) -> Experiments:
+    repo = copy_of_repro_repo(repro_repo, tmp_path_factory.mktemp("experiments") / "repo")
     env = tool_env(repo)
     done = Experiments(repo, env)
-    run(["dvc", "repro"], cwd=repo, env=env)
     run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "baseline results"], cwd=repo)
     baseline_params = (repo / "params.yaml").read_text()
 

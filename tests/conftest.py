@@ -27,6 +27,8 @@ from lstm_textgen.network import free_port
 from lstm_textgen.params import ModelParams, Params, parse_params
 from lstm_textgen.tracking.store import file_lock
 
+# as `make test` sets it (Makefile, SUITE_ENV): here for the processes a bare `pytest` starts
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CORPORA_DIR = Path(os.environ.get("LSTM_TEXTGEN_CORPORA", REPO_ROOT.parent / "shared" / "corpora"))
 # Longest first, so that `make test`'s pytest-xdist workers (--dist loadfile: a module's fixtures are

@@ -84,6 +84,7 @@ def fresh_shell(script: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     """bash with a bare PATH, as a new terminal on a machine where nothing is activated."""
     env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": os.environ.get("HOME", "/root"), "LANG": "C.UTF-8"}
     env["MLFLOW_DISABLE_TELEMETRY"] = "true"
+    env["OMP_WAIT_POLICY"] = os.environ["OMP_WAIT_POLICY"]  # the suite's machine setting (conftest)
     assert str(REPO_ROOT / ".venv") not in env["PATH"]
     return subprocess.run(
         ["bash", "-c", "set -e\n" + script], cwd=cwd, env=env, capture_output=True, text=True, timeout=900

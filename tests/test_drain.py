@@ -26,6 +26,10 @@ pytestmark = pytest.mark.slow
 
 MODEL = "lstm-textgen-shakespeare-char"
 LONG = 2000  # new tokens: seconds of generation for 4 rows on a CPU
+# The most work a request may ask (4 rows x 2000 tokens x 300 draws): the tiny test model draws 32
+# plain rows of LONG tokens in under a second on a quiet machine, these in several.
+SLOW = {"max_new_tokens": LONG, "strategy": "mode", "draws": 300}
+LONG_GRACE = {"LSTM_TEXTGEN_DRAIN_SECONDS": "300"}
 
 
 @pytest.fixture()
@@ -89,16 +93,17 @@ def test_mlflow_models_serve_finishes_what_it_generates_refuses_the_rest_and_exi
     port, log = free_port(), tmp_path / "serve.log"
     url = f"http://127.0.0.1:{port}"
     command = ["mlflow", "models", "serve", "-m", f"models:/{MODEL}@champion", "-p", str(port)]
-    process = started([*command, "--env-manager", "local"], store, log, f"{url}/ping")
+    # a grace longer than any load makes the generation: every text finishes
+    process = started([*command, "--env-manager", "local"], store, log, f"{url}/ping", **LONG_GRACE)
     stopped.append(process)
-    body = {"dataframe_records": [{"prompt": "ROMEO:"}] * 4, "params": {"max_new_tokens": LONG}}
+    body = {"dataframe_records": [{"prompt": "ROMEO:"}] * 4, "params": SLOW}
     threads, answers = in_threads(
         lambda i: requests.post(f"{url}/invocations", json={**body, "seed": i}, timeout=300), 8
     )
     children = psutil.Process(process.pid).children(recursive=True)
     [scoring] = [child for child in children if "uvicorn" in " ".join(child.cmdline())]
     wait_for(lambda: connections(scoring, port) == 8, "the 8 requests to reach the server")
-    time.sleep(1.0)  # their rows join the batch within milliseconds; 32 rows of LONG take seconds
+    time.sleep(1.0)  # their rows join the batch within milliseconds; 32 SLOW rows take seconds
     assert all(thread.is_alive() for thread in threads)  # still generating when the signal comes
     scoring.send_signal(signal.SIGTERM)  # the scoring server's process: MLflow's CLI waits for it
     wait_for(lambda: requests.get(f"{url}/health", timeout=5).status_code == 503, "/health to say 503")

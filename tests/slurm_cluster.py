@@ -30,6 +30,19 @@ class Cluster:
         """What a client needs: the cluster's slurm.conf (munge's socket is in slurm.conf)."""
         return {"SLURM_CONF": str(self.conf)}
 
+    def log_tails(self, lines: int = 30) -> str:
+        """The last lines slurmctld and slurmd logged: for an assertion's message."""
+        tails = []
+        for name in ("slurmctld.log", "slurmd.log"):
+            path = self.root / name
+            text = path.read_text(errors="replace") if path.is_file() else "(none)"
+            tails.append(f"--- {name}\n" + "\n".join(text.splitlines()[-lines:]))
+        return "\n".join(tails)
+
+    def idle(self) -> bool:
+        """The node runs nothing and has finished cleaning up what it ran."""
+        return self.run("sinfo", "-h", "-o", "%T", check=False).stdout.strip() == "idle"
+
     def run(self, *command: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         env = os.environ | self.env()
         return subprocess.run(command, env=env, capture_output=True, text=True, check=check)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from lstm_textgen.network import free_port
 
+CRED_EXPIRE_S = 30
 DAEMONS = ("/usr/sbin/munged", "/usr/sbin/slurmctld", "/usr/sbin/slurmd", "/usr/bin/sbatch")
 
 
@@ -39,10 +40,6 @@ class Cluster:
             tails.append(f"--- {name}\n" + "\n".join(text.splitlines()[-lines:]))
         return "\n".join(tails)
 
-    def idle(self) -> bool:
-        """The node runs nothing and has finished cleaning up what it ran."""
-        return self.run("sinfo", "-h", "-o", "%T", check=False).stdout.strip() == "idle"
-
     def run(self, *command: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         env = os.environ | self.env()
         return subprocess.run(command, env=env, capture_output=True, text=True, check=check)
@@ -57,7 +54,9 @@ def slurm_conf(root: Path, host: str, munge_socket: Path) -> str:
             f"SlurmctldPort={free_port()}",
             f"SlurmdPort={free_port()}",
             "AuthType=auth/munge",
-            f"AuthInfo=socket={munge_socket}",
+            # a job's credential lives this long (default 120 s), and a requeued job waits as long
+            # before it starts again: slurmd refuses to launch it sooner ("Job credential revoked")
+            f"AuthInfo=socket={munge_socket},cred_expire={CRED_EXPIRE_S}",
             f"StateSaveLocation={root / 'state'}",
             f"SlurmdSpoolDir={root / 'spool'}",
             f"SlurmctldPidFile={root / 'slurmctld.pid'}",

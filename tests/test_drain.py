@@ -156,3 +156,17 @@ def test_the_demo_server_drains_and_exits_0_on_sigterm(store: Path, tmp_path: Pa
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=60) == 0, log.read_text()[-3000:]
     assert "demo: drained" in log.read_text()
+
+
+def test_a_burst_of_sigterms_ends_the_server_with_0(
+    store: Path, tmp_path: Path, stopped: list[subprocess.Popen]
+) -> None:
+    """SIGTERMs in quick succession (`mlflow models serve` passes its own on to a server that already
+    got one from its process group): a handler that ran inside itself and took a lock hung forever."""
+    port, log = free_port(), tmp_path / "serve.log"
+    command = ["lstm-textgen", "serve", f"models:/{MODEL}@champion", "--port", str(port)]
+    process = started(command, store, log, f"http://127.0.0.1:{port}/health")
+    stopped.append(process)
+    for _ in range(200):
+        process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=120) == 0, log.read_text()[-3000:]

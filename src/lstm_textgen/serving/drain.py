@@ -63,8 +63,13 @@ def drain_on_sigterm(
     batchers: Callable[[], list[RowBatcher]], seconds: float, stop: Callable[[], None], who: str
 ) -> None:
     """From now on, SIGTERM drains the batchers that `batchers()` gives and then calls `stop` (see the
-    module's docstring); a second SIGTERM cuts at once. Call on the main thread."""
-    draining = threading.Event()
+    module's docstring); a second SIGTERM cuts at once. Call on the main thread.
+
+    The handler only writes a byte to a pipe: a handler runs between two bytecodes of the main
+    thread, even inside itself when signals come in quick succession (`mlflow models serve` passes
+    its SIGTERM on to the server that already got one), so one that took a lock (an Event, starting
+    a thread, printing) could wait forever on the lock that it holds itself."""
+    read_end, write_end = os.pipe()
 
     def drain_then_stop(grace: float) -> None:
         cut = drain_all(batchers(), grace)
@@ -72,13 +77,16 @@ def drain_on_sigterm(
         print(f"{who}: drained, {outcome}; stopping", file=sys.stderr, flush=True)
         stop()
 
-    def on_sigterm(signum: int, frame: Any) -> None:
-        grace = 0.0 if draining.is_set() else seconds  # a second SIGTERM: now
-        draining.set()
-        print(f"{who}: SIGTERM: draining for up to {grace:g} s, new requests get 503", file=sys.stderr)
-        threading.Thread(target=drain_then_stop, args=(grace,), name="drain", daemon=True).start()
+    def on_each_sigterm() -> None:
+        received = 0
+        while os.read(read_end, 1):
+            grace = 0.0 if received else seconds  # a second SIGTERM: now
+            received += 1
+            print(f"{who}: SIGTERM: draining for up to {grace:g} s, new requests get 503", file=sys.stderr)
+            threading.Thread(target=drain_then_stop, args=(grace,), name="drain", daemon=True).start()
 
-    signal.signal(signal.SIGTERM, on_sigterm)
+    threading.Thread(target=on_each_sigterm, name="sigterm", daemon=True).start()
+    signal.signal(signal.SIGTERM, lambda signum, frame: os.write(write_end, b"T"))
 
 
 def install_drain(batcher: RowBatcher, who: str, env: Mapping[str, str] = os.environ) -> bool:

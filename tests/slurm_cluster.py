@@ -119,8 +119,7 @@ def start(root: Path) -> Cluster:
         if state == "idle":
             return cluster
         time.sleep(0.5)
-    logs = "\n".join((root / name).read_text()[-2000:] for name in ("slurmctld.log", "slurmd.log"))
-    raise RuntimeError(f"the SLURM node never became idle (sinfo: {state!r})\n{logs}")
+    raise RuntimeError(f"the SLURM node never became idle (sinfo: {state!r})\n{cluster.log_tails()}")
 
 
 def stop(cluster: Cluster) -> None:

@@ -63,7 +63,8 @@ def test_champion_moves_only_on_improvement(store: Path) -> None:
     better = register(
         checkpoint, run_id, MODEL_NAME, example_prompt="ROMEO:", val_loss=old_loss - 0.5, version_tags=tags
     )
-    assert better.promoted and better.version == worse.version + 2
+    # later versions, not consecutive ones: other workers' tests register into this shared store too
+    assert better.promoted and better.version > other_corpus.version > worse.version > equal.version
     assert int(client.get_model_version_by_alias(MODEL_NAME, "champion").version) == better.version
     version = client.get_model_version(MODEL_NAME, str(better.version))
     assert float(version.tags["val_loss"]) == pytest.approx(old_loss - 0.5, abs=1e-5)

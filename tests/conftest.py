@@ -487,6 +487,19 @@ def tracking_store(repo: Path) -> Iterator[None]:
 
 
 @pytest.fixture()
+def scratch_run(store: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A finished run in an experiment of its own (MLFLOW_EXPERIMENT_NAME) in the shared pipeline's
+    store, for a test that registers versions there: `register` reopens the run it logs into, and the
+    pipeline's training run must stay FINISHED, and alone in its experiment, for other workers' tests."""
+    name = f"test-registrations-{uuid.uuid4().hex[:8]}"
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", name)
+    client = store_client(store)
+    run_id = client.create_run(client.create_experiment(name)).info.run_id
+    client.set_terminated(run_id)
+    return run_id
+
+
+@pytest.fixture()
 def store(repro_repo: tuple[Path, str], monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     """The pipeline's repo copy as the working directory, its MLflow store the tracking URI (of this
     process, and of the commands it starts)."""

@@ -303,7 +303,7 @@ print(len(row.result()))
 def test_processes_that_started_a_batcher_thread_exit_cleanly() -> None:
     """The thread is stopped and joined at exit: a daemon thread that ran torch code and still waits
     as the interpreter finalises aborted such processes now and then (exit code 134). A GRU here; the
-    registered LSTM in 30 scripts through MLflow in test_own_process.py."""
+    registered LSTM in 12 scripts through MLflow in test_own_process.py."""
     import subprocess
     import sys
 

@@ -5,7 +5,6 @@ Chromium with the network cut, on the pipeline's registered model."""
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import shutil
@@ -162,7 +161,7 @@ def generate_in_page(page, prompt: str, length: int, seed: int) -> tuple[str, li
     return page.input_value("#output textarea"), seen
 
 
-def register_large_untrained_version(store: Path, tmp_path: Path) -> int:
+def register_large_untrained_version(store: Path, tmp_path: Path, run_id: str) -> int:
     """A second registered version, 2 x 1024 and untrained: switching to it changes the page's
     description and what is generated, and it generates slowly enough to be stopped midway."""
     import torch
@@ -178,7 +177,6 @@ def register_large_untrained_version(store: Path, tmp_path: Path) -> int:
     shape = parse_params(checkpoint["params"]).model
     checkpoint["model"] = RecurrentLM(len(checkpoint["vocab"]["tokens"]), shape).state_dict()
     save_checkpoint(tmp_path / "large.pt", checkpoint)
-    run_id = json.loads((store / "metrics/train.json").read_text())["mlflow_run_id"]
     tags = {"corpus": "shakespeare", "level": "char", "lowercase": "false", "val_bits_per_character": "6.25"}
     return register(
         tmp_path / "large.pt", run_id, MODEL_NAME, example_prompt="ROMEO:", val_loss=99.0, version_tags=tags
@@ -248,12 +246,14 @@ def generate_in_two_pages(page, external: list[str], requests: list[tuple[str, i
 
 
 @pytest.mark.slow
-def test_demo_page_streams_scores_and_switches_models_offline(store: Path, tmp_path: Path) -> None:
+def test_demo_page_streams_scores_and_switches_models_offline(
+    store: Path, tmp_path: Path, scratch_run: str
+) -> None:
     import mlflow.pyfunc
     import pandas as pd
     from mlflow.exceptions import MlflowException
 
-    large = register_large_untrained_version(store, tmp_path)
+    large = register_large_untrained_version(store, tmp_path, scratch_run)
     champion = mlflow.pyfunc.load_model(f"models:/{MODEL_NAME}@champion")
     with demo_page(store, tmp_path / "demo.log") as (page, refused):
         assert "(champion)" in page.input_value("#picker input")  # the champion is shown first

@@ -149,16 +149,6 @@ def test_two_processes_train_exactly_as_one_with_twice_the_batch(prepared_repo: 
 
 
 @pytest.mark.slow
-def test_a_resume_with_the_same_processes_is_exact_with_dropout_and_state(prepared_repo: Path) -> None:
-    """Every rank's dropout RNG and carried state come back: bit for bit equal to a straight run."""
-    setting = {"stateful": True, "model": {"dropout": 0.3}}
-    train_stage(prepared_repo, "straight", processes=2, batch_size=4, **setting)
-    train_stage(prepared_repo, "resumed", processes=2, batch_size=4, max_steps=10, **setting)
-    train_stage(prepared_repo, "resumed", processes=2, batch_size=4, resume=True, **setting)
-    assert_same_training(saved(prepared_repo, "resumed"), saved(prepared_repo, "straight"), exact=True)
-
-
-@pytest.mark.slow
 def test_a_resume_on_another_world_size_with_the_same_global_batch_continues_the_run(
     prepared_repo: Path,
 ) -> None:
@@ -218,9 +208,11 @@ def gone(pid: int) -> bool:
         return True
 
 
-def started_workers(name: str, prepared_repo: Path) -> tuple[subprocess.Popen[str], dict[int, int]]:
+def started_workers(
+    name: str, prepared_repo: Path, **setting: object
+) -> tuple[subprocess.Popen[str], dict[int, int]]:
     """A long two-process training, once its first checkpoint is written, and its workers' pids."""
-    job = train_stage(prepared_repo, name, 2, 4, wait=False, max_steps=100000, eval_every=50)
+    job = train_stage(prepared_repo, name, 2, 4, wait=False, max_steps=100000, eval_every=50, **setting)
     checkpoint = prepared_repo / "runs" / name / "last.pt"
     wait_for(checkpoint.is_file, "the first checkpoint", process=job, pause=0.2)
     workers = worker_pids(job.pid)
@@ -267,8 +259,10 @@ def test_sigterm_to_the_launcher_stops_every_rank_at_one_step_and_resumes_exactl
     prepared_repo: Path,
 ) -> None:
     """A scheduler's SIGTERM reaches the launcher; torchrun passes it to the workers, which agree on
-    the step to stop at; rank 0 saves it there. Resumed, the run ends as a straight one does."""
-    job, workers = started_workers("sigterm", prepared_repo)
+    the step to stop at; rank 0 saves it there. Resumed, the run ends as a straight one does, bit for
+    bit: every rank's dropout RNG and carried state come back."""
+    setting = {"stateful": True, "model": {"dropout": 0.3}}
+    job, workers = started_workers("sigterm", prepared_repo, **setting)
     job.send_signal(signal.SIGTERM)
     _, stderr = job.communicate(timeout=120)
     assert job.returncode == 143, stderr
@@ -279,8 +273,8 @@ def test_sigterm_to_the_launcher_stops_every_rank_at_one_step_and_resumes_exactl
     assert mlflow_run.info.status == "KILLED"
     assert all(gone(pid) for pid in workers.values())
     end = {"max_steps": stopped_at + 20, "eval_every": 50}
-    train_stage(prepared_repo, "sigterm", 2, 4, resume=True, **end)
-    train_stage(prepared_repo, "sigterm-straight", 2, 4, **end)
+    train_stage(prepared_repo, "sigterm", 2, 4, resume=True, **end, **setting)
+    train_stage(prepared_repo, "sigterm-straight", 2, 4, **end, **setting)
     assert_same_training(
         saved(prepared_repo, "sigterm"), saved(prepared_repo, "sigterm-straight"), exact=True
     )

@@ -1,11 +1,12 @@
-"""The registered model in a user's own process: 30 short scripts that load it and predict all end
-cleanly (exit 0, no abort at interpreter exit), and docs/notebook.ipynb, executed cell by cell in a
-real Jupyter kernel (nbclient) on the pipeline's store, twice (the kernel shut down and a fresh one
-started), draws the served model's texts for the same rows and seeds."""
+"""The registered model in a user's own process: 12 short scripts (each way of calling it, once) that
+load it and predict all end cleanly (exit 0, no abort at interpreter exit), and docs/notebook.ipynb,
+executed cell by cell in a real Jupyter kernel (nbclient) on the pipeline's store, twice (the kernel
+shut down and a fresh one started), draws the served model's texts for the same rows and seeds."""
 
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import subprocess
 import sys
@@ -84,11 +85,13 @@ if sys.argv[5] == "close":  # done with it before the end: the batcher's thread 
 """
 
 
-def test_thirty_scripts_that_load_the_model_and_predict_all_end_cleanly(
+def test_scripts_that_load_the_model_and_predict_in_every_way_all_end_cleanly(
     repro_repo: tuple[Path, str], tmp_path: Path
 ) -> None:
     """A daemon batcher thread that had run torch code and still waited as the interpreter finalised
-    aborted such scripts now and then (`terminate called without an active exception`, exit 134)."""
+    aborted such scripts now and then (`terminate called without an active exception`, exit 134).
+    Twelve scripts: each pairing of input form (frame, dict), task (generate twice, score) and end
+    (close, exit) once; ten more processes exit after generating in test_batcher.py."""
     import mlflow
 
     store, _ = repro_repo
@@ -96,9 +99,8 @@ def test_thirty_scripts_that_load_the_model_and_predict_all_end_cleanly(
     with tracking_store(store):  # the model's files, once: each script then loads it as a user's would
         model = mlflow.artifacts.download_artifacts(registered["model_uri"], dst_path=str(tmp_path))
     env = tool_env(store)
-    for i in range(30):
-        shape, task = ("frame", "dict")[i % 2], ("generate", "generate", "score")[i % 3]
-        end = "close" if i % 4 == 0 else "exit"
+    ways = itertools.product(("frame", "dict"), ("generate", "generate", "score"), ("close", "exit"))
+    for i, (shape, task, end) in enumerate(ways):
         done = subprocess.run(
             [sys.executable, "-c", SCRIPT, model, str(i), shape, task, end],
             cwd=store,

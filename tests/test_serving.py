@@ -28,12 +28,12 @@ def test_registered_champion_loads_and_predicts(store: Path) -> None:
     assert list(out["text"]) == list(again["text"])  # seeded
 
 
-def test_champion_moves_only_on_improvement(store: Path) -> None:
+def test_champion_moves_only_on_improvement(store: Path, scratch_run: str) -> None:
     from mlflow.tracking import MlflowClient
 
     from lstm_textgen.tracking.registry import register
 
-    run_id = json.loads((store / "metrics/train.json").read_text())["mlflow_run_id"]
+    run_id = scratch_run
     client = MlflowClient()
     champion = client.get_model_version_by_alias(MODEL_NAME, "champion")
     old_loss = float(champion.tags["val_loss"])
@@ -70,7 +70,9 @@ def test_champion_moves_only_on_improvement(store: Path) -> None:
     assert float(version.tags["val_loss"]) == pytest.approx(old_loss - 0.5, abs=1e-5)
 
 
-def test_registered_model_follows_the_sample_params_and_carries_no_optimizer(store: Path) -> None:
+def test_registered_model_follows_the_sample_params_and_carries_no_optimizer(
+    store: Path, scratch_run: str
+) -> None:
     """The register stage hands today's sample.* params to the model it logs: its defaults and its
     unknown-token policy; the logged checkpoint holds weights, vocabulary and params only."""
     import io
@@ -83,7 +85,7 @@ def test_registered_model_follows_the_sample_params_and_carries_no_optimizer(sto
     from lstm_textgen.params import SampleParams
     from lstm_textgen.tracking.registry import register
 
-    run_id = json.loads((store / "metrics/train.json").read_text())["mlflow_run_id"]
+    run_id = scratch_run
     tags = {"corpus": "shakespeare", "level": "char", "lowercase": "false"}
     checkpoint = store / "data/model/model.pt"
     as_trained = register(

@@ -54,7 +54,8 @@ def test_with_a_tracking_server_artifacts_go_to_the_server(tmp_path: Path) -> No
         "1",
     ]
     log = (tmp_path / "server.log").open("w")
-    server = subprocess.Popen(command, cwd=tmp_path, env=tool_env(), stdout=log, stderr=log)
+    env = {**tool_env(), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # GenAI jobs: not this test's
+    server = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=log, stderr=log)
     try:
         wait_for_page(server, f"http://127.0.0.1:{port}/health", tmp_path / "server.log")
         clone = tmp_path / "clone"

@@ -8,6 +8,7 @@ link points there and no UI is started."""
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 
@@ -36,7 +37,9 @@ def main(argv: list[str] | None = None) -> None:
     base = f"http://{args.host}:{args.port}"
     command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri]
     command += ["--host", args.host, "--port", str(args.port), "--workers", "1"]
-    ui = subprocess.Popen(command)
+    # MLflow's job runner (GenAI evaluations, several worker processes) serves nothing of this project
+    env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ}
+    ui = subprocess.Popen(command, env=env)
     try:
         try:
             wait_until_answers(base, UI_START_S, ui)

@@ -151,6 +151,8 @@ def test_lstm_textgen_serve_cuts_what_is_left_when_its_grace_ends_and_exits_0(
 
 
 def test_the_demo_server_drains_and_exits_0_on_sigterm(store: Path, tmp_path: Path) -> None:
+    """SIGTERM as soon as the page answers: gradio may still be checking its own page, a check that
+    the closing server failed (exit code 1, a traceback) before the demo took it for the stop it was."""
     port, log = free_port(), tmp_path / "demo.log"
     process = started(["lstm-textgen", "demo", "--port", str(port)], store, log, f"http://127.0.0.1:{port}")
     process.send_signal(signal.SIGTERM)

@@ -341,9 +341,23 @@ def main(argv: list[str] | None = None) -> None:
     entries = model_entries(args.model, registered_entries())
     models = ModelCache(str(resolve_device(args.device)))
     page = build_page(entries, models)
+    closed = threading.Event()
+
+    def close() -> None:
+        closed.set()
+        page.close()
+
     # SIGTERM: the pages' texts finish (new ones are refused), then the server closes and exit 0
-    drain_on_sigterm(lambda: list(models.batchers.values()), drain_seconds(), page.close, "demo")
+    drain_on_sigterm(lambda: list(models.batchers.values()), drain_seconds(), close, "demo")
     print(f"demo: {len(entries)} model(s); the first is {entries[0].label}", flush=True)
-    page.queue(default_concurrency_limit=4).launch(
-        server_name=args.host, server_port=args.port, ssr_mode=False, pwa=False, mcp_server=False, quiet=False
-    )
+    where = {"server_name": args.host, "server_port": args.port}
+    try:
+        page.queue(default_concurrency_limit=4).launch(
+            **where, ssr_mode=False, pwa=False, mcp_server=False, quiet=False, prevent_thread_lock=True
+        )
+    except Exception:
+        if not closed.is_set():
+            raise  # else the drain closed the server while gradio still checked its own page
+    if closed.is_set():
+        page.close()  # the drain may have closed it before gradio's server was up
+    page.block_thread()

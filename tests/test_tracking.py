@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 from conftest import REPO_ROOT, free_port, run_at_once, runs_by_name, tool_env, tracking_store, wait_for_page
 
+from lstm_textgen.tracking.store import SERVER_DEFAULTS
+
 # Each writer waits for the same moment, then opens the store and logs one finished run.
 WRITER = """
 import sys, time
@@ -54,7 +56,7 @@ def test_with_a_tracking_server_artifacts_go_to_the_server(tmp_path: Path) -> No
         "1",
     ]
     log = (tmp_path / "server.log").open("w")
-    env = {**tool_env(), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # GenAI jobs: not this test's
+    env = {**SERVER_DEFAULTS, **tool_env()}  # as the project's own servers run
     server = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=log, stderr=log)
     try:
         wait_for_page(server, f"http://127.0.0.1:{port}/health", tmp_path / "server.log")

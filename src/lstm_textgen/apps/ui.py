@@ -37,9 +37,7 @@ def main(argv: list[str] | None = None) -> None:
     base = f"http://{args.host}:{args.port}"
     command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri]
     command += ["--host", args.host, "--port", str(args.port), "--workers", "1"]
-    # MLflow's job runner (GenAI evaluations, several worker processes) serves nothing of this project
-    env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ}
-    ui = subprocess.Popen(command, env=env)
+    ui = subprocess.Popen(command, env={**store.SERVER_DEFAULTS, **os.environ})
     try:
         try:
             wait_until_answers(base, UI_START_S, ui)

@@ -24,6 +24,9 @@ EXPERIMENT_NAME = "lstm-textgen"
 
 # MLflow 3's UI opens an experiment of this kind on its runs, not on the GenAI overview
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+# For the MLflow servers this project starts (the lab's, `lstm-textgen ui`): MLflow's job runner
+# (GenAI evaluations: a runner and several worker processes) serves nothing of this project.
+SERVER_DEFAULTS = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 

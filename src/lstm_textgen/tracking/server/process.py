@@ -32,6 +32,7 @@ from lstm_textgen.tracking.server.service_account import (
     hand_over,
     service_account,
 )
+from lstm_textgen.tracking.store import SERVER_DEFAULTS
 
 
 def server_running(state: ServerState) -> bool:
@@ -138,6 +139,7 @@ def start_mlflow(layout: Layout, state: ServerState, database_url: str, secret_k
     handed = hand_over(layout, state, account) if account else {}
     cert, key = handed.get("tls_cert", state.tls_cert), handed.get("tls_key", state.tls_key)
     env = {
+        **SERVER_DEFAULTS,
         **os.environ,
         **({"HOME": handed["HOME"]} if "HOME" in handed else {}),
         "MLFLOW_AUTH_CONFIG_PATH": str(layout.auth_config),
@@ -149,8 +151,6 @@ def start_mlflow(layout: Layout, state: ServerState, database_url: str, secret_k
     if password:
         env[PASSWORD_VARIABLE] = password
     env["MLFLOW_BACKEND_STORE_URI"] = database_url  # not on the command line, where `ps` shows it
-    # MLflow's job runner (GenAI evaluations, seven worker processes) serves nothing of this project
-    env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
     command = [str(Path(sys.executable).parent / "mlflow"), "server"]
     command += ["--serve-artifacts", "--artifacts-destination", state.artifacts]
     command += ["--host", state.host, "--port", str(state.port), "--workers", "1", "--app-name", "basic-auth"]

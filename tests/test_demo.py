@@ -26,7 +26,8 @@ from conftest import (
     wait_for_page,
 )
 
-from lstm_textgen.apps.demo import ModelEntry, coloured_html, model_entries, version_label
+from lstm_textgen.apps.demo import coloured_html
+from lstm_textgen.apps.demo_models import ModelEntry, model_entries, version_label
 from lstm_textgen.apps.plots import dvc_plots_command, offline_template
 from lstm_textgen.data.tokenisers import Vocabulary
 from lstm_textgen.errors import UserError

@@ -119,7 +119,8 @@ def mount_demo(app: Any, source: str, api_keys: frozenset[str]) -> Any:
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # before gradio is imported
     import gradio as gr
 
-    from lstm_textgen.apps.demo import ModelCache, ModelEntry, build_page
+    from lstm_textgen.apps.demo import build_page
+    from lstm_textgen.apps.demo_models import ModelCache, ModelEntry
 
     card = app.state.card
     label = f"{card.id} v{card.version}" if card.version else card.id

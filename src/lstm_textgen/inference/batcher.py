@@ -25,7 +25,7 @@ from lstm_textgen.errors import UserError
 from lstm_textgen.inference.drawing import draw_with, invalid_rows, plan_draws, take_uniforms
 from lstm_textgen.inference.rows import BatchLimits, Cancelled, Job, Overloaded, Row, Stopped, TokenLogprob
 from lstm_textgen.model.recurrent import RecurrentLM, State
-from lstm_textgen.model.stepper import Stepper
+from lstm_textgen.model.stepper import Stepper, warm_up
 
 
 class RowBatcher:
@@ -338,30 +338,3 @@ class RowBatcher:
         for row in failed:
             row.finish(exc)
         self._empty()
-
-
-def warm_up(
-    model: RecurrentLM, prompt_ids: Sequence[Sequence[int]], device: torch.device
-) -> tuple[torch.Tensor, State]:
-    """[B, V] next-token logits and the state after each prompt. A prompt asked several times (the
-    `n` texts of one request) is read once; prompts of equal length share one call of the sequence
-    kernel; the rows come back in the prompts' order."""
-    distinct: dict[tuple[int, ...], int] = {}
-    which = [distinct.setdefault(tuple(ids), len(distinct)) for ids in prompt_ids]
-    prompts = list(distinct)
-    by_length: dict[int, list[int]] = {}
-    for row, ids in enumerate(prompts):
-        by_length.setdefault(len(ids), []).append(row)
-    outputs = [
-        model(torch.tensor([prompts[r] for r in rows], dtype=torch.long, device=device), last_only=True)
-        for rows in by_length.values()
-    ]
-    grouped = [r for rows in by_length.values() for r in rows]
-    # from the grouped order to each prompt's row, repeats included
-    back = torch.tensor(grouped, device=device).argsort()[torch.tensor(which, device=device)]
-    logits = torch.cat([group_logits for group_logits, _ in outputs])[back]
-    states = [group_state for _, group_state in outputs]
-    if isinstance(states[0], tuple):  # LSTM: (h, c)
-        pairs = zip(*states, strict=True)
-        return logits.float(), tuple(torch.cat(parts, dim=1)[:, back] for parts in pairs)  # type: ignore[return-value]
-    return logits.float(), torch.cat(states, dim=1)[:, back]  # type: ignore[arg-type]

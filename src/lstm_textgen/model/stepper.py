@@ -1,7 +1,9 @@
-"""Generation one token at a time: the recurrent stack laid out for per-step speed (`Stepper`)."""
+"""Generation one token at a time: prompts read into states (`warm_up`), then the recurrent stack laid
+out for per-step speed (`Stepper`)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -112,3 +114,30 @@ class Stepper:
                 h.copy_(gates.tanh_() if self.kind == "tanh" else gates.relu_())
             x = h
         return torch.addmm(self.head_b, x, self.head_w)
+
+
+def warm_up(
+    model: RecurrentLM, prompt_ids: Sequence[Sequence[int]], device: torch.device
+) -> tuple[torch.Tensor, State]:
+    """[B, V] next-token logits and the state after each prompt. A prompt asked several times (the
+    `n` texts of one request) is read once; prompts of equal length share one call of the sequence
+    kernel; the rows come back in the prompts' order."""
+    distinct: dict[tuple[int, ...], int] = {}
+    which = [distinct.setdefault(tuple(ids), len(distinct)) for ids in prompt_ids]
+    prompts = list(distinct)
+    by_length: dict[int, list[int]] = {}
+    for row, ids in enumerate(prompts):
+        by_length.setdefault(len(ids), []).append(row)
+    outputs = [
+        model(torch.tensor([prompts[r] for r in rows], dtype=torch.long, device=device), last_only=True)
+        for rows in by_length.values()
+    ]
+    grouped = [r for rows in by_length.values() for r in rows]
+    # from the grouped order to each prompt's row, repeats included
+    back = torch.tensor(grouped, device=device).argsort()[torch.tensor(which, device=device)]
+    logits = torch.cat([group_logits for group_logits, _ in outputs])[back]
+    states = [group_state for _, group_state in outputs]
+    if isinstance(states[0], tuple):  # LSTM: (h, c)
+        pairs = zip(*states, strict=True)
+        return logits.float(), tuple(torch.cat(parts, dim=1)[:, back] for parts in pairs)  # type: ignore[return-value]
+    return logits.float(), torch.cat(states, dim=1)[:, back]  # type: ignore[arg-type]

@@ -122,13 +122,15 @@ def start_mlflow(layout: Layout, state: ServerState, database_url: str, secret_k
     returns its pid once /health answers."""
     write_text(layout.auth_config, auth_config(database_url), secret=True)  # the database password
     account = service_account(layout)
-    if account and can_run_python(account) and (granted := grant_reach(account)):
+    why = can_run_python(account) if account else None  # a probe imports MLflow: once, unless granted
+    if account and why and (granted := grant_reach(account)):
         print(
             f"server: the account uid {account.uid} may now pass through (x, not read) "
             f"{', '.join(map(str, granted))} to run {sys.executable}; undo with "
             f"`setfacl -x u:{account.uid} FOLDER`"
         )
-    if account and (why := can_run_python(account)):
+        why = can_run_python(account)
+    if account and why:
         print(
             f"server: WARNING: the MLflow server runs as root: the account uid {account.uid} it would run "
             f"as cannot run {sys.executable} ({why}); install `acl` (setfacl) or the venv's Python where "

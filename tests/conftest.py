@@ -347,13 +347,16 @@ def tiny_repo(dest: Path) -> Path:
     return repo
 
 
-def prepared_tiny_repo(dest: Path, env: dict[str, str] | None = None, **sections: dict) -> Path:
-    """A tiny repo with `sections` merged into its params (committed), after `dvc repro prepare`."""
-    repo = tiny_repo(dest)
+def prepared_tiny_repo(repro_repo: tuple[Path, str], dest: Path, **sections: dict) -> Path:
+    """A tiny repo with its corpus prepared and `sections` merged into its params (committed): a copy
+    of the shared repro_repo, whose `prepare` outputs are the ones `dvc repro prepare` would make, so
+    `sections` may not change what prepare reads."""
+    if {"data", "corpora"} & set(sections):
+        raise ValueError("data and corpora settings change the prepared corpus: use tiny_repo + dvc repro")
+    repo = copy_of_repro_repo(repro_repo, dest)
     if sections:
         edit_params(repo / "params.yaml", **sections)
         run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "test params"], cwd=repo)
-    run(["dvc", "repro", "prepare"], cwd=repo, env=env or tool_env(repo))
     return repo
 
 

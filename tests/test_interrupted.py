@@ -33,8 +33,8 @@ LONG |= {"dtype": "float32", "device": "cpu"}
 
 
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return prepared_tiny_repo(tmp_path_factory.mktemp("interrupted") / "repo", train=LONG)
+def repo(tmp_path_factory: pytest.TempPathFactory, repro_repo: tuple[Path, str]) -> Path:
+    return prepared_tiny_repo(repro_repo, tmp_path_factory.mktemp("interrupted") / "repo", train=LONG)
 
 
 def assert_bit_for_bit(a: Path, b: Path) -> None:

@@ -26,7 +26,7 @@ TINY_BUDGET = ["-S", "train.max_steps=2", "-S", "train.eval_every=1", "-S", "tra
 TINY_BUDGET += ["-S", "sample.length=12"]
 # the evaluation reads whole splits with the preset's own model (a 2 x 512 LSTM for Anna): small
 # splits keep it to seconds, and every stage still runs
-TINY_BUDGET += ["-S", "data.val_fraction=0.02", "-S", "data.test_fraction=0.02"]
+TINY_BUDGET += ["-S", "data.val_fraction=0.005", "-S", "data.test_fraction=0.005"]
 
 
 def test_documented_preset_commands_match_presets_yaml() -> None:

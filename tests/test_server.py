@@ -160,11 +160,15 @@ def process_group_uids(group: int) -> dict[int, int]:
     ],
 )
 def test_credentials_and_permissions_are_checked_before_training(
-    lab: Lab, tmp_path: Path, user: str | None, password: str | None, named: str
+    lab: Lab,
+    repro_repo: tuple[Path, str],
+    tmp_path: Path,
+    user: str | None,
+    password: str | None,
+    named: str,
 ) -> None:
-    repo = tmp_path / "repo"
+    repo = prepared_tiny_repo(repro_repo, tmp_path / "repo")
     env = lab.env(user, repo, password)
-    prepared_tiny_repo(repo, env)
     done = run([sys.executable, "stages/train.py"], cwd=repo, env=env, check=False)
     assert done.returncode == 2, done.stderr
     assert named in done.stderr and "Traceback" not in done.stderr
@@ -296,17 +300,52 @@ def wait_for_line(process: subprocess.Popen[str], text: str) -> None:
     raise AssertionError(f"training ended before printing {text!r}: {process.stderr.read()}")
 
 
-def test_a_server_away_for_half_a_minute_mid_run_loses_no_point(lab: Lab, tmp_path: Path) -> None:
+def test_a_server_away_for_half_a_minute_mid_run_loses_no_point(
+    lab: Lab, trained: tuple[Path, str], tmp_path: Path
+) -> None:
+    """The server and its database restarted for half a minute: a training under way logs every point;
+    a stage that starts meanwhile waits, saying so once, and finishes; with a wait too short for the
+    outage it stops in one line naming the server."""
     repo = tiny_repo(tmp_path / "repo")
     training = start_training(lab, repo, max_steps=1_000_000, max_minutes=1.5)
     wait_for_line(training, "step 50:")
     lab.server("stop")
-    time.sleep(30)  # a restart of half a minute: several of the run's evaluations fall inside it
-    lab.server("start")
+    back = time.monotonic() + 30  # several of the run's evaluations fall inside the outage
+    try:
+        waiting, log = stage_that_starts_while_the_server_is_away(lab, trained[0], tmp_path)
+        time.sleep(max(0.0, back - time.monotonic()))
+    finally:
+        lab.server("start")
     _, err = training.communicate(timeout=300)
     assert training.returncode == 0, err
     assert "kept in" not in err  # everything reached the server once it was back
     assert_every_point_logged(lab, repo)
+    assert waiting.wait(timeout=300) == 0, log.read_text()
+    assert "answers again" in log.read_text() and "Traceback" not in log.read_text()
+
+
+def stage_that_starts_while_the_server_is_away(
+    lab: Lab, repo: Path, tmp_path: Path
+) -> tuple[subprocess.Popen[bytes], Path]:
+    """`evaluate` with the usual wait (left waiting: returned with its log) and with a wait shorter
+    than the outage (stopped, naming the server)."""
+    log = tmp_path / "evaluate.log"
+    with log.open("w") as output:
+        waiting = subprocess.Popen(
+            [sys.executable, "stages/evaluate.py"],
+            cwd=repo,
+            env=lab.env("trainer", repo),
+            stdout=output,
+            stderr=subprocess.STDOUT,
+        )
+    short = {**lab.env("trainer", repo), "LSTM_TEXTGEN_TRACKING_WAIT_MINUTES": "0.05"}
+    gave_up = run([sys.executable, "stages/evaluate.py"], cwd=repo, env=short, check=False)
+    assert gave_up.returncode != 0 and "Traceback" not in gave_up.stderr
+    assert f"the tracking server {lab.uri} (MLFLOW_TRACKING_URI) does not answer" in gave_up.stderr
+    wait_for(
+        lambda: "waiting up to 5 minute(s)" in log.read_text(), "the stage to wait", process=waiting, log=log
+    )
+    return waiting, log
 
 
 def test_an_outage_longer_than_the_run_is_sent_by_sync(lab: Lab, tmp_path: Path) -> None:
@@ -523,39 +562,6 @@ def test_a_trust_cluster_is_locked_on_start_and_no_secret_reaches_a_command_line
             assert secret not in shown
     finally:
         second.server("stop", check=False)
-
-
-def test_a_stage_that_starts_while_the_server_is_away_waits_for_it(
-    lab: Lab, trained: tuple[Path, str], tmp_path: Path
-) -> None:
-    """The server and its database restarted while a stage starts: the stage waits, saying so once,
-    and finishes; with nothing coming back it stops in one line naming the server."""
-    repo, _ = trained
-    lab.server("stop")
-    try:
-        short = {**lab.env("trainer", repo), "LSTM_TEXTGEN_TRACKING_WAIT_MINUTES": "0.05"}
-        gave_up = run([sys.executable, "stages/evaluate.py"], cwd=repo, env=short, check=False)
-        assert gave_up.returncode != 0 and "Traceback" not in gave_up.stderr
-        assert f"the tracking server {lab.uri} (MLFLOW_TRACKING_URI) does not answer" in gave_up.stderr
-        log = tmp_path / "evaluate.log"
-        with log.open("w") as output:
-            waiting = subprocess.Popen(
-                [sys.executable, "stages/evaluate.py"],
-                cwd=repo,
-                env=lab.env("trainer", repo),
-                stdout=output,
-                stderr=subprocess.STDOUT,
-            )
-        wait_for(
-            lambda: "waiting up to 5 minute(s)" in log.read_text(),
-            "the stage to wait",
-            process=waiting,
-            log=log,
-        )
-    finally:
-        lab.server("start")
-    assert waiting.wait(timeout=300) == 0, log.read_text()
-    assert "answers again" in log.read_text() and "Traceback" not in log.read_text()
 
 
 def stage_process(pipeline: psutil.Process, script: str, timeout: float = 300) -> psutil.Process:

@@ -128,9 +128,9 @@ def training(cluster: slurm_cluster.Cluster, job: str, repo: Path, timeout: floa
 
 @pytest.mark.slow
 def test_a_submitted_experiment_trains_on_two_workers_and_is_followed(
-    cluster: slurm_cluster.Cluster, tmp_path: Path
+    cluster: slurm_cluster.Cluster, repro_repo: tuple[Path, str], tmp_path: Path
 ) -> None:
-    repo = prepared_tiny_repo(tmp_path / "repo")
+    repo = prepared_tiny_repo(repro_repo, tmp_path / "repo")
     env, job = submitted(cluster, repo, "submit", "--name", "slurm2", "--", "-S", "train.processes=2")
     log = repo / ".slurm" / "slurm2" / f"slurm-{job}.log"
     assert (repo / ".slurm" / "slurm2" / "job.sbatch").is_file()
@@ -151,7 +151,7 @@ def test_a_submitted_experiment_trains_on_two_workers_and_is_followed(
 
 @pytest.mark.slow
 def test_a_requeued_job_resumes_into_the_same_run_and_experiment(
-    cluster: slurm_cluster.Cluster, tmp_path: Path
+    cluster: slurm_cluster.Cluster, repro_repo: tuple[Path, str], tmp_path: Path
 ) -> None:
     """`scontrol requeue` mid-training, as a preemption: SIGTERM, the job back in the queue, then run
     again from its script; the train stage resumes from its last checkpoint into the same MLflow run,
@@ -160,7 +160,7 @@ def test_a_requeued_job_resumes_into_the_same_run_and_experiment(
 
     from lstm_textgen.model.checkpoint import load_model
 
-    repo = prepared_tiny_repo(tmp_path / "repo")
+    repo = prepared_tiny_repo(repro_repo, tmp_path / "repo")
     settings = ["-S", "train.max_steps=300", "-S", "train.eval_every=25"]
     settings += ["-S", "train.dtype=float32", "-S", "train.threads=1"]  # bit for bit on any CPU
     env, job = submitted(cluster, repo, "submit", "--name", "requeued", "--requeue", "--", *settings)
@@ -182,7 +182,7 @@ def test_a_requeued_job_resumes_into_the_same_run_and_experiment(
     assert history["mlflow_run_id"] == runs[0].info.run_id
     assert "requeued" in json.dumps(json.loads(run(["dvc", "exp", "show", "--json"], repo, env).stdout))
     steps = {"max_steps": 300, "eval_every": 25, "dtype": "float32", "threads": 1}
-    plain = prepared_tiny_repo(tmp_path / "plain", train=steps)
+    plain = prepared_tiny_repo(repro_repo, tmp_path / "plain", train=steps)
     run(["dvc", "repro", "train"], plain)  # the same training, outside SLURM, never stopped
     weights = [load_model(r / "data" / "model" / "model.pt").model.state_dict() for r in (repo, plain)]
     assert weights[0].keys() == weights[1].keys()
@@ -191,11 +191,11 @@ def test_a_requeued_job_resumes_into_the_same_run_and_experiment(
 
 @pytest.mark.slow
 def test_a_cancelled_job_leaves_no_running_mlflow_run_and_no_process(
-    cluster: slurm_cluster.Cluster, tmp_path: Path
+    cluster: slurm_cluster.Cluster, repro_repo: tuple[Path, str], tmp_path: Path
 ) -> None:
     import psutil
 
-    repo = prepared_tiny_repo(tmp_path / "repo")
+    repo = prepared_tiny_repo(repro_repo, tmp_path / "repo")
     _, job = submitted(cluster, repo, "submit", "--name", "cancelled", "--", "-S", "train.max_steps=100000")
     training(cluster, job, repo)
     cluster.run("scancel", job)
@@ -218,12 +218,14 @@ def test_a_cancelled_job_leaves_no_running_mlflow_run_and_no_process(
 
 @pytest.mark.slow
 def test_a_search_job_shares_one_study_among_its_tasks(
-    cluster: slurm_cluster.Cluster, tmp_path: Path
+    cluster: slurm_cluster.Cluster, repro_repo: tuple[Path, str], tmp_path: Path
 ) -> None:
     from test_tune import study, trial_runs, tune_repo
 
     space = {"model.hidden": {"choices": [16, 24, 32]}, "train.lr": {"low": 0.003, "high": 0.03, "log": True}}
-    repo = tune_repo(tmp_path / "repo", space, study="slurmpair", sampler="random", experiment=False)
+    repo = tune_repo(
+        repro_repo, tmp_path / "repo", space, study="slurmpair", sampler="random", experiment=False
+    )
     _, job = submitted(cluster, repo, "submit-tune", "--workers", "2", "--trials", "4")
     log = repo / ".slurm" / "tune-slurmpair" / f"slurm-{job}.log"
     state = wait_for_job(cluster, job, log)

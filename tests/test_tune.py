@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import edit_params, run, runs_by_name, tiny_repo, tool_env, wait_for
+from conftest import edit_params, prepared_tiny_repo, run, runs_by_name, tiny_repo, tool_env, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -23,15 +23,15 @@ TUNE = [sys.executable, "-m", "lstm_textgen.apps.cli", "tune"]
 TRIAL = {"trial_minutes": None, "trial_steps": 40, "startup_trials": 1, "heartbeat_seconds": 2}
 
 
-def tune_repo(dest: Path, space: dict, **tune: object) -> Path:
+def tune_repo(repro_repo: tuple[Path, str], dest: Path, space: dict, **tune: object) -> Path:
     """A tiny repo, prepared, whose `tune` section is TRIAL with `tune` merged in and `space` as the
     whole search space (params.yaml's own is replaced, not merged)."""
-    repo = tiny_repo(dest)
-    edit_params(repo / "params.yaml", train={"eval_every": 10, "eval_batches": 2}, tune={**TRIAL, **tune})
+    repo = prepared_tiny_repo(
+        repro_repo, dest, train={"eval_every": 10, "eval_batches": 2}, tune={**TRIAL, **tune}
+    )
     raw = yaml.safe_load((repo / "params.yaml").read_text())
     raw["tune"]["space"] = space
     (repo / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-    run(["dvc", "repro", "prepare"], cwd=repo)
     return repo
 
 
@@ -45,10 +45,17 @@ def trial_runs(repo: Path) -> list:
     return [r for r in runs_by_name(repo / "mlflow.db").values() if "tune.trial" in r.data.tags]
 
 
-def test_two_workers_share_one_study_with_unique_trials(tmp_path: Path) -> None:
+def test_two_workers_share_one_study_with_unique_trials(repro_repo: tuple[Path, str], tmp_path: Path) -> None:
     space = {"model.hidden": {"choices": [16, 24, 32]}, "train.lr": {"low": 0.003, "high": 0.03, "log": True}}
     repo = tune_repo(
-        tmp_path / "repo", space, study="pair", trials=4, workers=2, sampler="random", experiment=False
+        repro_repo,
+        tmp_path / "repo",
+        space,
+        study="pair",
+        trials=4,
+        workers=2,
+        sampler="random",
+        experiment=False,
     )
     done = run([*TUNE], cwd=repo)
     assert "Study pair" in done.stdout
@@ -67,9 +74,15 @@ def test_two_workers_share_one_study_with_unique_trials(tmp_path: Path) -> None:
     assert (repo / "data" / "tune" / "pair" / "history.png").stat().st_size > 0
 
 
-def test_a_hopeless_learning_rate_is_pruned_and_the_best_becomes_an_experiment(tmp_path: Path) -> None:
+def test_a_hopeless_learning_rate_is_pruned_and_the_best_becomes_an_experiment(
+    repro_repo: tuple[Path, str], tmp_path: Path
+) -> None:
     repo = tune_repo(
-        tmp_path / "repo", {"train.lr": {"low": 1e-6, "high": 0.05, "log": True}}, study="prune", trials=2
+        repro_repo,
+        tmp_path / "repo",
+        {"train.lr": {"low": 1e-6, "high": 0.05, "log": True}},
+        study="prune",
+        trials=2,
     )
     import optuna
 
@@ -97,9 +110,12 @@ def children(pid: int) -> list[int]:
     return [int(p) for p in path.read_text().split()] if path.exists() else []
 
 
-def test_a_killed_worker_fails_its_trial_and_the_study_goes_on(tmp_path: Path) -> None:
+def test_a_killed_worker_fails_its_trial_and_the_study_goes_on(
+    repro_repo: tuple[Path, str], tmp_path: Path
+) -> None:
     space = {"model.hidden": {"choices": [16, 32]}}
     repo = tune_repo(
+        repro_repo,
         tmp_path / "repo",
         space,
         study="killed",
@@ -161,10 +177,12 @@ def test_bad_tune_settings_are_refused_before_any_training(tmp_path: Path, tune:
     assert "Traceback" not in done.stderr and not (repo / "optuna.db").exists()
 
 
-def test_sigterm_ends_the_trial_as_killed_and_the_worker_cleanly(tmp_path: Path) -> None:
+def test_sigterm_ends_the_trial_as_killed_and_the_worker_cleanly(
+    repro_repo: tuple[Path, str], tmp_path: Path
+) -> None:
     space = {"model.hidden": {"choices": [16, 32]}}
     repo = tune_repo(
-        tmp_path / "repo", space, study="stopped", trials=1, experiment=False, trial_steps=100_000
+        repro_repo, tmp_path / "repo", space, study="stopped", trials=1, experiment=False, trial_steps=100_000
     )
     main = subprocess.Popen(
         [*TUNE], cwd=repo, env=tool_env(repo), stdout=subprocess.PIPE, stderr=subprocess.PIPE
@@ -210,10 +228,14 @@ def test_what_no_trial_could_run_is_refused_before_any_worker_starts(
     assert not (repo / "optuna.db").exists()
 
 
-def test_a_study_whose_every_trial_fails_exits_non_zero_naming_why(tmp_path: Path) -> None:
+def test_a_study_whose_every_trial_fails_exits_non_zero_naming_why(
+    repro_repo: tuple[Path, str], tmp_path: Path
+) -> None:
     """Every trial fails (here its folder cannot be made: a file stands where it goes): `tune` exits
     non-zero with the first failure's reason in one line, and the study's MLflow run ends FAILED."""
-    repo = tune_repo(tmp_path / "repo", {"model.hidden": {"choices": [16, 24]}}, study="doomed", trials=2)
+    repo = tune_repo(
+        repro_repo, tmp_path / "repo", {"model.hidden": {"choices": [16, 24]}}, study="doomed", trials=2
+    )
     (repo / "data" / "tune").mkdir(parents=True)
     (repo / "data" / "tune" / "doomed").write_text("not a folder")
     done = run([*TUNE], cwd=repo, check=False)

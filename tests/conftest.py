@@ -31,26 +31,33 @@ from lstm_textgen.tracking.store import file_lock
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CORPORA_DIR = Path(os.environ.get("LSTM_TEXTGEN_CORPORA", REPO_ROOT.parent / "shared" / "corpora"))
-# Longest first, so that `make test`'s pytest-xdist workers (--dist loadfile: a module's fixtures are
-# built once, on one worker) start on the pipeline runs and share out the quick tests at the end.
+# Longest first (by each module's time in a whole `make test`), so that `make test`'s pytest-xdist
+# workers (--dist loadfile: a module's fixtures are built once, on one worker) start on the pipeline
+# runs and share out the quick tests at the end: a long module started late leaves the others idle.
 # (--dist loadgroup would keep test_pipeline and test_serving's repro_repo on one worker, but xdist 3.8
 # cannot tag node ids under pytest 9.2, which renamed Node._nodeid, so every group was split.)
 LONGEST_FIRST = (
     "test_server.py",
-    "test_experiments.py",
+    "test_presets.py",
     "test_tune.py",
+    "test_experiments.py",
     "test_distributed.py",
     "test_interrupted.py",
-    "test_presets.py",
-    "test_pipeline.py",
     "test_levels.py",
+    "test_own_process.py",
+    "test_finetune.py",
+    "test_slurm.py",
+    "test_bench.py",
+    "test_dvc_remote.py",
+    "test_drain.py",
+    "test_pipeline.py",
+    "test_demo.py",
+    "test_batcher.py",
     "test_serving.py",
     "test_openai_server.py",
-    "test_drain.py",
-    "test_own_process.py",
-    "test_slurm.py",
-    "test_demo.py",
-    "test_dvc_remote.py",
+    "test_fuzz_serving.py",
+    "test_tracking.py",
+    "test_model_training.py",
 )
 
 
@@ -354,10 +361,21 @@ def prepared_tiny_repo(repro_repo: tuple[Path, str], dest: Path, **sections: dic
     if {"data", "corpora"} & set(sections):
         raise ValueError("data and corpora settings change the prepared corpus: use tiny_repo + dvc repro")
     repo = copy_of_repro_repo(repro_repo, dest)
+    for path in outputs_after_prepare(repo):  # as after `dvc repro prepare`: nothing trained yet
+        path.unlink(missing_ok=True)
     if sections:
         edit_params(repo / "params.yaml", **sections)
         run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "test params"], cwd=repo)
     return repo
+
+
+def outputs_after_prepare(repo: Path) -> list[Path]:
+    """The files that dvc.yaml's stages after `prepare` write (train, evaluate, sample, register)."""
+    stages = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]
+    later = list(stages)[list(stages).index("prepare") + 1 :]
+    kinds = ("outs", "metrics", "plots")
+    listed = [out for name in later for kind in kinds for out in stages[name].get(kind, [])]
+    return [repo / (out if isinstance(out, str) else next(iter(out))) for out in listed]
 
 
 @pytest.fixture(scope="session")

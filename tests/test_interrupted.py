@@ -87,9 +87,10 @@ def mlflow_run(repo: Path, run_id: str):
 
 @pytest.fixture(scope="module")
 def straight(repo: Path) -> dict:
-    """One uninterrupted `dvc repro`: what both killed-and-resumed runs must end with."""
+    """One uninterrupted training and its evaluation (`dvc repro evaluate`: sample and register run at
+    the resumed pipeline's end): what both killed-and-resumed runs must end with."""
     edit_params(repo / "params.yaml", train={"resume": False})
-    run(["dvc", "repro"], cwd=repo)
+    run(["dvc", "repro", "evaluate"], cwd=repo)
     (repo / "straight.pt").write_bytes((repo / "data/checkpoints/last.pt").read_bytes())
     return {"evaluate": json.loads((repo / "metrics/evaluate.json").read_text())}
 

@@ -280,8 +280,8 @@ def assert_every_point_logged(lab: Lab, repo: Path) -> None:
 
 
 def start_training(lab: Lab, repo: Path, **train: object) -> subprocess.Popen[str]:
-    edit_params(repo / "params.yaml", train={"eval_every": 50, "eval_batches": 1, **train})
-    run(["dvc", "repro", "prepare"], cwd=repo, env=lab.env("trainer", repo))
+    # one thread: the run only has to last, and the suite's other processes share the cores meanwhile
+    edit_params(repo / "params.yaml", train={"eval_every": 50, "eval_batches": 1, "threads": 1, **train})
     return subprocess.Popen(
         [sys.executable, "stages/train.py"],
         cwd=repo,
@@ -301,12 +301,12 @@ def wait_for_line(process: subprocess.Popen[str], text: str) -> None:
 
 
 def test_a_server_away_for_half_a_minute_mid_run_loses_no_point(
-    lab: Lab, trained: tuple[Path, str], tmp_path: Path
+    lab: Lab, trained: tuple[Path, str], repro_repo: tuple[Path, str], tmp_path: Path
 ) -> None:
     """The server and its database restarted for half a minute: a training under way logs every point;
     a stage that starts meanwhile waits, saying so once, and finishes; with a wait too short for the
     outage it stops in one line naming the server."""
-    repo = tiny_repo(tmp_path / "repo")
+    repo = prepared_tiny_repo(repro_repo, tmp_path / "repo")
     training = start_training(lab, repo, max_steps=1_000_000, max_minutes=1.5)
     wait_for_line(training, "step 50:")
     lab.server("stop")
@@ -348,8 +348,10 @@ def stage_that_starts_while_the_server_is_away(
     return waiting, log
 
 
-def test_an_outage_longer_than_the_run_is_sent_by_sync(lab: Lab, tmp_path: Path) -> None:
-    repo = tiny_repo(tmp_path / "repo")
+def test_an_outage_longer_than_the_run_is_sent_by_sync(
+    lab: Lab, repro_repo: tuple[Path, str], tmp_path: Path
+) -> None:
+    repo = prepared_tiny_repo(repro_repo, tmp_path / "repo")
     training = start_training(lab, repo, max_steps=1_000_000, max_minutes=0.5)
     wait_for_line(training, "step 50:")
     lab.server("stop")

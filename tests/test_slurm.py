@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import slurm_cluster
-from conftest import prepared_tiny_repo, require_installed, run, runs_by_name, tool_env
+from conftest import prepared_tiny_repo, require_installed, run, runs_by_name, tiny_repo, tool_env
 
 from lstm_textgen.apps.slurm import JobSpec, batch_script, minutes
 from lstm_textgen.train.slurm import Allocation, allocation_from_env, launch_command
@@ -191,11 +191,12 @@ def test_a_requeued_job_resumes_into_the_same_run_and_experiment(
 
 @pytest.mark.slow
 def test_a_cancelled_job_leaves_no_running_mlflow_run_and_no_process(
-    cluster: slurm_cluster.Cluster, repro_repo: tuple[Path, str], tmp_path: Path
+    cluster: slurm_cluster.Cluster, tmp_path: Path
 ) -> None:
     import psutil
 
-    repo = prepared_tiny_repo(repro_repo, tmp_path / "repo")
+    repo = tiny_repo(tmp_path / "repo")  # prepared by its own `dvc repro prepare`: the store exists
+    run(["dvc", "repro", "prepare"], repo)
     _, job = submitted(cluster, repo, "submit", "--name", "cancelled", "--", "-S", "train.max_steps=100000")
     training(cluster, job, repo)
     cluster.run("scancel", job)

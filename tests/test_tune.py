@@ -27,7 +27,7 @@ def tune_repo(repro_repo: tuple[Path, str], dest: Path, space: dict, **tune: obj
     """A tiny repo, prepared, whose `tune` section is TRIAL with `tune` merged in and `space` as the
     whole search space (params.yaml's own is replaced, not merged)."""
     repo = prepared_tiny_repo(
-        repro_repo, dest, train={"eval_every": 10, "eval_batches": 2}, tune={**TRIAL, **tune}
+        repro_repo, dest, train={"eval_every": 10, "eval_batches": 2, "threads": 1}, tune={**TRIAL, **tune}
     )
     raw = yaml.safe_load((repo / "params.yaml").read_text())
     raw["tune"]["space"] = space

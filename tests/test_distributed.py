@@ -131,13 +131,12 @@ def saved(repo: Path, name: str) -> dict:
 @pytest.mark.slow
 def test_two_processes_train_exactly_as_one_with_twice_the_batch(prepared_repo: Path) -> None:
     """Stateless windows here; carried state on two processes: the world-size switch below."""
-    kind = "stateless"
-    train_stage(prepared_repo, f"one-{kind}", processes=1, batch_size=8, stateful=False)
-    two = train_stage(prepared_repo, f"two-{kind}", processes=2, batch_size=4, stateful=False)
+    train_stage(prepared_repo, "one-stateless", processes=1, batch_size=8, stateful=False)
+    two = train_stage(prepared_repo, "two-stateless", processes=2, batch_size=4, stateful=False)
     assert "x 2 processes" in two.stdout
-    assert_same_training(saved(prepared_repo, f"two-{kind}"), saved(prepared_repo, f"one-{kind}"))
+    assert_same_training(saved(prepared_repo, "two-stateless"), saved(prepared_repo, "one-stateless"))
     (mlflow_run,) = list(
-        runs_by_name(prepared_repo / "runs" / f"two-{kind}" / "mlflow.db").values()
+        runs_by_name(prepared_repo / "runs" / "two-stateless" / "mlflow.db").values()
     )  # exactly one run for two processes
     assert mlflow_run.info.status == "FINISHED"
     assert mlflow_run.data.tags["world_size"] == "2" and mlflow_run.data.tags["backend"] == "gloo"
@@ -145,7 +144,7 @@ def test_two_processes_train_exactly_as_one_with_twice_the_batch(prepared_repo: 
     # rank 0 saved the unwrapped model: a single process loads it as it loads any checkpoint
     from lstm_textgen.model.checkpoint import load_model
 
-    assert load_model(prepared_repo / "runs" / f"two-{kind}" / "model" / "model.pt").model.training is False
+    assert load_model(prepared_repo / "runs" / "two-stateless" / "model" / "model.pt").model.training is False
 
 
 @pytest.mark.slow

@@ -291,7 +291,7 @@ def test_mlflow_ui_serves_the_runs_over_rest(experiments: Experiments) -> None:
             "1",
         ],
         cwd=experiments.repo,
-        env={**experiments.env, **SERVER_DEFAULTS},  # as `lstm-textgen ui` starts it: no job runner
+        env={**SERVER_DEFAULTS, **experiments.env},  # as `lstm-textgen ui` starts it: no job runner
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

@@ -30,25 +30,40 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 install: $(STAMP)
 
+# pip would byte-compile every file it installs, thousands never imported (openai's, sympy's, scipy's):
+# most of an install's time. Python compiles a module on its first import instead; what the stages,
+# the command line and the tracking server import is compiled once after installing, so that parallel
+# first runs do not each compile it and a server account that cannot write here finds it compiled
+# (written even where PYTHONDONTWRITEBYTECODE is set, as in many container images).
+PIP_INSTALL := $(BIN)/python -m pip install -q --no-compile
+WRITING_BYTECODE := env -u PYTHONDONTWRITEBYTECODE
+COMPILE_IMPORTED := $(WRITING_BYTECODE) $(BIN)/python -c "import stages.download, stages.init, stages.prepare, stages.train, \
+	stages.evaluate, stages.sample, stages.register, torch._dynamo, mlflow.server.auth, \
+	mlflow.pyfunc.scoring_server, dvc.cli.parser, dvc.repo.reproduce, dvc.repo.experiments.run"
+
 $(STAMP): requirements.txt constraints.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch first and pinned: an unpinned torch pulls a multi-GB CUDA build.
-	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -c constraints.txt -r requirements.txt
-	$(BIN)/python -m pip install -q --no-deps -e .
+	$(PIP_INSTALL) torch==2.13.0
+	$(PIP_INSTALL) -c constraints.txt -r requirements.txt
+	$(PIP_INSTALL) --no-deps -e .
+	$(COMPILE_IMPORTED)
 	touch $(STAMP)
 
 install-demo: $(DEMO_STAMP)
 
 $(DEMO_STAMP): $(STAMP) requirements-demo.txt
-	$(BIN)/python -m pip install -q -c constraints.txt -r requirements-demo.txt
+	$(PIP_INSTALL) -c constraints.txt -r requirements-demo.txt
+	$(WRITING_BYTECODE) $(BIN)/python -c "import lstm_textgen.apps.demo"
 	touch $(DEMO_STAMP)
 
 install-dev: $(DEV_STAMP)
 
 $(DEV_STAMP): $(DEMO_STAMP) requirements-dev.txt
-	$(BIN)/python -m pip install -q -c constraints.txt -r requirements-dev.txt
+	$(PIP_INSTALL) -c constraints.txt -r requirements-dev.txt
+	# what every test worker imports first: pytest's plugins, the tests and what they import
+	$(WRITING_BYTECODE) $(BIN)/python -m pytest -q --collect-only -p no:cacheprovider > /dev/null
 	touch $(DEV_STAMP)
 
 repro: $(STAMP)  ## the whole pipeline on params.yaml

@@ -257,6 +257,21 @@ def run_at_once(
     ]
 
 
+PACED_SCRIPT = """import runpy, sys, time
+from torch.optim.optimizer import register_optimizer_step_pre_hook
+pause, sys.argv = float(sys.argv[1]), sys.argv[2:]
+register_optimizer_step_pre_hook(lambda *_: time.sleep(pause))
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def paced(script: str, pause: float = 0.1) -> list[str]:
+    """`python script` whose every optimizer step first sleeps `pause` seconds: for a training that only
+    has to last through something timed by the clock (an outage), which otherwise spends a core on steps
+    nobody reads and a server's time on their metrics. The steps themselves are the stage's own."""
+    return [sys.executable, "-c", PACED_SCRIPT, str(pause), script]
+
+
 def train_stage_command(params: Path, out: Path) -> list[str]:
     """`python stages/train.py` on `params`, its outputs under `out`: model/, last.pt, metrics/."""
     return [

@@ -28,6 +28,7 @@ from conftest import (
     REPO_ROOT,
     edit_params,
     free_port,
+    paced,
     page_ok,
     prepared_tiny_repo,
     require_installed,
@@ -280,10 +281,11 @@ def assert_every_point_logged(lab: Lab, repo: Path) -> None:
 
 
 def start_training(lab: Lab, repo: Path, **train: object) -> subprocess.Popen[str]:
-    # one thread: the run only has to last, and the suite's other processes share the cores meanwhile
+    # one thread, paced steps: the run only has to last, and the suite's other processes share the
+    # cores meanwhile
     edit_params(repo / "params.yaml", train={"eval_every": 50, "eval_batches": 1, "threads": 1, **train})
     return subprocess.Popen(
-        [sys.executable, "stages/train.py"],
+        paced("stages/train.py"),
         cwd=repo,
         env=lab.env("trainer", repo),
         stdout=subprocess.PIPE,

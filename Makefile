@@ -86,7 +86,9 @@ browser: system-packages
 
 # The suite runs several processes per core: OpenMP threads that spin while they wait (libgomp's
 # default) then burn most of the CPU at every barrier. Passive waiting changes no result.
-SUITE_ENV := OMP_WAIT_POLICY=PASSIVE
+# Its hundreds of Python processes import the same modules (each test repo's own src/ too): bytecode
+# written by the first is read by the others, also where the environment says not to write it.
+SUITE_ENV := OMP_WAIT_POLICY=PASSIVE $(WRITING_BYTECODE)
 # Most of the suite's tests wait on a server, a pipeline's next process or a signal much of their
 # time: twice as many workers as cores keeps the cores busy.
 TEST_WORKERS ?= $(shell n=$$(( $$(nproc) * 2 )); echo $$(( n > 8 ? 8 : n )))

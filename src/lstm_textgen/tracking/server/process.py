@@ -122,7 +122,7 @@ def start_mlflow(layout: Layout, state: ServerState, database_url: str, secret_k
     returns its pid once /health answers."""
     write_text(layout.auth_config, auth_config(database_url), secret=True)  # the database password
     account = service_account(layout)
-    why = can_run_python(account) if account else None  # a probe imports MLflow: once, unless granted
+    why = can_run_python(account) if account else None  # probed once, again only once granted
     if account and why and (granted := grant_reach(account)):
         print(
             f"server: the account uid {account.uid} may now pass through (x, not read) "

@@ -38,8 +38,9 @@ install: $(STAMP)
 PIP_INSTALL := $(BIN)/python -m pip install -q --no-compile
 WRITING_BYTECODE := env -u PYTHONDONTWRITEBYTECODE
 COMPILE_IMPORTED := $(WRITING_BYTECODE) $(BIN)/python -c "import stages.download, stages.init, stages.prepare, stages.train, \
-	stages.evaluate, stages.sample, stages.register, torch._dynamo, mlflow.server.auth, \
-	mlflow.pyfunc.scoring_server, dvc.cli.parser, dvc.repo.reproduce, dvc.repo.experiments.run"
+	stages.evaluate, stages.sample, stages.register, torch._dynamo, dvc.cli.parser, dvc.repo.reproduce, \
+	dvc.repo.experiments.run, mlflow.cli, mlflow.server.auth, mlflow.server.fastapi_app, uvicorn.main, \
+	psycopg, mlflow.pyfunc.scoring_server"
 
 $(STAMP): requirements.txt constraints.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

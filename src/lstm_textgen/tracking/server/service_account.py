@@ -47,7 +47,7 @@ def service_account(layout: Layout) -> Account | None:
     return Account(entry.pw_uid, entry.pw_gid)
 
 
-# finds and opens MLflow's package as an import would, without importing it (seconds of CPU)
+# finds and opens MLflow's package as an import would, without importing it (most of a process start)
 MLFLOW_REACHABLE = """import importlib.util, sys
 spec = importlib.util.find_spec("mlflow")
 if spec is None:
